@@ -1,0 +1,33 @@
+"""Connectors: one file per kind of base model, all speaking :mod:`blackbox_rs.connectors.base`.
+
+Imported as ``blackbox_rs.connectors``. Backends with heavier or optional dependencies are imported
+lazily on first attribute access.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from .base import BaseConnector, Connector, ConnectorInfo, Prediction
+from .callable import CallableConnector
+from .torchscript import TorchScriptConnector
+
+# name -> submodule, for connectors imported on first use
+_LAZY: dict[str, str] = {}
+
+__all__ = [
+    "BaseConnector",
+    "CallableConnector",
+    "Connector",
+    "ConnectorInfo",
+    "Prediction",
+    "TorchScriptConnector",
+    *_LAZY,
+]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

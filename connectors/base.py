@@ -1,0 +1,194 @@
+"""The connector contract: how blackbox-rs talks to an opaque base model.
+
+A connector wraps one base model ``f``. It receives a float32 batch ``N x C x H x W`` with values in
+``[0, 1]`` (already noisy, already passed through any input module, already clipped) and returns a
+:class:`Prediction`: one int64 label per image and, if the model exposes them, an ``N x K`` score
+matrix. Anything it does to the batch on the way (resizing, normalising, uint8 quantisation,
+PNG/JPEG encoding) is deterministic post-processing of the noisy input, so it is part of the base
+classifier and certificates stay valid.
+
+Connectors are never called directly by the SDK: every query goes through
+:class:`blackbox_rs.engine.QueryEngine`, which validates inputs and answers, batches, budgets,
+caches and counts.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from blackbox_rs.errors import (
+    BlackBoxRSError,
+    ConnectorError,
+    InvalidInputError,
+    InvalidResponseError,
+)
+
+__all__ = [
+    "BaseConnector",
+    "BlackBoxRSError",
+    "Connector",
+    "ConnectorError",
+    "ConnectorInfo",
+    "InvalidInputError",
+    "InvalidResponseError",
+    "Prediction",
+    "validate_batch",
+    "validate_prediction",
+]
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """What a base model answered for a batch.
+
+    labels: int64 tensor of shape ``[N]``, each in ``[0, K)``.
+    scores: optional float tensor ``[N, K]`` (probabilities or logits, as the connector documents).
+    """
+
+    labels: torch.Tensor
+    scores: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+
+class ConnectorInfo(BaseModel):
+    """What a connector declares about its base model.
+
+    The ``fingerprint`` identifies the model *and its version* (a file hash, an endpoint URL plus a
+    model version): cached answers are keyed by it, so two models must never share one. It must never
+    contain a secret.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    input_shape: tuple[int, int, int] = Field(description="(C, H, W) of one input image")
+    class_names: tuple[str, ...] = Field(description="names of the K classes, index = label")
+    returns_scores: bool = False
+    max_batch: int = Field(default=256, ge=1, description="most images per request")
+    max_concurrency: int = Field(default=1, ge=1, description="requests the backend accepts in parallel")
+    cost_per_query: float = Field(default=0.0, ge=0.0, description="price of one image query (any currency)")
+    fingerprint: str = Field(min_length=1)
+    differentiable: bool = False
+
+    @field_validator("input_shape")
+    @classmethod
+    def _positive_shape(cls, v: tuple[int, int, int]) -> tuple[int, int, int]:
+        if any(d < 1 for d in v):
+            raise ValueError(f"input_shape must be positive, got {v}")
+        return v
+
+    @model_validator(mode="after")
+    def _classes(self) -> ConnectorInfo:
+        if len(self.class_names) < 2:
+            raise ValueError("a classifier needs at least 2 classes")
+        if len(set(self.class_names)) != len(self.class_names):
+            raise ValueError("class_names must be unique")
+        return self
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+
+@runtime_checkable
+class Connector(Protocol):
+    """Structural type of a connector: an ``info`` and a ``query`` method."""
+
+    @property
+    def info(self) -> ConnectorInfo: ...
+
+    def query(self, batch: torch.Tensor) -> Prediction: ...
+
+
+class BaseConnector(abc.ABC):
+    """Convenience base class: subclasses set ``self._info`` and implement :meth:`_query`.
+
+    :meth:`query` validates the batch it is given and the prediction it returns, so a subclass only
+    does the model-specific work.
+    """
+
+    _info: ConnectorInfo
+
+    @property
+    def info(self) -> ConnectorInfo:
+        return self._info
+
+    def query(self, batch: torch.Tensor) -> Prediction:
+        validate_batch(batch, self._info)
+        pred = self._query(batch)
+        return validate_prediction(pred, int(batch.shape[0]), self._info)
+
+    @abc.abstractmethod
+    def _query(self, batch: torch.Tensor) -> Prediction:
+        """Model-specific query; ``batch`` is already validated."""
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release resources (sessions, servers). Default: nothing to release."""
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(fingerprint={self._info.fingerprint!r})"
+
+
+def validate_batch(batch: object, info: ConnectorInfo) -> torch.Tensor:
+    """Check that ``batch`` honours the connector input contract.
+
+    Raises :class:`InvalidInputError` naming the problem: not a tensor, wrong dtype, wrong rank or
+    shape, NaN/inf, values outside ``[0, 1]``.
+    """
+    if not isinstance(batch, torch.Tensor):
+        raise InvalidInputError(f"batch must be a torch.Tensor, got {type(batch).__name__}")
+    if batch.dtype != torch.float32:
+        raise InvalidInputError(f"batch must be float32, got {batch.dtype}")
+    if batch.ndim != 4:
+        raise InvalidInputError(f"batch must be N x C x H x W (4-D), got shape {tuple(batch.shape)}")
+    if tuple(batch.shape[1:]) != tuple(info.input_shape):
+        raise InvalidInputError(
+            f"batch images have shape {tuple(batch.shape[1:])}, the model expects {tuple(info.input_shape)}"
+        )
+    if batch.numel() and not bool(torch.isfinite(batch).all()):
+        raise InvalidInputError("batch contains NaN or inf values")
+    if batch.numel() and (float(batch.min()) < 0.0 or float(batch.max()) > 1.0):
+        raise InvalidInputError(
+            f"batch values must lie in [0, 1], got [{float(batch.min()):.4g}, {float(batch.max()):.4g}]"
+        )
+    return batch
+
+
+def validate_prediction(pred: object, n: int, info: ConnectorInfo) -> Prediction:
+    """Check a connector's answer for a batch of ``n`` images; normalise dtypes.
+
+    Raises :class:`InvalidResponseError` for a wrong type, a wrong number of labels, labels outside
+    ``[0, K)``, or scores of the wrong shape or with non-finite values.
+    """
+    if not isinstance(pred, Prediction):
+        raise InvalidResponseError(f"connector must return a Prediction, got {type(pred).__name__}")
+    labels = pred.labels
+    if not isinstance(labels, torch.Tensor):
+        raise InvalidResponseError(f"Prediction.labels must be a tensor, got {type(labels).__name__}")
+    if labels.ndim != 1 or int(labels.shape[0]) != n:
+        raise InvalidResponseError(
+            f"connector returned {tuple(labels.shape)} labels for a batch of {n} images (expected ({n},))"
+        )
+    if labels.dtype.is_floating_point or labels.dtype == torch.bool or labels.is_complex():
+        raise InvalidResponseError(f"labels must be integers, got dtype {labels.dtype}")
+    labels = labels.to(torch.int64)
+    k = info.num_classes
+    if n and (int(labels.min()) < 0 or int(labels.max()) >= k):
+        bad = labels[(labels < 0) | (labels >= k)][0].item()
+        raise InvalidResponseError(f"connector returned label {bad}, outside its {k} classes [0, {k})")
+    scores = pred.scores
+    if scores is not None:
+        if not isinstance(scores, torch.Tensor) or tuple(scores.shape) != (n, k):
+            shape = tuple(scores.shape) if isinstance(scores, torch.Tensor) else type(scores).__name__
+            raise InvalidResponseError(f"scores must have shape ({n}, {k}), got {shape}")
+        scores = scores.to(torch.float32)
+        if scores.numel() and not bool(torch.isfinite(scores).all()):
+            raise InvalidResponseError("connector returned NaN or inf scores")
+    return Prediction(labels=labels, scores=scores)
+
