@@ -26,7 +26,18 @@ class UncertifiableError(InvalidParameterError):
 
 
 class ConnectorError(BlackBoxRSError):
-    """The base model behind a connector failed or answered something unusable."""
+    """The base model behind a connector failed or answered something unusable.
+
+    ``billed`` says whether the failed request may have been charged: ``False`` only when it provably
+    was not (never sent, connection refused); ``None`` (unknown) and ``True`` keep the budget charged.
+    """
+
+    billed: bool | None = None
+
+    def __init__(self, *args: object, billed: bool | None = None) -> None:
+        super().__init__(*args)
+        if billed is not None:
+            self.billed = billed
 
 
 class InvalidResponseError(ConnectorError):
@@ -44,3 +55,88 @@ class CacheError(BlackBoxRSError):
 
 class ConfigError(BlackBoxRSError, ValueError):
     """A configuration file or object is invalid (unknown key, wrong type, missing credential)."""
+
+
+# --- HTTP connectors (connectors/http.py, connectors/kserve_v2.py) ---------------------------------
+
+
+class HTTPStatusError(ConnectorError):
+    """An HTTP endpoint answered with an error status that is not retried (or is no longer retried).
+
+    Carries ``status`` (int), ``url`` (credentials redacted), ``body_excerpt`` (at most a few hundred
+    characters of the response body, credentials redacted), ``attempts`` (requests sent, retries
+    included) and ``request_id`` (the id the connector sent, if any).
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        status: int,
+        url: str = "",
+        body_excerpt: str = "",
+        attempts: int = 1,
+        request_id: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.url = url
+        self.body_excerpt = body_excerpt
+        self.attempts = attempts
+        self.request_id = request_id
+
+
+class AuthenticationError(HTTPStatusError):
+    """The endpoint refused the credentials (HTTP 401 or 403). Never retried."""
+
+
+class QuotaExhausted(HTTPStatusError):
+    """The endpoint kept rate-limiting (HTTP 429) after every allowed retry, or asked to wait longer
+    than the connector may wait (``retry_after`` seconds, ``None`` if it did not say)."""
+
+    def __init__(self, message: str, *, retry_after: float | None = None, **kwargs: object) -> None:
+        super().__init__(message, **kwargs)  # type: ignore[arg-type]
+        self.retry_after = retry_after
+
+
+class ServiceUnavailableError(HTTPStatusError):
+    """The endpoint kept answering a transient server error (502, 503, 504) after every allowed retry."""
+
+
+class EndpointUnreachableError(ConnectorError):
+    """No HTTP connection could be made (connection refused, unknown host, reset) after every retry."""
+
+
+class TLSError(EndpointUnreachableError):
+    """The TLS handshake failed (wrong scheme, untrusted or mismatched certificate). Never retried."""
+
+
+class RequestTimeoutError(ConnectorError):
+    """The endpoint did not answer within the per-request timeout, on every allowed attempt."""
+
+
+class ModelNotReadyError(ConnectorError):
+    """The server is up but the model is not loaded or not ready to serve."""
+
+
+class UnknownModuleError(ConfigError):
+    """An input-module name is not in the registry. The message lists the registered names."""
+
+
+class RegistryError(ConfigError):
+    """An input module cannot be registered: duplicate name, or a config class that does not match."""
+
+
+class ModuleCheckpointError(BlackBoxRSError):
+    """A saved input module cannot be loaded: a file is missing or malformed, or a tensor is missing,
+    unexpected, or has the wrong shape. The message names the file or tensor."""
+
+
+class PrecisionError(InvalidInputError):
+    """A zeroth-order estimate was asked for in reduced precision (fp16/bf16). Finite differences of a
+    loss fall below half-precision resolution and silently become noise, so they are refused."""
+
+
+class CompatibilityWarning(UserWarning):
+    """A saved artifact was written by another SDK version and something in it was ignored
+    (for example an unknown config key from a newer version)."""

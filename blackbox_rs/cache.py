@@ -1,0 +1,114 @@
+"""Persistent query cache: diskcache storage, JSON values, nothing ever unpickled.
+
+Keys are BLAKE2b hashes of (connector fingerprint, request shape, exact float32 payload bytes), so
+answers of one model are never served for another and a changed model file (new fingerprint) never
+gets stale hits. Values are JSON (labels and optional scores); float scores survive the JSON round
+trip bit for bit. The granularity is the request: a rerun with the same arguments sends the same
+requests and hits; changing the batch size misses.
+
+diskcache's stock ``Disk`` unpickles rows stored in "pickle" mode; :class:`_SafeJSONDisk` refuses any
+row that is not raw bytes, so a tampered cache raises :class:`CacheError` instead of running code.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sqlite3
+from pathlib import Path
+from typing import Any
+
+import diskcache
+import torch
+
+from blackbox_rs.errors import CacheError
+
+__all__ = ["QueryCache", "request_key"]
+
+_FORMAT = "blackbox-rs/cache/v1"
+
+
+def request_key(fingerprint: str, batch: torch.Tensor) -> str:
+    """Cache key of one request: hash of fingerprint, shape and float32 payload bytes."""
+    t = batch.detach().to("cpu", torch.float32).contiguous()
+    h = hashlib.blake2b(digest_size=20)
+    h.update(f"{_FORMAT}|{fingerprint}|{tuple(t.shape)}|".encode())
+    h.update(memoryview(t.numpy()).cast("B"))
+    return h.hexdigest()
+
+
+class _SafeJSONDisk(diskcache.Disk):
+    """A diskcache Disk that stores keys and values as UTF-8 JSON bytes and refuses pickled rows."""
+
+    def put(self, key: Any) -> tuple[Any, bool]:
+        return super().put(json.dumps(key).encode())
+
+    def get(self, key: Any, raw: bool) -> Any:
+        if not raw:
+            raise CacheError("cache row holds a pickled key; refusing to unpickle (cache tampered?)")
+        return json.loads(bytes(key).decode())
+
+    def store(self, value: Any, read: bool, key: Any = diskcache.core.UNKNOWN) -> Any:
+        if read:
+            raise CacheError("file-like cache values are not supported")
+        return super().store(json.dumps(value, separators=(",", ":")).encode(), False, key=key)
+
+    def fetch(self, mode: int, filename: str | None, value: Any, read: bool) -> Any:
+        if mode not in (diskcache.core.MODE_RAW, diskcache.core.MODE_BINARY):
+            raise CacheError(f"cache row has storage mode {mode}; only raw JSON bytes are accepted")
+        data = super().fetch(mode, filename, value, read)
+        return json.loads(bytes(data).decode())
+
+
+class QueryCache:
+    """A directory of cached answers, safe for concurrent threads and processes.
+
+    Raises :class:`CacheError` when the directory cannot be created or written, or holds a database
+    that is not a readable cache.
+    """
+
+    def __init__(self, directory: str | os.PathLike[str], *, size_limit: int = 2**36) -> None:
+        self.directory = Path(directory)
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            probe = self.directory / f".write-probe-{os.getpid()}"
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as exc:
+            raise CacheError(f"cache directory {self.directory} is not writable: {exc}") from exc
+        try:
+            self._cache = diskcache.Cache(
+                str(self.directory), disk=_SafeJSONDisk, size_limit=size_limit, eviction_policy="none"
+            )
+            self._cache.get("__format__")  # touches the database: a corrupted file fails here
+            if self._cache.get("__format__") is None:
+                self._cache.set("__format__", _FORMAT)
+        except (sqlite3.DatabaseError, OSError, ValueError) as exc:
+            raise CacheError(f"cache directory {self.directory} holds a corrupted or foreign cache: {exc}") from exc
+        fmt = self._cache.get("__format__")
+        if fmt != _FORMAT:
+            raise CacheError(f"cache directory {self.directory} has format {fmt!r}, expected {_FORMAT!r}")
+
+    def get(self, key: str) -> dict[str, Any] | None:
+        """The cached answer for ``key`` or ``None``."""
+        try:
+            return self._cache.get(key)
+        except (sqlite3.DatabaseError, OSError, ValueError) as exc:
+            raise CacheError(f"cannot read cache {self.directory}: {exc}") from exc
+
+    def set(self, key: str, value: dict[str, Any]) -> None:
+        """Store an answer (one SQLite transaction, durable before return)."""
+        try:
+            self._cache.set(key, value)
+        except (sqlite3.DatabaseError, OSError, ValueError, TypeError) as exc:
+            raise CacheError(f"cannot write cache {self.directory}: {exc}") from exc
+
+    def __len__(self) -> int:
+        return len(self._cache) - 1
+
+    def close(self) -> None:
+        self._cache.close()
+
+    def __repr__(self) -> str:
+        return f"QueryCache({str(self.directory)!r})"

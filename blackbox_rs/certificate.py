@@ -1,0 +1,68 @@
+"""Certificates and smoothed predictions: self-contained, auditable records.
+
+A :class:`Certificate` carries everything needed to recompute it from its counts (class, radius,
+lower bound, selection and estimation counts, n0, n, alpha, sigma, seed, noise key, method, queries
+spent, model fingerprint), so it can be re-derived at another alpha or re-audited without new queries.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+__all__ = ["ABSTAIN", "Certificate", "SmoothedPrediction"]
+
+ABSTAIN = -1
+"""Class index meaning "the smoothed classifier abstains"."""
+
+
+class _Record(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    prediction: int = Field(description="predicted class index, or ABSTAIN (-1)")
+    counts: list[int] = Field(description="per-class counts of the samples the decision used")
+    alpha: float
+    sigma: float
+    seed: int
+    key: str = Field(description="noise key of the input (content hash unless given)")
+    fingerprint: str = Field(description="fingerprint of the base model the counts came from")
+    queries: int = Field(ge=0, description="queries charged for this record (cache hits excluded)")
+    cache_hits: int = Field(default=0, ge=0)
+    label: int | None = Field(default=None, description="reference label, if known")
+    index: int | None = Field(default=None, description="position in the dataset, if certified as part of one")
+
+    @property
+    def abstained(self) -> bool:
+        return self.prediction == ABSTAIN
+
+    @property
+    def correct(self) -> bool | None:
+        """Whether the prediction equals the reference label (None without a label)."""
+        return None if self.label is None else (self.prediction == self.label)
+
+
+class Certificate(_Record):
+    """Outcome of CERTIFY: with probability >= 1 - alpha over the noise, if ``prediction`` is not
+    ABSTAIN, the smoothed classifier returns ``prediction`` for every input within l2 distance
+    ``radius`` of the certified input."""
+
+    method: Literal["cohen_certify"] = "cohen_certify"
+    radius: float = Field(ge=0.0, description="certified l2 radius (0 when abstaining)")
+    p_lower: float = Field(ge=0.0, le=1.0, description="one-sided Clopper-Pearson lower bound on p_A")
+    n0: int = Field(ge=1)
+    n: int = Field(ge=1)
+    selection_counts: list[int]
+
+    def certified_at(self, r: float) -> bool:
+        """True when the input is certified (not abstained) with radius >= r."""
+        return (not self.abstained) and self.radius >= r
+
+
+class SmoothedPrediction(_Record):
+    """Outcome of PREDICT: with probability >= 1 - alpha, ``prediction`` is either ABSTAIN or the
+    smoothed classifier's class at this input."""
+
+    method: Literal["cohen_predict"] = "cohen_predict"
+    n: int = Field(ge=1)
+    p_value: float = Field(ge=0.0, le=1.0)

@@ -1,0 +1,426 @@
+"""Cohen et al.'s PREDICT and CERTIFY over any connector, and dataset-level certification.
+
+The base classifier that is smoothed is ``x -> f(clip(T(x), 0, 1))`` where ``T`` is an optional
+deterministic input transform (a fitted input module) and ``f`` the opaque model behind the engine;
+clipping and whatever the connector does on the wire are deterministic post-processing, so the
+guarantees below hold for that composed classifier.
+
+Guarantees (Cohen, Rosenfeld, Kolter 2019), for one call, over the randomness of the noise:
+
+* :func:`certify`: with probability >= 1 - alpha, if it returns a class c with radius R, the smoothed
+  classifier returns c everywhere in the l2 ball of radius R around x. Selection (n0) and estimation
+  (n) samples come from independent noise streams.
+* :func:`predict`: with probability >= 1 - alpha it returns either ABSTAIN or the smoothed class.
+
+Noise is counter-based (:mod:`blackbox_rs.noise`): the samples are a function of (seed, key, stream,
+index), so reruns send identical requests and hit the query cache.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import warnings
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict
+
+from blackbox_rs import stats
+from blackbox_rs.certificate import ABSTAIN, Certificate, SmoothedPrediction
+from blackbox_rs.connectors.base import Connector, ConnectorInfo
+from blackbox_rs.engine import QueryEngine, Tally, as_engine
+from blackbox_rs.errors import (
+    BudgetExceeded,
+    CacheError,
+    InvalidInputError,
+    InvalidParameterError,
+    UncertifiableError,
+)
+from blackbox_rs.noise import NoiseStream, input_key
+
+__all__ = [
+    "DatasetCertification",
+    "certified_accuracy",
+    "certify",
+    "certify_dataset",
+    "predict",
+    "sample_counts",
+    "validate_input",
+]
+
+Transform = Callable[[torch.Tensor], torch.Tensor]
+DEFAULT_RADII: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# validation
+def validate_input(x: object, info: ConnectorInfo) -> torch.Tensor:
+    """Check one input image ``C x H x W`` (float, finite, in [0, 1], the model's shape)."""
+    if not isinstance(x, torch.Tensor):
+        raise InvalidInputError(f"input must be a torch.Tensor, got {type(x).__name__}")
+    if not x.dtype.is_floating_point:
+        raise InvalidInputError(f"input must be a float tensor with values in [0, 1], got dtype {x.dtype}")
+    if tuple(x.shape) != tuple(info.input_shape):
+        raise InvalidInputError(f"input has shape {tuple(x.shape)}, the model expects {tuple(info.input_shape)}")
+    x = x.detach().to("cpu", torch.float32)
+    if not bool(torch.isfinite(x).all()):
+        raise InvalidInputError("input contains NaN or inf values")
+    lo, hi = float(x.min()), float(x.max())
+    if lo < 0.0 or hi > 1.0:
+        raise InvalidInputError(f"input values must lie in [0, 1], got [{lo:.4g}, {hi:.4g}]")
+    return x.contiguous()
+
+
+def _positive_int(name: str, v: object) -> int:
+    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or int(v) < 1:
+        raise InvalidParameterError(f"{name} must be a positive integer, got {v!r}")
+    return int(v)
+
+
+def _seed(seed: object) -> int:
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or int(seed) < 0:
+        raise InvalidParameterError(f"seed must be a non-negative integer, got {seed!r}")
+    return int(seed)
+
+
+def check_certifiable(n: int, alpha: float, sigma: float) -> None:
+    """Raise :class:`UncertifiableError` when ``n`` estimation samples at ``alpha`` can never give
+    ``p_lower > 1/2`` (so every CERTIFY would abstain: locuslab/smoothing#8)."""
+    need = stats.min_samples_to_certify(alpha)
+    if n < need:
+        raise UncertifiableError(
+            f"n={n} estimation samples at alpha={alpha} can never certify: even if all agree, the "
+            f"Clopper-Pearson bound is alpha**(1/n) = {alpha ** (1 / n):.4f} <= 0.5. Use n >= {need} "
+            f"(n=100 reaches radius {stats.max_radius(100, sigma, alpha):.3f} at sigma={sigma})."
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# sampling
+def sample_counts(
+    engine: QueryEngine,
+    x: torch.Tensor,
+    *,
+    sigma: float,
+    num: int,
+    seed: int,
+    key: str,
+    stream: str,
+    batch_size: int,
+    transform: Transform | None = None,
+    tally: Tally | None = None,
+    start: int = 0,
+) -> np.ndarray:
+    """Per-class counts of ``f(clip(T(x + delta_i)))`` for noise samples ``start .. start+num-1``.
+
+    Memory is one batch; counting uses ``torch.bincount`` (no per-sample Python loop).
+    """
+    info = engine.info
+    k = info.num_classes
+    noise = NoiseStream(seed=seed, key=key, stream=stream, shape=info.input_shape, sigma=sigma)
+    counts = torch.zeros(k, dtype=torch.int64)
+    done = 0
+    while done < num:
+        m = min(batch_size, num - done)
+        batch = noise.samples(start + done, m).add_(x)
+        if transform is not None:
+            with torch.no_grad():
+                batch = transform(batch)
+        batch = batch.clamp_(0.0, 1.0) if not batch.requires_grad else batch.detach().clamp(0.0, 1.0)
+        pred = engine.query(batch, tally=tally)
+        counts += torch.bincount(pred.labels, minlength=k)
+        done += m
+    return counts.numpy()
+
+
+def _prepare(
+    connector: Connector | QueryEngine, x: object, sigma: float, alpha: float, batch_size: int | None, seed: int,
+    key: str | None,
+) -> tuple[QueryEngine, torch.Tensor, float, float, int, int, str]:
+    engine = as_engine(connector)
+    sigma = stats.check_sigma(sigma)
+    alpha = stats.check_alpha(alpha)
+    seed = _seed(seed)
+    bs = engine.info.max_batch if batch_size is None else _positive_int("batch_size", batch_size)
+    xt = validate_input(x, engine.info)
+    return engine, xt, sigma, alpha, bs, seed, (key if key is not None else input_key(xt))
+
+
+# ---------------------------------------------------------------------------------------------
+# PREDICT / CERTIFY
+def predict(
+    connector: Connector | QueryEngine,
+    x: torch.Tensor,
+    *,
+    sigma: float,
+    n: int,
+    alpha: float = 0.001,
+    batch_size: int | None = None,
+    seed: int = 0,
+    key: str | None = None,
+    label: int | None = None,
+    transform: Transform | None = None,
+) -> SmoothedPrediction:
+    """Cohen's PREDICT: the top class of n noisy samples if a two-sided binomial test of the top two
+    counts rejects p = 1/2 at level alpha, else ABSTAIN. With probability >= 1 - alpha the answer is
+    ABSTAIN or the smoothed classifier's class."""
+    n = _positive_int("n", n)
+    engine, xt, sigma, alpha, bs, seed, key = _prepare(connector, x, sigma, alpha, batch_size, seed, key)
+    tally = Tally()
+    counts = sample_counts(engine, xt, sigma=sigma, num=n, seed=seed, key=key, stream="predict",
+                           batch_size=bs, transform=transform, tally=tally)
+    order = np.argsort(-counts, kind="stable")
+    n_a, n_b = int(counts[order[0]]), int(counts[order[1]])
+    p_value = stats.abstain_test_pvalue(n_a, n_b)
+    return SmoothedPrediction(
+        prediction=int(order[0]) if p_value <= alpha else ABSTAIN, counts=counts.tolist(), n=n,
+        alpha=alpha, sigma=sigma, seed=seed, key=key, fingerprint=engine.info.fingerprint,
+        queries=tally.queries, cache_hits=tally.cache_hits, label=label, p_value=p_value,
+    )
+
+
+def certify(
+    connector: Connector | QueryEngine,
+    x: torch.Tensor,
+    *,
+    sigma: float,
+    n0: int = 100,
+    n: int = 100_000,
+    alpha: float = 0.001,
+    batch_size: int | None = None,
+    seed: int = 0,
+    key: str | None = None,
+    label: int | None = None,
+    index: int | None = None,
+    transform: Transform | None = None,
+) -> Certificate:
+    """Cohen's CERTIFY: select the top class from n0 noisy samples, bound its probability from n
+    fresh samples with a one-sided (1 - alpha) Clopper-Pearson bound, and certify radius
+    ``sigma * Phi^-1(p_lower)`` if ``p_lower > 1/2`` (else ABSTAIN).
+
+    Raises :class:`UncertifiableError` before any query when (n, alpha) can never certify, and
+    :class:`BudgetExceeded` before any query when the budget's limit is below n0 + n.
+    """
+    n0 = _positive_int("n0", n0)
+    n = _positive_int("n", n)
+    engine, xt, sigma, alpha, bs, seed, key = _prepare(connector, x, sigma, alpha, batch_size, seed, key)
+    check_certifiable(n, alpha, sigma)
+    _check_budget_limit(engine, n0 + n)
+    tally = Tally()
+    sel = sample_counts(engine, xt, sigma=sigma, num=n0, seed=seed, key=key, stream="selection",
+                        batch_size=bs, transform=transform, tally=tally)
+    c_hat = int(np.argmax(sel))  # ties: lowest index (deterministic)
+    est = sample_counts(engine, xt, sigma=sigma, num=n, seed=seed, key=key, stream="estimation",
+                        batch_size=bs, transform=transform, tally=tally)
+    n_a = int(est[c_hat])
+    p_lower = float(stats.cp_lower(n_a, n, alpha))
+    certified = p_lower > 0.5
+    return Certificate(
+        prediction=c_hat if certified else ABSTAIN,
+        radius=stats.radius(p_lower, sigma) if certified else 0.0,
+        p_lower=p_lower, counts=est.tolist(), selection_counts=sel.tolist(), n0=n0, n=n, alpha=alpha,
+        sigma=sigma, seed=seed, key=key, fingerprint=engine.info.fingerprint, queries=tally.queries,
+        cache_hits=tally.cache_hits, label=label, index=index,
+    )
+
+
+def _check_budget_limit(engine: QueryEngine, needed: int) -> None:
+    b = engine.budget
+    if b is None:
+        return
+    cap = b.max_queries
+    if b.max_cost is not None and engine.info.cost_per_query > 0:
+        by_cost = math.floor(b.max_cost / engine.info.cost_per_query + 1e-9)
+        cap = by_cost if cap is None else min(cap, by_cost)
+    if cap is not None and cap < needed:
+        raise BudgetExceeded(
+            f"the budget allows at most {cap} queries in total, but one certificate needs n0 + n = {needed}"
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# datasets
+class DatasetCertification(BaseModel):
+    """Certificates for a dataset and certified accuracy at the requested radii.
+
+    ``reference`` says what "accuracy" means: ``"labels"`` (agreement with ground truth) or
+    ``"clean_prediction"`` (certified consistency with the base model's own clean prediction).
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    certificates: list[Certificate]
+    radii: list[float]
+    certified_accuracy: dict[str, float]
+    reference: str
+    queries: int
+    cache_hits: int
+    cost: float
+
+
+def certified_accuracy(certificates: Sequence[Certificate], radii: Sequence[float]) -> dict[str, float]:
+    """Fraction of certificates that are correct with radius >= r, for each r (keys: ``f"{r:g}"``)."""
+    total = len(certificates)
+    out: dict[str, float] = {}
+    for r in radii:
+        ok = sum(1 for c in certificates if c.correct and c.radius >= r)
+        out[f"{float(r):g}"] = ok / total if total else 0.0
+    return out
+
+
+def _iter_items(inputs: Any, labels: Any) -> Iterable[tuple[torch.Tensor, int | None]]:
+    if isinstance(inputs, torch.Tensor):
+        if inputs.ndim != 4:
+            raise InvalidInputError(f"a tensor of inputs must be N x C x H x W, got shape {tuple(inputs.shape)}")
+        items: Iterable[Any] = iter(inputs)
+    else:
+        items = iter(inputs)
+    label_iter = None if labels is None else iter(labels)
+    for item in items:
+        if isinstance(item, (tuple, list)):
+            if len(item) != 2:
+                raise InvalidInputError(f"dataset items must be x or (x, y), got a sequence of length {len(item)}")
+            x, y = item
+        else:
+            x, y = item, None
+        if label_iter is not None:
+            try:
+                y = next(label_iter)
+            except StopIteration:
+                raise InvalidInputError("fewer labels than inputs") from None
+        yield x, (None if y is None else int(y))
+
+
+def _params_of(cert: Certificate) -> dict[str, Any]:
+    return {"n0": cert.n0, "n": cert.n, "alpha": cert.alpha, "sigma": cert.sigma, "seed": cert.seed,
+            "fingerprint": cert.fingerprint}
+
+
+def _load_finished(path: Path, params: dict[str, Any]) -> dict[int, Certificate]:
+    """Certificates already in a JSONL output; a truncated last line (crash mid-write) is ignored."""
+    done: dict[int, Certificate] = {}
+    if not path.exists():
+        return done
+    try:
+        lines = path.read_text().splitlines()
+    except OSError as exc:
+        raise CacheError(f"cannot read output {path}: {exc}") from exc
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            cert = Certificate.model_validate_json(line)
+        except ValueError as exc:
+            if i == len(lines) - 1:
+                break  # torn final write; it will be recomputed (from the cache)
+            raise CacheError(f"output {path} line {i + 1} is not a certificate: {exc}") from exc
+        got = _params_of(cert)
+        if got != params:
+            diff = {k: (got[k], params[k]) for k in params if got[k] != params[k]}
+            raise CacheError(
+                f"output {path} was written with different settings {diff} (was, now); "
+                "use another output path or the original settings"
+            )
+        if cert.index is not None:
+            done[cert.index] = cert
+    return done
+
+
+def certify_dataset(
+    connector: Connector | QueryEngine,
+    inputs: Any,
+    labels: Sequence[int] | None = None,
+    *,
+    sigma: float,
+    n0: int = 100,
+    n: int = 100_000,
+    alpha: float = 0.001,
+    batch_size: int | None = None,
+    seed: int = 0,
+    radii: Sequence[float] = DEFAULT_RADII,
+    output: str | os.PathLike[str] | None = None,
+    transform: Transform | None = None,
+    progress: Callable[[int, Certificate], None] | None = None,
+) -> DatasetCertification:
+    """CERTIFY every input of ``inputs`` (an ``N x C x H x W`` tensor, an iterable of images, or of
+    ``(image, label)`` pairs such as a torch Dataset).
+
+    Without labels, each input's reference is the base model's clean prediction (one extra query per
+    input, through the engine) and the accuracy reported is certified *consistency*.
+
+    With ``output``, each certificate is appended as one JSONL line as soon as it is final (flushed
+    and fsynced); a rerun with the same arguments skips finished inputs and regenerates identical
+    noise for the rest, so with a query cache it repeats no answered query. :class:`BudgetExceeded`
+    propagates after the finished certificates are written.
+    """
+    engine = as_engine(connector)
+    n0 = _positive_int("n0", n0)
+    n = _positive_int("n", n)
+    sigma = stats.check_sigma(sigma)
+    alpha = stats.check_alpha(alpha)
+    check_certifiable(n, alpha, sigma)
+    radii = [float(r) for r in radii]
+    if any(r < 0 or not math.isfinite(r) for r in radii):
+        raise InvalidParameterError(f"radii must be finite and >= 0, got {radii}")
+    seed = _seed(seed)
+    params = {"n0": n0, "n": n, "alpha": alpha, "sigma": sigma, "seed": seed,
+              "fingerprint": engine.info.fingerprint}
+    out_path = Path(output) if output is not None else None
+    finished = _load_finished(out_path, params) if out_path is not None else {}
+    fh = None
+    if out_path is not None:
+        try:
+            out_path.parent.mkdir(parents=True, exist_ok=True)
+            fh = open(out_path, "a+b")  # noqa: SIM115 - closed in finally
+            fh.seek(0, os.SEEK_END)
+            if fh.tell() > 0:  # make sure a torn last line does not glue onto the next record
+                fh.seek(-1, os.SEEK_END)
+                if fh.read(1) != b"\n":
+                    fh.write(b"\n")
+        except OSError as exc:
+            raise CacheError(f"cannot write output {out_path}: {exc}") from exc
+    reference = "labels" if labels is not None else None
+    certs: list[Certificate] = []
+    total = Tally()
+    k = engine.info.num_classes
+    try:
+        for idx, (x, y) in enumerate(_iter_items(inputs, labels)):
+            if reference is None:
+                reference = "labels" if y is not None else "clean_prediction"
+            elif (reference == "labels") != (y is not None):
+                raise InvalidInputError(f"input {idx}: either every input has a label or none does")
+            if y is not None and not (0 <= y < k):
+                raise InvalidInputError(f"input {idx}: label {y} outside the model's classes [0, {k})")
+            if idx in finished:
+                cert = finished[idx]
+            else:
+                xt = validate_input(x, engine.info)
+                if y is None:
+                    clean = Tally()
+                    y = int(engine.query(xt.unsqueeze(0), tally=clean).labels[0])
+                    total.add(clean)
+                cert = certify(engine, xt, sigma=sigma, n0=n0, n=n, alpha=alpha, batch_size=batch_size,
+                               seed=seed, label=y, index=idx, transform=transform)
+                total.add(Tally(queries=cert.queries, cache_hits=cert.cache_hits,
+                                cost=cert.queries * engine.info.cost_per_query))
+                if fh is not None:
+                    fh.write(cert.model_dump_json().encode() + b"\n")
+                    fh.flush()
+                    os.fsync(fh.fileno())
+            certs.append(cert)
+            if progress is not None:
+                progress(idx, cert)
+    finally:
+        if fh is not None:
+            fh.close()
+    if not certs:
+        warnings.warn("certify_dataset got no inputs", stacklevel=2)
+    return DatasetCertification(
+        certificates=certs, radii=radii, certified_accuracy=certified_accuracy(certs, radii),
+        reference=reference or "labels", queries=total.queries, cache_hits=total.cache_hits, cost=total.cost,
+    )
+
