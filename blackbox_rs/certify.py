@@ -67,10 +67,10 @@ def validate_input(x: object, info: ConnectorInfo) -> torch.Tensor:
     if tuple(x.shape) != tuple(info.input_shape):
         raise InvalidInputError(f"input has shape {tuple(x.shape)}, the model expects {tuple(info.input_shape)}")
     x = x.detach().to("cpu", torch.float32)
-    if not bool(torch.isfinite(x).all()):
-        raise InvalidInputError("input contains NaN or inf values")
-    lo, hi = float(x.min()), float(x.max())
-    if lo < 0.0 or hi > 1.0:
+    lo, hi = (float(v) for v in torch.aminmax(x))
+    if not (lo >= 0.0 and hi <= 1.0):
+        if not bool(torch.isfinite(x).all()):
+            raise InvalidInputError("input contains NaN or inf values")
         raise InvalidInputError(f"input values must lie in [0, 1], got [{lo:.4g}, {hi:.4g}]")
     return x.contiguous()
 

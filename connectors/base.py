@@ -151,12 +151,13 @@ def validate_batch(batch: object, info: ConnectorInfo) -> torch.Tensor:
         raise InvalidInputError(
             f"batch images have shape {tuple(batch.shape[1:])}, the model expects {tuple(info.input_shape)}"
         )
-    if batch.numel() and not bool(torch.isfinite(batch).all()):
-        raise InvalidInputError("batch contains NaN or inf values")
-    if batch.numel() and (float(batch.min()) < 0.0 or float(batch.max()) > 1.0):
-        raise InvalidInputError(
-            f"batch values must lie in [0, 1], got [{float(batch.min()):.4g}, {float(batch.max()):.4g}]"
-        )
+    if batch.numel():
+        # one pass: min/max propagate NaN, and +-inf fall outside [0, 1]
+        lo, hi = (float(v) for v in torch.aminmax(batch))
+        if not (lo >= 0.0 and hi <= 1.0):
+            if not bool(torch.isfinite(batch).all()):
+                raise InvalidInputError("batch contains NaN or inf values")
+            raise InvalidInputError(f"batch values must lie in [0, 1], got [{lo:.4g}, {hi:.4g}]")
     return batch
 
 
