@@ -39,6 +39,8 @@ class QueryBudget:
         max_queries: most image queries that may be billed.
         max_cost: most money (sum of ``cost_per_query``) that may be spent.
         ledger: optional JSON file that persists spent amounts across runs.
+        parent: an enclosing budget charged with everything charged here (e.g. a per-fit cap
+            inside a per-run cap); a reservation succeeds only if both have room.
     """
 
     def __init__(
@@ -47,6 +49,7 @@ class QueryBudget:
         max_cost: float | None = None,
         *,
         ledger: str | os.PathLike[str] | None = None,
+        parent: QueryBudget | None = None,
     ) -> None:
         if max_queries is not None and (isinstance(max_queries, bool) or int(max_queries) != max_queries
                                         or max_queries < 0):
@@ -58,6 +61,7 @@ class QueryBudget:
         self._lock = threading.Lock()
         self._queries = 0
         self._cost = 0.0
+        self.parent = parent
         self.ledger = Path(ledger) if ledger is not None else None
         if self.ledger is not None:
             self._load_ledger()
@@ -127,6 +131,8 @@ class QueryBudget:
                     f"cost budget exhausted: {self._cost:.6g} of {self.max_cost:.6g} spent, "
                     f"the next request costs {cost:.6g}"
                 )
+            if self.parent is not None:
+                self.parent.reserve(queries, cost)  # raises before anything is held here
             self._queries += queries
             self._cost += cost
             self._write_ledger()
@@ -138,6 +144,8 @@ class QueryBudget:
             self._queries -= reservation.queries
             self._cost -= reservation.cost
             self._write_ledger()
+            if self.parent is not None:
+                self.parent.refund(reservation)
 
     def __repr__(self) -> str:
         return (f"QueryBudget(spent_queries={self._queries}, max_queries={self.max_queries}, "

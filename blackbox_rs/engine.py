@@ -164,6 +164,27 @@ class QueryEngine:
         self._count(tally, queries=m, cost=cost, requests=1)
         return pred
 
+    def forward_logits(self, batch: torch.Tensor, *, tally: Tally | None = None) -> torch.Tensor:
+        """Differentiable logits from a connector that allows it (``info.differentiable``), for
+        gradient pass-through fitting. Budgeted and counted like any query; never cached (the
+        autograd graph cannot be). Raises :class:`InvalidParameterError` for other connectors."""
+        info = self.connector.info
+        fwd = getattr(self.connector, "forward_logits", None)
+        if not info.differentiable or fwd is None:
+            raise InvalidParameterError(
+                f"{type(self.connector).__name__} is not differentiable: gradient pass-through needs a local "
+                "model (TorchScriptConnector); use strategy 'surrogate' or 'zeroth_order' instead"
+            )
+        if self.validate_inputs:
+            validate_batch(batch.detach(), info)
+        m = int(batch.shape[0])
+        cost = m * info.cost_per_query
+        if self.budget is not None:
+            self.budget.reserve(m, cost)
+        logits = fwd(batch)
+        self._count(tally if tally is not None else Tally(), queries=m, cost=cost, requests=1)
+        return logits
+
     def _count(self, tally: Tally, *, queries: int = 0, cost: float = 0.0, cache_hits: int = 0,
                requests: int = 0) -> None:
         with self.stats._lock:

@@ -1,0 +1,67 @@
+"""Typed configuration of :meth:`BlackBoxSmoother.fit` (one pydantic model; unknown keys are errors)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+__all__ = ["FitConfig", "StrategyName"]
+
+StrategyName = Literal["denoise", "surrogate", "zeroth_order", "passthrough"]
+
+
+class FitConfig(BaseModel):
+    """How to fit the input module. Defaults suit small images (28×28, 32×32) on a CPU.
+
+    Query cost (black-box images) per strategy, before the budget caps it:
+
+    * ``denoise``: 0.
+    * ``surrogate``: ``clean_queries`` once, then ``distill_queries`` per distillation round
+      (one round every ``redistill_every`` module steps).
+    * ``zeroth_order``: ``clean_queries`` once, then ``2 * zo_directions * zo_batch * noise_draws``
+      per step.
+    * ``passthrough``: ``batch_size * noise_draws`` differentiable forwards per step (+ clean labels).
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    strategy: StrategyName = "surrogate"
+    steps: int = Field(default=600, ge=0, description="module optimisation steps (after pretraining)")
+    pretrain_steps: int = Field(default=600, ge=0, description="MSE denoising steps first (zero queries)")
+    batch_size: int = Field(default=64, ge=1, description="clean images per step")
+    noise_draws: int = Field(default=1, ge=1, description="noise draws per image per step")
+    lr: float = Field(default=1e-3, gt=0)
+    clean_fraction: float = Field(default=0.1, ge=0, lt=1, description="share of un-noised inputs in the mix")
+    weights: dict[str, float] = Field(
+        default_factory=lambda: {"mse": 1.0, "stability": 1.0},
+        description="objective weights (mse, stability, classification)",
+    )
+    seed: int = Field(default=0, ge=0)
+    checkpoint_every: int = Field(default=50, ge=1)
+    # black-box labels
+    clean_queries: int = Field(default=10_000, ge=0, description="most clean images labelled by the black box")
+    # surrogate
+    surrogate: str = Field(default="small_cnn", description="'small_cnn', 'timm:<model name>', or a user nn.Module")
+    distill_queries: int = Field(default=10_000, ge=1, description="black-box labels per distillation round")
+    redistill_every: int = Field(default=150, ge=1, description="module steps between distillation rounds")
+    surrogate_epochs: float = Field(default=2.0, gt=0, description="passes over the distillation buffer per round")
+    surrogate_lr: float = Field(default=2e-3, gt=0)
+    surrogate_buffer: int = Field(default=60_000, ge=1, description="most labelled examples kept for distillation")
+    # zeroth order
+    zo_rank: int = Field(default=2, ge=1, description="LoRA rank of the module tuned by zeroth order")
+    zo_directions: int = Field(default=4, ge=1, description="random directions per gradient estimate")
+    zo_mu: float = Field(default=0.05, gt=0, description="perturbation size")
+    zo_batch: int = Field(default=32, ge=1, description="images per loss evaluation")
+    zo_lr: float = Field(default=0.02, gt=0)
+    zo_momentum: float = Field(default=0.9, ge=0, lt=1)
+
+    @model_validator(mode="after")
+    def _weights(self) -> FitConfig:
+        known = {"mse", "stability", "classification"}
+        unknown = set(self.weights) - known
+        if unknown:
+            raise ValueError(f"unknown objective weight(s) {sorted(unknown)}; known: {sorted(known)}")
+        if any(w < 0 for w in self.weights.values()) or not any(w > 0 for w in self.weights.values()):
+            raise ValueError("objective weights must be >= 0 with at least one > 0")
+        return self

@@ -1,0 +1,126 @@
+"""What every fit strategy shares: data, noise mixture, black-box labels, best-so-far tracking.
+
+Randomness is derived per step from ``(seed, step)``, so a resumed fit draws exactly what the
+uninterrupted fit would have drawn, and its black-box queries (identical payloads) hit the cache.
+Every black-box query goes through the :class:`~blackbox_rs.engine.QueryEngine` of the smoother.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable
+from typing import Any, Literal
+
+import torch
+from pydantic import BaseModel, Field
+
+from blackbox_rs.engine import QueryEngine, Tally
+from blackbox_rs.fitting.config import FitConfig
+from blackbox_rs.fitting.data import FitData
+from blackbox_rs.modules.base import InputModule
+
+__all__ = ["FitContext", "FitReport", "ProgressFn"]
+
+ProgressFn = Callable[[int, int, dict[str, Any]], None]
+
+
+class FitReport(BaseModel):
+    """What a fit did and spent."""
+
+    strategy: str
+    sigmas: list[float]
+    steps_done: int
+    steps_total: int
+    stopped: Literal["completed", "budget"]
+    queries: int = Field(description="black-box queries charged during this fit call (cache hits excluded)")
+    cache_hits: int
+    cost: float
+    trainable_parameters: int
+    best_score: float | None = Field(description="best tracked score (higher is better)")
+    best_step: int | None
+    history: list[dict[str, float]] = Field(default_factory=list)
+    resumed_from: int | None = None
+
+
+def _step_seed(seed: int, step: int, salt: str) -> int:
+    h = hashlib.blake2b(f"blackbox-rs/fit|{seed}|{step}|{salt}".encode(), digest_size=8).digest()
+    return int.from_bytes(h, "little") & ((1 << 63) - 1)
+
+
+class FitContext:
+    """Shared state of one fit (see the module docstring)."""
+
+    def __init__(self, engine: QueryEngine, module: InputModule, data: FitData, sigmas: list[float],
+                 config: FitConfig, progress: ProgressFn | None = None) -> None:
+        self.engine = engine
+        self.module = module
+        self.data = data
+        self.sigmas = list(sigmas)
+        self.config = config
+        self.progress = progress
+        self.tally = Tally()
+        n = len(data)
+        # the subset whose clean images the black box labels (stability targets)
+        g = self.generator(-1, "subset")
+        self.subset = torch.randperm(n, generator=g)[: max(1, min(n, config.clean_queries))]
+        self.clean_labels: torch.Tensor | None = None
+        self.best_score: float | None = None
+        self.best_step: int | None = None
+        self.best_state: dict[str, torch.Tensor] | None = None
+        self.history: list[dict[str, float]] = []
+
+    # -- randomness --------------------------------------------------------------------------
+    def generator(self, step: int, salt: str = "") -> torch.Generator:
+        return torch.Generator().manual_seed(_step_seed(self.config.seed, step, salt))
+
+    def batch_indices(self, step: int, size: int, *, labelled_only: bool = False, salt: str = "batch") -> torch.Tensor:
+        pool = len(self.subset) if labelled_only else len(self.data)
+        idx = torch.randint(0, pool, (size,), generator=self.generator(step, salt))
+        return self.subset[idx] if labelled_only else idx
+
+    def noisy(self, clean: torch.Tensor, step: int, salt: str = "noise") -> torch.Tensor:
+        """``clean + sigma_i * z`` with sigma_i drawn from the mixture: one of ``sigmas`` or, with
+        probability ``clean_fraction``, 0 (clean)."""
+        g = self.generator(step, salt)
+        m = clean.shape[0]
+        levels = torch.tensor(self.sigmas, dtype=torch.float32)
+        sig = levels[torch.randint(0, len(self.sigmas), (m,), generator=g)]
+        if self.config.clean_fraction > 0:
+            sig = torch.where(torch.rand(m, generator=g) < self.config.clean_fraction, torch.zeros_like(sig), sig)
+        z = torch.randn(clean.shape, generator=g)
+        return clean + sig.view(-1, 1, 1, 1) * z
+
+    # -- black box -----------------------------------------------------------------------------
+    def query(self, batch: torch.Tensor) -> torch.Tensor:
+        """Black-box labels of images in [0, 1] (through the engine: budgeted, cached, counted)."""
+        return self.engine.query(batch.detach().clamp(0.0, 1.0).contiguous(), tally=self.tally).labels
+
+    def ensure_clean_labels(self) -> torch.Tensor:
+        """Black-box labels of the clean images of the labelled subset (queried once, then cached)."""
+        if self.clean_labels is None:
+            labels = torch.full((len(self.data),), -1, dtype=torch.int64)
+            labels[self.subset] = self.query(self.data.x[self.subset])
+            self.clean_labels = labels
+        return self.clean_labels
+
+    def targets(self, idx: torch.Tensor) -> torch.Tensor:
+        """Stability targets (black-box clean labels) for dataset indices ``idx``."""
+        t = self.ensure_clean_labels()[idx]
+        assert bool((t >= 0).all()), "targets requested outside the labelled subset"
+        return t
+
+    # -- best so far ------------------------------------------------------------------------------
+    def offer(self, step: int, score: float, **extra: float) -> None:
+        """Record a score (higher is better) of the module's *current* state; keep it if best."""
+        self.history.append({"step": float(step), "score": float(score), **{k: float(v) for k, v in extra.items()}})
+        if self.best_score is None or score > self.best_score:
+            self.best_score, self.best_step = float(score), step
+            self.best_state = {k: v.detach().clone() for k, v in self.module.state_dict().items()}
+
+    def restore_best(self) -> None:
+        if self.best_state is not None:
+            self.module.load_state_dict(self.best_state)
+
+    def report(self, step: int, total: int, info: dict[str, Any]) -> None:
+        if self.progress is not None:
+            self.progress(step, total, {**info, "queries": self.tally.queries, "cache_hits": self.tally.cache_hits})

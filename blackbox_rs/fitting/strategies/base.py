@@ -1,0 +1,184 @@
+"""Strategy protocol, registry, and the driver loop (checkpointing, budget stop, resume)."""
+
+from __future__ import annotations
+
+import abc
+import hashlib
+import json
+import os
+from typing import Any, ClassVar
+
+import torch
+
+from blackbox_rs.errors import BudgetExceeded, CacheError, InvalidParameterError
+from blackbox_rs.fitting.checkpoint import (
+    load_checkpoint,
+    optimizer_from_tensors,
+    optimizer_to_tensors,
+    save_checkpoint,
+)
+from blackbox_rs.fitting.context import FitContext, FitReport
+from blackbox_rs.fitting.objectives import mse_loss
+
+__all__ = ["STRATEGIES", "Strategy", "get_strategy", "register_strategy", "run_fit"]
+
+STRATEGIES: dict[str, type[Strategy]] = {}
+
+
+def register_strategy(cls: type[Strategy]) -> type[Strategy]:
+    if cls.name in STRATEGIES:
+        raise InvalidParameterError(f"strategy {cls.name!r} is already registered")
+    STRATEGIES[cls.name] = cls
+    return cls
+
+
+def get_strategy(name: str) -> type[Strategy]:
+    if name not in STRATEGIES:
+        raise InvalidParameterError(f"unknown strategy {name!r}; known: {sorted(STRATEGIES)}")
+    return STRATEGIES[name]
+
+
+class Strategy(abc.ABC):
+    """One way of fitting the module. Steps ``0 .. pretrain_steps-1`` are MSE denoising (zero
+    queries); steps after that are the strategy's own. Subclasses implement :meth:`main_step` and,
+    if they hold state, :meth:`state` / :meth:`load_state`."""
+
+    name: ClassVar[str]
+    needs_queries: ClassVar[bool] = True
+
+    def __init__(self, ctx: FitContext) -> None:
+        self.ctx = ctx
+        self.opt = torch.optim.Adam(ctx.module.trainable_parameters(), lr=ctx.config.lr)
+        self._mse_ema: float | None = None
+
+    # -- phases ----------------------------------------------------------------------------------
+    @property
+    def pretrain_steps(self) -> int:
+        return self.ctx.config.pretrain_steps
+
+    @property
+    def total_steps(self) -> int:
+        return self.pretrain_steps + self.ctx.config.steps
+
+    def check(self) -> None:  # noqa: B027 - optional hook
+        """Refuse settings this strategy cannot work with (before any query)."""
+
+    def prepare_for_step(self, k: int) -> None:  # noqa: B027 - optional hook
+        """Make the module's structure the one step ``k`` works on (before loading a checkpoint)."""
+
+    def step(self, k: int) -> dict[str, float]:
+        self.prepare_for_step(k)
+        if k < self.pretrain_steps:
+            return self.mse_step(k)
+        return self.main_step(k)
+
+    def mse_step(self, k: int) -> dict[str, float]:
+        ctx = self.ctx
+        ctx.module.train()
+        idx = ctx.batch_indices(k, ctx.config.batch_size)
+        clean = ctx.data.x[idx].repeat(ctx.config.noise_draws, 1, 1, 1)
+        loss = mse_loss(ctx.module(ctx.noisy(clean, k)), clean)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+        v = float(loss.detach())
+        self._mse_ema = v if self._mse_ema is None else 0.95 * self._mse_ema + 0.05 * v
+        if k % 50 == 49 or k == self.pretrain_steps - 1:
+            ctx.offer(k, -self._mse_ema, mse=self._mse_ema)
+        return {"mse": v}
+
+    @abc.abstractmethod
+    def main_step(self, k: int) -> dict[str, float]:
+        """One step after pretraining."""
+
+    def finish(self) -> None:  # noqa: B027 - optional hook
+        """Called once after the last step (e.g. a final evaluation)."""
+
+    # -- state -----------------------------------------------------------------------------------
+    def state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        t, m = optimizer_to_tensors(self.opt, "opt")
+        return t, {"opt": m, "mse_ema": self._mse_ema}
+
+    def load_state(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+        optimizer_from_tensors(self.opt, "opt", tensors, meta["opt"])
+        self._mse_ema = meta.get("mse_ema")
+
+
+def _config_digest(ctx: FitContext, strategy: str) -> str:
+    cfg = ctx.config.model_dump(exclude={"checkpoint_every", "steps"})
+    blob = json.dumps({"cfg": cfg, "strategy": strategy, "sigmas": ctx.sigmas,
+                       "fingerprint": ctx.engine.info.fingerprint, "n": len(ctx.data),
+                       "module": ctx.module.config.model_dump(mode="json")}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _checkpoint(ctx: FitContext, strat: Strategy, directory: str | os.PathLike[str], step: int, digest: str) -> None:
+    tensors, smeta = strat.state()
+    tensors = {f"s.{k}": v for k, v in tensors.items()}
+    tensors.update({f"m.{k}": v for k, v in ctx.module.state_dict().items()})
+    if ctx.best_state is not None:
+        tensors.update({f"b.{k}": v for k, v in ctx.best_state.items()})
+    if ctx.clean_labels is not None:
+        tensors["clean_labels"] = ctx.clean_labels
+    meta = {"step": step, "digest": digest, "strategy": smeta, "best_score": ctx.best_score,
+            "best_step": ctx.best_step, "history": ctx.history, "module_name": ctx.module.name}
+    save_checkpoint(directory, tensors, meta)
+
+
+def _restore(ctx: FitContext, strat: Strategy, directory: str | os.PathLike[str], digest: str) -> int:
+    found = load_checkpoint(directory)
+    if found is None:
+        return 0
+    tensors, meta = found
+    if meta.get("digest") != digest:
+        raise CacheError(
+            f"the fit checkpoint in {directory} was written with other settings (config, data, sigmas, "
+            "module or model); use another checkpoint_dir or the original settings"
+        )
+    strat.prepare_for_step(int(meta["step"]))
+    sub = lambda p: {k[len(p):]: v for k, v in tensors.items() if k.startswith(p)}  # noqa: E731
+    ctx.module.load_state_dict(sub("m."))
+    best = sub("b.")
+    ctx.best_state = best or None
+    ctx.best_score, ctx.best_step = meta["best_score"], meta["best_step"]
+    ctx.history = list(meta["history"])
+    if "clean_labels" in tensors:
+        ctx.clean_labels = tensors["clean_labels"]
+    strat.load_state(sub("s."), meta["strategy"])
+    return int(meta["step"])
+
+
+def run_fit(ctx: FitContext, strategy: str, *, checkpoint_dir: str | os.PathLike[str] | None = None) -> FitReport:
+    """Run ``strategy`` to completion or until the budget stops it; the module ends in its best
+    tracked state. With ``checkpoint_dir`` the state is saved every ``checkpoint_every`` steps and
+    at the end, and a rerun resumes from it."""
+    cls = get_strategy(strategy)
+    strat = cls(ctx)
+    strat.check()
+    digest = _config_digest(ctx, strategy)
+    start = _restore(ctx, strat, checkpoint_dir, digest) if checkpoint_dir is not None else 0
+    resumed = start if start > 0 else None
+    total = strat.total_steps
+    stopped = "completed"
+    k = start
+    try:
+        while k < total:
+            info = strat.step(k)
+            k += 1
+            ctx.report(k, total, info)
+            if checkpoint_dir is not None and (k % ctx.config.checkpoint_every == 0):
+                _checkpoint(ctx, strat, checkpoint_dir, k, digest)
+        strat.finish()
+    except BudgetExceeded:
+        stopped = "budget"
+    finally:
+        if checkpoint_dir is not None:
+            _checkpoint(ctx, strat, checkpoint_dir, k, digest)
+    ctx.restore_best()
+    ctx.module.eval()
+    return FitReport(
+        strategy=strategy, sigmas=ctx.sigmas, steps_done=k, steps_total=total, stopped=stopped,  # type: ignore[arg-type]
+        queries=ctx.tally.queries, cache_hits=ctx.tally.cache_hits, cost=ctx.tally.cost,
+        trainable_parameters=ctx.module.num_trainable(), best_score=ctx.best_score, best_step=ctx.best_step,
+        history=ctx.history, resumed_from=resumed,
+    )

@@ -1,0 +1,175 @@
+"""``surrogate``: gradients through a white-box surrogate kept faithful to the black box.
+
+1. Pretrain the module with MSE (zero queries).
+2. The black box labels the clean images of the labelled subset (stability targets) and, every
+   ``redistill_every`` steps, ``distill_queries`` images *produced by the current module* from noisy
+   inputs (so the surrogate is faithful where the module sends inputs: a surrogate distilled on clean
+   images only misleads the module). The surrogate is trained on this buffer (cross-entropy).
+3. Between rounds the module minimises ``w_mse * MSE + w_stab * CE(s(A(x+delta)), f(x))
+   [+ w_cls * CE(s(A(x+delta)), y)]`` with gradients through the frozen surrogate ``s``.
+
+The black box's agreement with its own clean label on each distillation round is a direct,
+query-paid measurement of the module's quality; it is what "best module so far" tracks.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from blackbox_rs.errors import InvalidParameterError
+from blackbox_rs.fitting.checkpoint import optimizer_from_tensors, optimizer_to_tensors
+from blackbox_rs.fitting.objectives import mse_loss
+from blackbox_rs.fitting.strategies.base import Strategy, register_strategy
+
+__all__ = ["SurrogateStrategy", "build_surrogate"]
+
+
+def build_surrogate(spec: str | nn.Module, input_shape: tuple[int, int, int], num_classes: int) -> nn.Module:
+    """A surrogate classifier for ``[0, 1]`` images: a user module, ``"small_cnn"`` or ``"timm:<name>"``
+    (randomly initialised: no weights are downloaded)."""
+    if isinstance(spec, nn.Module):
+        return spec
+    c, h, w = input_shape
+    if spec == "small_cnn":
+        from blackbox_rs.zoo import SmallCNN
+
+        return SmallCNN(c, num_classes, (h, w), width=32, hidden=128, seed=0)
+    if spec.startswith("timm:"):
+        import timm
+
+        name = spec.split(":", 1)[1]
+        try:
+            net = timm.create_model(name, pretrained=False, num_classes=num_classes, in_chans=c)
+        except Exception as exc:  # timm raises RuntimeError for unknown names
+            raise InvalidParameterError(f"cannot build timm surrogate {name!r}: {exc}") from exc
+        return nn.Sequential(_Standardise(), net)
+    raise InvalidParameterError(f"unknown surrogate {spec!r}: use 'small_cnn', 'timm:<model>' or an nn.Module")
+
+
+class _Standardise(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - 0.5) / 0.5
+
+
+@register_strategy
+class SurrogateStrategy(Strategy):
+    name = "surrogate"
+
+    def __init__(self, ctx: Any, surrogate: str | nn.Module | None = None) -> None:
+        super().__init__(ctx)
+        info = ctx.engine.info
+        spec = surrogate if surrogate is not None else getattr(ctx, "surrogate_module", None) or ctx.config.surrogate
+        self.surrogate = build_surrogate(spec, info.input_shape, info.num_classes)
+        self.s_opt = torch.optim.Adam(self.surrogate.parameters(), lr=ctx.config.surrogate_lr)
+        self.buf_x = torch.empty((0, *info.input_shape))
+        self.buf_y = torch.empty(0, dtype=torch.int64)
+
+    def check(self) -> None:
+        ctx = self.ctx
+        with torch.no_grad():
+            out = self.surrogate(ctx.data.x[:2])
+        k = ctx.engine.info.num_classes
+        if out.ndim != 2 or out.shape[1] != k:
+            raise InvalidParameterError(
+                f"the surrogate returns {tuple(out.shape[1:])} outputs per image, the connector has {k} classes"
+            )
+        if ctx.config.weights.get("classification", 0) > 0 and ctx.data.y is None:
+            raise InvalidParameterError("the classification objective needs labels; the dataset has none")
+
+    # -- distillation -------------------------------------------------------------------------------
+    def _add(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        cap = self.ctx.config.surrogate_buffer
+        self.buf_x = torch.cat([self.buf_x, x])[-cap:]
+        self.buf_y = torch.cat([self.buf_y, y])[-cap:]
+
+    def _distill_round(self, k: int, size: int, train: bool = True) -> float:
+        """Query the black box on the module's outputs for ``size`` noisy inputs; returns the
+        agreement of those labels with the black box's clean labels (noisy inputs only)."""
+        ctx = self.ctx
+        idx = ctx.batch_indices(k, size, labelled_only=True, salt="distill")
+        clean = ctx.data.x[idx]
+        noisy = ctx.noisy(clean, k, salt="distill-noise")
+        ctx.module.eval()
+        with torch.no_grad():
+            out = torch.cat([ctx.module(noisy[i:i + 512]) for i in range(0, size, 512)]).clamp(0.0, 1.0)
+        labels = ctx.query(out)
+        target = ctx.targets(idx)
+        is_noisy = (noisy - clean).flatten(1).abs().amax(1) > 0
+        mask = is_noisy if bool(is_noisy.any()) else torch.ones_like(is_noisy)
+        agreement = float((labels[mask] == target[mask]).float().mean())
+        ctx.offer(k, agreement, agreement=agreement, buffer=float(len(self.buf_y)))
+        if train:
+            self._add(out, labels)
+            self._train_surrogate(k)
+        return agreement
+
+    def _train_surrogate(self, k: int) -> None:
+        cfg = self.ctx.config
+        n = len(self.buf_y)
+        steps = max(1, int(cfg.surrogate_epochs * n / 128))
+        g = self.ctx.generator(k, "surrogate")
+        self.surrogate.train()
+        for _ in range(steps):
+            b = torch.randint(0, n, (min(128, n),), generator=g)
+            loss = F.cross_entropy(self.surrogate(self.buf_x[b]), self.buf_y[b])
+            self.s_opt.zero_grad(set_to_none=True)
+            loss.backward()
+            self.s_opt.step()
+        self.surrogate.eval()
+
+    # -- steps ----------------------------------------------------------------------------------------
+    def main_step(self, k: int) -> dict[str, float]:
+        ctx, cfg = self.ctx, self.ctx.config
+        j = k - self.pretrain_steps
+        if j == 0 and len(self.buf_y) == 0:
+            labels = ctx.ensure_clean_labels()
+            self._add(ctx.data.x[ctx.subset], labels[ctx.subset])
+        if j % cfg.redistill_every == 0:
+            self._distill_round(k, cfg.distill_queries)
+        for p in self.surrogate.parameters():
+            p.requires_grad_(False)
+        ctx.module.train()
+        idx = ctx.batch_indices(k, cfg.batch_size, labelled_only=True)
+        clean = ctx.data.x[idx].repeat(cfg.noise_draws, 1, 1, 1)
+        out = ctx.module(ctx.noisy(clean, k))
+        logits = self.surrogate(out.clamp(0.0, 1.0))
+        w = cfg.weights
+        parts: dict[str, torch.Tensor] = {}
+        if w.get("mse", 0) > 0:
+            parts["mse"] = mse_loss(out, clean)
+        if w.get("stability", 0) > 0:
+            parts["stability"] = F.cross_entropy(logits, ctx.targets(idx).repeat(cfg.noise_draws))
+        if w.get("classification", 0) > 0:
+            parts["classification"] = F.cross_entropy(logits, ctx.data.y[idx].repeat(cfg.noise_draws))
+        loss = sum(w[name] * v for name, v in parts.items())
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()  # type: ignore[union-attr]
+        self.opt.step()
+        for p in self.surrogate.parameters():
+            p.requires_grad_(True)
+        return {"loss": float(loss.detach()), **{n: float(v.detach()) for n, v in parts.items()}}
+
+    def finish(self) -> None:
+        """Measure the final module on a fresh round (without training), so 'best' can pick it."""
+        cfg = self.ctx.config
+        if cfg.steps > 0:
+            self._distill_round(self.total_steps, min(cfg.distill_queries, 2000), train=False)
+
+    # -- state ------------------------------------------------------------------------------------------
+    def state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        t, m = super().state()
+        st, sm = optimizer_to_tensors(self.s_opt, "sopt")
+        t.update(st)
+        t.update({f"sur.{k}": v for k, v in self.surrogate.state_dict().items()})
+        t["buf_x"], t["buf_y"] = self.buf_x, self.buf_y
+        return t, {**m, "sopt": sm}
+
+    def load_state(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+        super().load_state(tensors, meta)
+        self.surrogate.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("sur.")})
+        optimizer_from_tensors(self.s_opt, "sopt", tensors, meta["sopt"])
+        self.buf_x, self.buf_y = tensors["buf_x"], tensors["buf_y"]

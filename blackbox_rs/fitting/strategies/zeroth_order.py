@@ -1,0 +1,97 @@
+"""``zeroth_order``: gradient estimates from black-box answers only (no surrogate, no gradients).
+
+1. Pretrain the module with MSE (zero queries).
+2. If it is a DnCNN, wrap it as a LoRA module (``LoRADnCNN.from_denoiser``, rank ``zo_rank``): the
+   estimate lives in the low-dimensional LoRA parametrisation, which is what makes zeroth order
+   feasible (ZO-AE-DS, BlackVIP). Prompts are tuned directly.
+3. Each step: two-sided random-direction estimate over ``zo_directions`` directions with common
+   random numbers (the same noisy batch for every perturbation). The loss is the black box's
+   disagreement with its own clean label (label-only), or the cross-entropy of its returned
+   probabilities when the connector returns scores. All ``2 * q`` perturbed batches go to the engine
+   as one query: ``2 * q * zo_batch * noise_draws`` images per step. Momentum SGD (Nesterov), fp32.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from blackbox_rs.fitting.checkpoint import optimizer_from_tensors, optimizer_to_tensors
+from blackbox_rs.fitting.strategies.base import Strategy, register_strategy
+from blackbox_rs.fitting.zo import ZOSGD, rge_gradient
+from blackbox_rs.modules.denoiser import DnCNN
+
+__all__ = ["ZerothOrderStrategy"]
+
+
+@register_strategy
+class ZerothOrderStrategy(Strategy):
+    name = "zeroth_order"
+
+    def __init__(self, ctx: Any) -> None:
+        super().__init__(ctx)
+        cfg = ctx.config
+        self.zo = ZOSGD(cfg.zo_lr, momentum=cfg.zo_momentum, nesterov=True, max_grad_norm=10.0)
+        self._ema: float | None = None
+
+    def prepare_for_step(self, k: int) -> None:
+        ctx = self.ctx
+        if k >= self.pretrain_steps and isinstance(ctx.module, DnCNN):
+            from blackbox_rs.modules.lora_denoiser import LoRADnCNN
+
+            ctx.module = LoRADnCNN.from_denoiser(ctx.module, rank=ctx.config.zo_rank)
+            # scores of the MSE phase are not comparable with the black-box loss
+            ctx.best_state, ctx.best_score, ctx.best_step = None, None, None
+            self.opt = torch.optim.Adam(ctx.module.trainable_parameters(), lr=ctx.config.lr)
+
+    def main_step(self, k: int) -> dict[str, float]:
+        ctx, cfg = self.ctx, self.ctx.config
+        module = ctx.module
+        module.eval()
+        idx = ctx.batch_indices(k, cfg.zo_batch, labelled_only=True)
+        clean = ctx.data.x[idx].repeat(cfg.noise_draws, 1, 1, 1)
+        noisy = ctx.noisy(clean, k)
+        target = ctx.targets(idx).repeat(cfg.noise_draws)
+        use_scores = ctx.engine.info.returns_scores
+
+        def batched_loss(thetas: torch.Tensor) -> torch.Tensor:
+            saved = module.flat_parameters()
+            outs = []
+            with torch.no_grad():
+                for theta in thetas:
+                    module.set_flat_parameters(theta)
+                    outs.append(module(noisy).clamp(0.0, 1.0))
+            module.set_flat_parameters(saved)
+            pred = ctx.engine.query(torch.cat(outs), tally=ctx.tally)
+            m = noisy.shape[0]
+            tgt = target.repeat(len(thetas))
+            if use_scores and pred.scores is not None:
+                p = pred.scores.clamp_min(1e-12)
+                per = -torch.log(p.gather(1, tgt[:, None]).squeeze(1))
+            else:
+                per = (pred.labels != tgt).to(torch.float64)
+            return per.view(len(thetas), m).mean(1).to(torch.float64)
+
+        theta = module.flat_parameters()
+        est = rge_gradient(batched_loss, theta, q=cfg.zo_directions, mu=cfg.zo_mu, distribution="gaussian",
+                           generator=ctx.generator(k, "zo-directions"), batched=True)
+        module.set_flat_parameters(self.zo.step(theta, est.grad))
+        self._ema = est.loss if self._ema is None else 0.9 * self._ema + 0.1 * est.loss
+        j = k - self.pretrain_steps
+        if j % 10 == 9:
+            ctx.offer(k, -self._ema, zo_loss=self._ema)
+        return {"zo_loss": est.loss, "grad_norm": float(est.grad.norm())}
+
+    def state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        t, m = optimizer_to_tensors(self.opt, "opt")
+        zs = self.zo.state_dict()
+        if zs["momentum_buffer"] is not None:
+            t["zo_momentum"] = zs["momentum_buffer"]
+        return t, {"opt": m, "mse_ema": self._mse_ema, "zo_step": zs["step_count"], "zo_ema": self._ema}
+
+    def load_state(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+        optimizer_from_tensors(self.opt, "opt", tensors, meta["opt"])
+        self._mse_ema = meta.get("mse_ema")
+        self._ema = meta.get("zo_ema")
+        self.zo.load_state_dict({"step_count": meta["zo_step"], "momentum_buffer": tensors.get("zo_momentum")})

@@ -1,0 +1,249 @@
+"""BlackBoxSmoother: the public façade (fit / predict / certify / certify_dataset / save / load).
+
+    smoother = BlackBoxSmoother(connector, module="dncnn", sigma=0.25)
+    smoother.fit((x_train, y_train), strategy="surrogate", budget=100_000)
+    cert = smoother.certify(x, n0=100, n=10_000, alpha=0.001)
+
+The smoothed classifier is ``g(x) = argmax_c P[f(clip(A(x + delta), 0, 1)) = c]``: the fitted module
+``A`` and the clipping are deterministic post-processing of the noisy input, so Cohen's guarantees
+hold for it unchanged. The module is the identity until fitted, so an unfitted smoother certifies
+exactly what the bare model does.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from blackbox_rs._version import __version__
+from blackbox_rs.budget import QueryBudget
+from blackbox_rs.cache import QueryCache
+from blackbox_rs.certificate import Certificate, SmoothedPrediction
+from blackbox_rs.certify import DEFAULT_RADII, DatasetCertification, certify, certify_dataset, predict
+from blackbox_rs.connectors.base import Connector
+from blackbox_rs.engine import QueryEngine
+from blackbox_rs.errors import ConfigError, InvalidParameterError
+from blackbox_rs.fitting.config import FitConfig
+from blackbox_rs.fitting.context import FitContext, FitReport, ProgressFn
+from blackbox_rs.fitting.data import as_fit_data
+from blackbox_rs.modules.base import InputModule, load_module
+from blackbox_rs.modules.registry import create_module
+from blackbox_rs.stats import check_sigma
+
+__all__ = ["BlackBoxSmoother"]
+
+_SMOOTHER_JSON = "smoother.json"
+
+
+class BlackBoxSmoother:
+    """Randomized smoothing of an opaque model with a fitted input module in front of it.
+
+    Args:
+        connector: the base model (a connector, or a :class:`QueryEngine` already set up with a
+            budget and cache).
+        module: ``None`` (no module), a registered module name (``"dncnn"``, ``"lora_dncnn"``,
+            ``"prompt_full"``, ...), a config mapping, or an :class:`InputModule`.
+        sigma / sigmas: the noise level(s) the module is fitted for and certified at. With several,
+            one module is fitted on a mixture and certifies at each.
+        cache: directory of the query cache (only when ``connector`` is not already an engine).
+        budget: :class:`QueryBudget` for every query (only when ``connector`` is not an engine).
+    """
+
+    def __init__(
+        self,
+        connector: Connector | QueryEngine,
+        *,
+        module: str | InputModule | dict[str, Any] | None = "dncnn",
+        sigma: float | None = None,
+        sigmas: Sequence[float] | None = None,
+        cache: str | os.PathLike[str] | QueryCache | None = None,
+        budget: QueryBudget | None = None,
+        max_in_flight: int = 1,
+    ) -> None:
+        if isinstance(connector, QueryEngine):
+            if cache is not None or budget is not None:
+                raise InvalidParameterError("pass cache/budget to the QueryEngine, not to the smoother")
+            self.engine = connector
+        else:
+            self.engine = QueryEngine(connector, cache=cache, budget=budget, max_in_flight=max_in_flight)
+        if (sigma is None) == (sigmas is None):
+            raise InvalidParameterError("give exactly one of sigma=... or sigmas=[...]")
+        levels = [sigma] if sigma is not None else list(sigmas or [])
+        if not levels:
+            raise InvalidParameterError("sigmas must not be empty")
+        self.sigmas = sorted({check_sigma(s) for s in levels})
+        info = self.engine.info
+        if module is None or isinstance(module, InputModule):
+            self.module: InputModule | None = module
+        elif isinstance(module, str):
+            self.module = create_module(module, input_shape=info.input_shape)
+        elif isinstance(module, dict):
+            self.module = create_module({"input_shape": info.input_shape, **module})
+        else:
+            raise ConfigError(f"module must be a name, a config dict or an InputModule, got {type(module).__name__}")
+        if self.module is not None:
+            shape = tuple(self.module.config.input_shape)
+            if shape != tuple(info.input_shape):
+                raise ConfigError(f"the module is built for inputs {shape}, the model takes {tuple(info.input_shape)}")
+            self.module.eval()
+        self.fit_report: FitReport | None = None
+
+    # ------------------------------------------------------------------------------------------
+    @property
+    def sigma(self) -> float:
+        """The noise level when there is one; with several, pass ``sigma=`` to each call."""
+        if len(self.sigmas) != 1:
+            raise InvalidParameterError(f"this smoother has several sigmas {self.sigmas}: pass sigma=...")
+        return self.sigmas[0]
+
+    def _sigma(self, sigma: float | None) -> float:
+        if sigma is None:
+            return self.sigma
+        s = check_sigma(sigma)
+        if s not in self.sigmas:
+            warnings.warn(f"sigma={s} is not one of the fitted noise levels {self.sigmas}", stacklevel=3)
+        return s
+
+    @property
+    def transform(self) -> Callable[[torch.Tensor], torch.Tensor] | None:
+        """The deterministic map applied to noisy inputs before the (clipping and the) model."""
+        if self.module is None:
+            return None
+        module = self.module.eval()
+
+        def apply(batch: torch.Tensor) -> torch.Tensor:
+            with torch.no_grad():
+                return module(batch)
+
+        return apply
+
+    # ------------------------------------------------------------------------------------------
+    def fit(
+        self,
+        dataset: Any,
+        *,
+        strategy: str | None = None,
+        budget: int | QueryBudget | None = None,
+        config: FitConfig | dict[str, Any] | None = None,
+        checkpoint_dir: str | os.PathLike[str] | None = None,
+        surrogate: torch.nn.Module | None = None,
+        progress: ProgressFn | None = None,
+        **overrides: Any,
+    ) -> FitReport:
+        """Fit the module on ``dataset`` (tensors ``(x, y)``, unlabeled ``x``, or a torch Dataset).
+
+        ``strategy``: ``"denoise"`` (zero queries), ``"surrogate"``, ``"zeroth_order"`` or
+        ``"passthrough"`` (differentiable connectors). ``budget`` caps the queries of this fit (an int
+        or a :class:`QueryBudget`); at the cap the fit stops cleanly and keeps the best module so far.
+        With ``checkpoint_dir`` the full fit state is saved regularly and a rerun resumes from it.
+        Other keyword arguments override :class:`FitConfig` fields (unknown names are errors).
+        """
+        from blackbox_rs.fitting.strategies import get_strategy, run_fit
+
+        if self.module is None:
+            raise InvalidParameterError("this smoother has no module to fit (module=None)")
+        base = config if isinstance(config, FitConfig) else FitConfig(**(config or {}))
+        try:
+            cfg = FitConfig(**{**base.model_dump(), **overrides, **({"strategy": strategy} if strategy else {})})
+        except ValueError as exc:
+            raise ConfigError(f"invalid fit settings: {exc}") from exc
+        cls = get_strategy(cfg.strategy)
+        data = as_fit_data(dataset, self.engine.info)
+        engine = self.engine
+        if budget is not None and cls.needs_queries:
+            fit_budget = (budget if isinstance(budget, QueryBudget)
+                          else QueryBudget(max_queries=int(budget), parent=self.engine.budget))
+            engine = QueryEngine(self.engine.connector, budget=fit_budget, cache=self.engine.cache,
+                                 max_in_flight=self.engine.max_in_flight)
+        ctx = FitContext(engine, self.module, data, self.sigmas, cfg, progress)
+        if surrogate is not None:
+            ctx.surrogate_module = surrogate  # type: ignore[attr-defined]
+        report = run_fit(ctx, cfg.strategy, checkpoint_dir=checkpoint_dir)
+        self.module = ctx.module.eval()
+        self.fit_report = report
+        return report
+
+    # ------------------------------------------------------------------------------------------
+    def predict(self, x: torch.Tensor, *, n: int = 1000, alpha: float = 0.001, sigma: float | None = None,
+                seed: int = 0, batch_size: int | None = None) -> SmoothedPrediction:
+        """Cohen's PREDICT for the smoothed classifier (see :func:`blackbox_rs.certify.predict`)."""
+        return predict(self.engine, x, sigma=self._sigma(sigma), n=n, alpha=alpha, seed=seed,
+                       batch_size=batch_size, transform=self.transform)
+
+    def certify(self, x: torch.Tensor, *, n0: int = 100, n: int = 10_000, alpha: float = 0.001,
+                sigma: float | None = None, seed: int = 0, batch_size: int | None = None,
+                label: int | None = None) -> Certificate:
+        """Cohen's CERTIFY for the smoothed classifier (see :func:`blackbox_rs.certify.certify`)."""
+        return certify(self.engine, x, sigma=self._sigma(sigma), n0=n0, n=n, alpha=alpha, seed=seed,
+                       batch_size=batch_size, label=label, transform=self.transform)
+
+    def certify_dataset(self, inputs: Any, labels: Sequence[int] | None = None, *, n0: int = 100,
+                        n: int = 10_000, alpha: float = 0.001, sigma: float | None = None, seed: int = 0,
+                        batch_size: int | None = None, radii: Sequence[float] = DEFAULT_RADII,
+                        output: str | os.PathLike[str] | None = None,
+                        progress: Callable[[int, Certificate], None] | None = None) -> DatasetCertification:
+        """CERTIFY every input (see :func:`blackbox_rs.certify.certify_dataset`, incl. JSONL resume)."""
+        return certify_dataset(self.engine, inputs, labels, sigma=self._sigma(sigma), n0=n0, n=n, alpha=alpha,
+                               seed=seed, batch_size=batch_size, radii=radii, output=output,
+                               transform=self.transform, progress=progress)
+
+    # ------------------------------------------------------------------------------------------
+    def save(self, directory: str | os.PathLike[str]) -> Path:
+        """Write ``smoother.json`` (sigmas, model fingerprint, SDK version, fit report) and the module
+        (config JSON + safetensors) into ``directory``. Nothing is pickled."""
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        if self.module is not None:
+            self.module.save(d / "module")
+        meta = {
+            "sdk_version": __version__,
+            "sigmas": self.sigmas,
+            "fingerprint": self.engine.info.fingerprint,
+            "input_shape": list(self.engine.info.input_shape),
+            "class_names": list(self.engine.info.class_names),
+            "module": self.module is not None,
+            "fit_report": None if self.fit_report is None else self.fit_report.model_dump(exclude={"history"}),
+        }
+        tmp = d / (_SMOOTHER_JSON + ".tmp")
+        tmp.write_text(json.dumps(meta, indent=1))
+        os.replace(tmp, d / _SMOOTHER_JSON)
+        return d
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike[str], connector: Connector | QueryEngine, **kwargs: Any) -> BlackBoxSmoother:
+        """Rebuild a saved smoother in front of ``connector``. Warns when the connector's fingerprint
+        differs from the one the module was fitted for (valid, but possibly a poor fit); raises
+        :class:`ConfigError` when the input shape or classes differ."""
+        d = Path(directory)
+        try:
+            meta = json.loads((d / _SMOOTHER_JSON).read_text())
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"{d} does not hold a saved smoother ({_SMOOTHER_JSON}): {exc}") from exc
+        module = load_module(d / "module") if meta.get("module") else None
+        smoother = cls(connector, module=module, sigmas=meta["sigmas"], **kwargs)
+        info = smoother.engine.info
+        if list(info.input_shape) != meta["input_shape"] or list(info.class_names) != meta["class_names"]:
+            raise ConfigError(
+                f"the saved smoother was fitted for inputs {meta['input_shape']} and {len(meta['class_names'])} "
+                f"classes; this connector has {list(info.input_shape)} and {info.num_classes}"
+            )
+        if info.fingerprint != meta["fingerprint"]:
+            warnings.warn(
+                f"the module was fitted in front of model {meta['fingerprint']!r}, this connector is "
+                f"{info.fingerprint!r}: certificates stay valid, but the module may not help",
+                stacklevel=2,
+            )
+        if meta.get("fit_report"):
+            smoother.fit_report = FitReport(**meta["fit_report"])
+        return smoother
+
+    def __repr__(self) -> str:
+        mod = "none" if self.module is None else f"{self.module.name}({self.module.num_trainable()} params)"
+        return f"BlackBoxSmoother(engine={self.engine!r}, module={mod}, sigmas={self.sigmas})"
+
