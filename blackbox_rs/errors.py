@@ -77,8 +77,9 @@ class HTTPStatusError(ConnectorError):
         body_excerpt: str = "",
         attempts: int = 1,
         request_id: str | None = None,
+        billed: bool | None = None,
     ) -> None:
-        super().__init__(message)
+        super().__init__(message, billed=billed)
         self.status = status
         self.url = url
         self.body_excerpt = body_excerpt
@@ -140,3 +141,24 @@ class PrecisionError(InvalidInputError):
 class CompatibilityWarning(UserWarning):
     """A saved artifact was written by another SDK version and something in it was ignored
     (for example an unknown config key from a newer version)."""
+
+
+# --- Offline datasets (blackbox_rs/datasets.py) -----------------------------------------------------
+
+
+class DatasetError(BlackBoxRSError):
+    """A bundled or system-installed dataset cannot be used."""
+
+
+class DatasetNotFoundError(DatasetError):
+    """A dataset is not installed where the loader looks. The message says how to install it
+    (for Fashion-MNIST: ``sudo apt-get install dataset-fashion-mnist``) and lists the places searched."""
+
+
+class DatasetCorruptedError(DatasetError):
+    """A dataset file is present but malformed: wrong IDX magic number, wrong dimensions, truncated
+    or oversized payload, unreadable gzip stream, or image and label files that disagree in count."""
+
+
+class UnmappedLabelError(InvalidResponseError):
+    """A vendor label has no task class and the label map has no ``other`` class to put it in."""

@@ -1,0 +1,368 @@
+"""The ``blackbox-rs`` command: ``demo``, ``fit``, ``certify``, ``report``.
+
+A run is described by a TOML file validated by pydantic (unknown keys are errors that name the key)::
+
+    [connector]
+    name = "torchscript"            # or "kserve_v2", ...; other keys are the connector's settings
+    path = "model.pt"
+    input_shape = [1, 28, 28]
+    num_classes = 10
+
+    [data]
+    fit = "train.npz"               # x (N x C x H x W, float [0,1] or uint8), optional y
+    certify = "test.npz"
+    limit = 500
+
+    [fit]
+    strategy = "surrogate"
+    budget = 100000
+
+    [certify]
+    sigma = 0.25
+    n0 = 100
+    n = 10000
+
+    [run]
+    out_dir = "runs/exp1"
+    cache_dir = ".cache/blackbox-rs"
+
+Flags override the file. User errors print one line and exit with code 2 (no traceback); Ctrl-C
+stops cleanly (exit 130) and the same command resumes without repeating queries.
+"""
+
+from __future__ import annotations
+
+import sys
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from blackbox_rs.errors import BlackBoxRSError, ConfigError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="Certified robustness (randomized smoothing) for opaque image classifiers.")
+
+
+# ----------------------------------------------------------------------------------------------
+# configuration
+class ConnectorSection(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    name: str
+
+
+class DataSection(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    fit: Path | None = None
+    certify: Path | None = None
+    limit: int | None = Field(default=None, ge=1)
+
+
+class FitSection(BaseModel):
+    model_config = ConfigDict(extra="allow")  # the rest is validated as FitConfig
+    strategy: str = "surrogate"
+    budget: int | None = Field(default=None, ge=0)
+    module: str = "dncnn"
+
+
+class CertifySection(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    sigma: float = Field(default=0.25, gt=0)
+    n0: int = Field(default=100, ge=1)
+    n: int = Field(default=10_000, ge=1)
+    alpha: float = Field(default=0.001, gt=0, lt=1)
+    radii: list[float] = Field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])
+    seed: int = Field(default=0, ge=0)
+    batch_size: int | None = Field(default=None, ge=1)
+    budget: int | None = Field(default=None, ge=0)
+
+
+class RunSection(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    out_dir: Path = Path("blackbox-rs-run")
+    cache_dir: Path | None = None
+
+
+class RunConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    connector: ConnectorSection
+    data: DataSection = DataSection()
+    fit: FitSection = FitSection()
+    certify: CertifySection = CertifySection()
+    run: RunSection = RunSection()
+
+
+def _pydantic_message(exc: ValidationError, where: str) -> str:
+    errs = []
+    for e in exc.errors():
+        loc = ".".join(str(p) for p in e["loc"])
+        msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"]
+        errs.append(f"{loc}: {msg}")
+    return f"{where}: " + "; ".join(errs)
+
+
+def load_config(path: Path | None, overrides: dict[str, dict[str, Any]]) -> RunConfig:
+    """Read and validate a TOML run file; ``overrides`` (from flags) win over the file."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        try:
+            raw = tomllib.loads(Path(path).read_text())
+        except OSError as exc:
+            raise ConfigError(f"cannot read config {path}: {exc.strerror}") from exc
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config {path} is not valid TOML: {exc}") from exc
+    for section, values in overrides.items():
+        raw.setdefault(section, {}).update({k: v for k, v in values.items() if v is not None})
+    if "connector" not in raw:
+        raise ConfigError("no [connector] section: give a config file with the connector's name and settings")
+    try:
+        return RunConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(_pydantic_message(exc, str(path or "flags"))) from None
+
+
+def _connector(cfg: RunConfig) -> Any:
+    from blackbox_rs.connectors.registry import build_connector
+
+    settings = dict(cfg.connector.model_extra or {})
+    return build_connector(cfg.connector.name, settings)
+
+
+def _fit_config(cfg: RunConfig) -> Any:
+    from blackbox_rs.fitting.config import FitConfig
+
+    extra = dict(cfg.fit.model_extra or {})
+    try:
+        return FitConfig(strategy=cfg.fit.strategy, **extra)
+    except ValidationError as exc:
+        raise ConfigError(_pydantic_message(exc, "[fit]")) from None
+
+
+def _out_dir(path: Path) -> Path:
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / ".write-probe"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as exc:
+        raise ConfigError(f"output directory {path} is not writable: {exc.strerror or exc}") from None
+    return path
+
+
+def _engine(cfg: RunConfig, budget: int | None) -> Any:
+    from blackbox_rs.budget import QueryBudget
+    from blackbox_rs.engine import QueryEngine
+
+    out = _out_dir(cfg.run.out_dir)
+    cache = cfg.run.cache_dir or (out / "cache")
+    b = QueryBudget(max_queries=budget, ledger=out / "budget_ledger.json") if budget is not None else None
+    return QueryEngine(_connector(cfg), cache=cache / "queries", budget=b)
+
+
+# ----------------------------------------------------------------------------------------------
+# error handling
+def _run(fn: Any) -> None:
+    try:
+        fn()
+    except KeyboardInterrupt:
+        typer.echo("\ninterrupted: progress is saved; run the same command again to resume "
+                   "(queries already answered come from the cache)", err=True)
+        raise typer.Exit(130) from None
+    except (BlackBoxRSError, ValidationError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+
+
+# ----------------------------------------------------------------------------------------------
+# commands
+@app.command()
+def demo(
+    out_dir: Annotated[Path, typer.Option(help="where the report goes")] = Path("blackbox-rs-demo"),
+    cache_dir: Annotated[Path | None, typer.Option(help="model/query cache (default: OUT_DIR/cache)")] = None,
+    fit_budget: Annotated[int, typer.Option(help="black-box queries the fit may spend")] = 40_000,
+    inputs: Annotated[int, typer.Option(help="held-out images to certify")] = 100,
+    n: Annotated[int, typer.Option(help="estimation samples per certificate")] = 1000,
+    quick: Annotated[bool, typer.Option(help="a much smaller run (seconds), for smoke tests")] = False,
+) -> None:
+    """Train a digits CNN, serve it over OIP v2 as a label-only API, fit a denoiser under a query
+    budget, certify held-out images with and without it, and write a report."""
+
+    def go() -> None:
+        from blackbox_rs.demo import DemoConfig, run_demo
+        from blackbox_rs.progress import ProgressBar
+
+        _out_dir(out_dir)
+        cfg = DemoConfig(out_dir=out_dir, cache_dir=cache_dir, fit_budget=fit_budget, certify_inputs=inputs, n=n)
+        if quick:
+            cfg = cfg.model_copy(update={"base_epochs": 5, "fit_steps": 40, "pretrain_steps": 40,
+                                         "fit_budget": min(fit_budget, 4000), "certify_inputs": min(inputs, 10),
+                                         "n": min(n, 200), "n0": 20})
+        bar = ProgressBar(budget=None)
+        result = run_demo(cfg, event=bar)
+        typer.echo("")
+        typer.echo(f"base model: digits CNN, clean test accuracy {result.base_accuracy:.3f}, served on 127.0.0.1 "
+                   "as a label-only OIP v2 endpoint")
+        typer.echo(f"fit: {result.fit.queries:,} black-box queries, {result.fit.trainable_parameters:,} trainable "
+                   f"parameters ({result.fit.stopped})")
+        typer.echo(f"certified accuracy (sigma={cfg.sigma}, n0={cfg.n0}, n={cfg.n}, alpha={cfg.alpha}, "
+                   f"{cfg.certify_inputs} images):")
+        typer.echo(result.table)
+        typer.echo(f"report: {result.report.summary}")
+        if result.report.plot:
+            typer.echo(f"plot:   {result.report.plot}")
+
+    _run(go)
+
+
+def _estimate_fit_queries(fc: Any, n_images: int, budget: int | None) -> int:
+    clean = min(fc.clean_queries, n_images)
+    if fc.strategy == "denoise":
+        q = 0
+    elif fc.strategy == "surrogate":
+        rounds = -(-fc.steps // fc.redistill_every) if fc.steps else 0
+        q = clean + rounds * fc.distill_queries + (min(fc.distill_queries, 2000) if fc.steps else 0)
+    elif fc.strategy == "zeroth_order":
+        q = clean + fc.steps * 2 * fc.zo_directions * fc.zo_batch * fc.noise_draws
+    else:
+        q = clean + fc.steps * fc.batch_size * fc.noise_draws
+    return q if budget is None else min(q, budget)
+
+
+@app.command()
+def fit(
+    config: Annotated[Path, typer.Argument(help="TOML run file")],
+    strategy: Annotated[str | None, typer.Option(help="denoise | surrogate | zeroth_order | passthrough")] = None,
+    budget: Annotated[int | None, typer.Option(help="black-box queries the fit may spend")] = None,
+    out_dir: Annotated[Path | None, typer.Option()] = None,
+    cache_dir: Annotated[Path | None, typer.Option()] = None,
+    seed: Annotated[int | None, typer.Option()] = None,
+    dry_run: Annotated[bool, typer.Option(help="print the queries and cost, spend nothing")] = False,
+) -> None:
+    """Fit an input module in front of the configured model; saves OUT_DIR/smoother."""
+
+    def go() -> None:
+        from blackbox_rs.data_files import load_images
+        from blackbox_rs.progress import ProgressBar
+        from blackbox_rs.smoother import BlackBoxSmoother
+
+        cfg = load_config(config, {"fit": {"strategy": strategy, "budget": budget, **({"seed": seed} if seed is not None else {})},
+                                   "run": {"out_dir": out_dir, "cache_dir": cache_dir}})
+        fc = _fit_config(cfg)
+        if cfg.data.fit is None:
+            raise ConfigError("[data] fit = <path> is required to fit")
+        engine = _engine(cfg, None)
+        x, y = load_images(cfg.data.fit, engine.info.input_shape, cfg.data.limit)
+        est = _estimate_fit_queries(fc, len(x), cfg.fit.budget)
+        cost = est * engine.info.cost_per_query
+        if dry_run:
+            typer.echo(f"dry run: fit '{fc.strategy}' on {len(x)} images would spend at most {est:,} queries "
+                       f"(cost {cost:.4g}); nothing was sent")
+            return
+        smoother = BlackBoxSmoother(engine, module=cfg.fit.module, sigma=cfg.certify.sigma)
+        bar = ProgressBar(budget=cfg.fit.budget)
+        report = smoother.fit((x, y) if y is not None else x, config=fc, budget=cfg.fit.budget,
+                              checkpoint_dir=cfg.run.out_dir / "fit_checkpoint",
+                              progress=lambda k, t, info: bar("fit", k, t, info))
+        path = smoother.save(cfg.run.out_dir / "smoother")
+        typer.echo(f"fit {report.stopped}: {report.steps_done}/{report.steps_total} steps, {report.queries:,} queries "
+                   f"({report.cache_hits:,} cache hits), {report.trainable_parameters:,} trainable parameters")
+        typer.echo(f"saved: {path}")
+
+    _run(go)
+
+
+@app.command()
+def certify(
+    config: Annotated[Path, typer.Argument(help="TOML run file")],
+    module_dir: Annotated[Path | None, typer.Option(help="a saved smoother (from `fit`); default: none")] = None,
+    sigma: Annotated[float | None, typer.Option()] = None,
+    n0: Annotated[int | None, typer.Option()] = None,
+    n: Annotated[int | None, typer.Option()] = None,
+    alpha: Annotated[float | None, typer.Option()] = None,
+    budget: Annotated[int | None, typer.Option(help="query budget of this run (persisted ledger)")] = None,
+    out_dir: Annotated[Path | None, typer.Option()] = None,
+    cache_dir: Annotated[Path | None, typer.Option()] = None,
+    dry_run: Annotated[bool, typer.Option(help="print the queries and cost, spend nothing")] = False,
+) -> None:
+    """Certify the configured data set; resumable (OUT_DIR/certificates.jsonl) and budgeted."""
+
+    def go() -> None:
+        from blackbox_rs.data_files import load_images
+        from blackbox_rs.progress import ProgressBar
+        from blackbox_rs.reports import accuracy_table, write_report
+        from blackbox_rs.smoother import BlackBoxSmoother
+
+        cfg = load_config(config, {"certify": {"sigma": sigma, "n0": n0, "n": n, "alpha": alpha, "budget": budget},
+                                   "run": {"out_dir": out_dir, "cache_dir": cache_dir}})
+        c = cfg.certify
+        if cfg.data.certify is None:
+            raise ConfigError("[data] certify = <path> is required to certify")
+        engine = _engine(cfg, c.budget)
+        x, y = load_images(cfg.data.certify, engine.info.input_shape, cfg.data.limit)
+        est = len(x) * (c.n0 + c.n + (0 if y is not None else 1))
+        if dry_run:
+            typer.echo(f"dry run: certifying {len(x)} images (n0={c.n0}, n={c.n}) needs at most {est:,} queries "
+                       f"(cost {est * engine.info.cost_per_query:.4g}; cached answers are free); nothing was sent")
+            return
+        if module_dir is not None:
+            smoother = BlackBoxSmoother.load(module_dir, engine)
+        else:
+            smoother = BlackBoxSmoother(engine, module=None, sigma=c.sigma)
+        bar = ProgressBar(budget=c.budget)
+        res = smoother.certify_dataset(
+            x, None if y is None else y.tolist(), n0=c.n0, n=c.n, alpha=c.alpha, sigma=c.sigma, seed=c.seed,
+            batch_size=c.batch_size, radii=c.radii, output=cfg.run.out_dir / "certificates.jsonl",
+            progress=lambda i, cert: bar("certify", i + 1, len(x), {"queries": engine.stats.queries}),
+        )
+        name = "fitted module" if module_dir is not None else "no module"
+        files = write_report({name: res}, cfg.run.out_dir / "report",
+                             cost_per_query=engine.info.cost_per_query)
+        typer.echo(accuracy_table({name: res}))
+        typer.echo(f"report: {files.summary}")
+
+    _run(go)
+
+
+@app.command()
+def report(
+    certificates: Annotated[list[Path], typer.Argument(help="JSONL files written by `certify` (one run each)")],
+    out_dir: Annotated[Path, typer.Option(help="where the report goes")] = Path("blackbox-rs-report"),
+    radii: Annotated[str, typer.Option(help="comma-separated radii")] = "0,0.25,0.5,0.75,1.0",
+) -> None:
+    """Rebuild the report (JSON, CSV, table, PNG, markdown) from certificate files, no queries."""
+
+    def go() -> None:
+        from blackbox_rs.certify import DatasetCertification, certified_accuracy
+        from blackbox_rs.reports import accuracy_table, load_certificates, write_report
+
+        try:
+            rs = [float(r) for r in radii.split(",") if r.strip()]
+        except ValueError:
+            raise ConfigError(f"--radii must be comma-separated numbers, got {radii!r}") from None
+        runs = {}
+        for path in certificates:
+            certs = load_certificates(path)
+            ref = "labels" if all(ce.label is not None for ce in certs) else "clean_prediction"
+            runs[path.stem] = DatasetCertification(
+                certificates=certs, radii=rs, certified_accuracy=certified_accuracy(certs, rs), reference=ref,
+                queries=sum(ce.queries for ce in certs), cache_hits=sum(ce.cache_hits for ce in certs), cost=0.0)
+        files = write_report(runs, _out_dir(out_dir))
+        typer.echo(accuracy_table(runs, rs))
+        typer.echo(f"report: {files.summary}")
+
+    _run(go)
+
+
+def main() -> None:
+    """Entry point of the ``blackbox-rs`` command."""
+    import warnings
+
+    # torch 2.15 deprecates TorchScript loading with a FutureWarning on every load: noise for CLI users
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.")
+    app(prog_name="blackbox-rs")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,50 @@
+"""Trainable input modules ``A_θ`` placed in front of an opaque classifier.
+
+Every module is an :class:`InputModule` with a frozen, validated pydantic config, is exactly the
+identity at initialisation, and saves to ``module_config.json`` + ``module.safetensors`` (never
+pickle). Built-in modules:
+
+- ``dncnn``: residual DnCNN denoiser (:mod:`blackbox_rs.modules.denoiser`);
+- ``prompt_full`` / ``prompt_pad``: additive visual prompts (:mod:`blackbox_rs.modules.prompt`);
+- ``lora_dncnn``: frozen DnCNN + peft LoRA adapters (:mod:`blackbox_rs.modules.lora_denoiser`;
+  ``peft`` is imported only when one is built).
+
+Use :func:`create_module` / :func:`load_module`; extend with :func:`register_module`.
+"""
+
+# Importing the built-in module files registers them (each imports base and registry itself).
+from blackbox_rs.modules.base import InputModule, ModuleConfig, load_module
+from blackbox_rs.modules.denoiser import DnCNN, DnCNNConfig
+from blackbox_rs.modules.lora_denoiser import LoRADnCNN, LoRADnCNNConfig
+from blackbox_rs.modules.prompt import (
+    FullFramePrompt,
+    FullFramePromptConfig,
+    PaddingPrompt,
+    PaddingPromptConfig,
+)
+from blackbox_rs.modules.registry import (
+    create_module,
+    get_config_class,
+    get_module_class,
+    list_modules,
+    register_module,
+)
+
+__all__ = [
+    "DnCNN",
+    "DnCNNConfig",
+    "FullFramePrompt",
+    "FullFramePromptConfig",
+    "InputModule",
+    "LoRADnCNN",
+    "LoRADnCNNConfig",
+    "ModuleConfig",
+    "PaddingPrompt",
+    "PaddingPromptConfig",
+    "create_module",
+    "get_config_class",
+    "get_module_class",
+    "list_modules",
+    "load_module",
+    "register_module",
+]

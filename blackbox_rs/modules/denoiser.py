@@ -1,0 +1,130 @@
+"""Residual DnCNN-style denoiser (Zhang et al. 2017; as used by denoised smoothing, Salman et al. 2020).
+
+``A(x) = x + net(x)``, ``net = conv(C→W) → ReLU → [conv(W→W) → (GroupNorm) → ReLU] × (depth − 2) → conv(W→C)``
+with 3×3 convolutions and "same" padding. The last convolution (weights and bias) is zero-initialised,
+so an unfitted denoiser is exactly the identity map. No batch normalisation: the output for one
+sample never depends on the rest of its batch (a requirement for a valid smoothing certificate).
+The network is fully convolutional, so any H, W is accepted; C must match ``input_shape``.
+
+Defaults are small, for 1-channel 28×28 and 3-channel 32×32 images: ``depth=6, width=32`` for one
+channel and ``depth=8, width=64`` otherwise (chosen from ``input_shape`` when left unset).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from pydantic import Field, model_validator
+from torch import nn
+
+from blackbox_rs.errors import ConfigError
+from blackbox_rs.modules.base import InputModule, ModuleConfig
+from blackbox_rs.modules.registry import register_module
+
+__all__ = ["DnCNN", "DnCNNArchConfig", "DnCNNConfig", "DnCNNNet", "build_dncnn_net"]
+
+
+class DnCNNArchConfig(ModuleConfig):
+    """Architecture fields shared by every DnCNN-based module (not registered itself).
+
+    ``depth``/``width`` left unset are resolved from the channel count when the config is validated,
+    so a saved config always records the resolved values.
+    """
+
+    depth: int | None = Field(
+        default=None, ge=2, le=64, description="Number of conv layers (>= 2). None: 6 for C=1, else 8."
+    )
+    width: int | None = Field(
+        default=None, ge=1, le=1024, description="Hidden channels. None: 32 for C=1, else 64."
+    )
+    kernel_size: int = Field(default=3, ge=1, le=9, description="Odd kernel size of every conv.")
+    norm: Literal["none", "group"] = Field(
+        default="none", description="Per-sample normalisation of hidden layers ('group' = GroupNorm)."
+    )
+
+    @model_validator(mode="after")
+    def _resolve(self) -> DnCNNArchConfig:
+        if self.kernel_size % 2 == 0:
+            raise ValueError(f"kernel_size must be odd (same padding), got {self.kernel_size}")
+        c = self.input_shape[0]
+        if self.depth is None:
+            object.__setattr__(self, "depth", 6 if c == 1 else 8)
+        if self.width is None:
+            object.__setattr__(self, "width", 32 if c == 1 else 64)
+        return self
+
+
+class DnCNNConfig(DnCNNArchConfig):
+    """Configuration of :class:`DnCNN`."""
+
+    name: Literal["dncnn"] = "dncnn"
+
+
+def _group_count(width: int) -> int:
+    for g in (8, 4, 2):
+        if width % g == 0:
+            return g
+    return 1
+
+
+class DnCNNNet(nn.Module):
+    """The residual branch ``net`` of the denoiser. Layer names (``head``, ``body.i.conv``, ``tail``)
+    are stable: LoRA adapters and saved tensors refer to them."""
+
+    def __init__(
+        self, channels: int, depth: int, width: int, kernel_size: int = 3, norm: str = "none"
+    ) -> None:
+        super().__init__()
+        pad = kernel_size // 2
+        self.head = nn.Conv2d(channels, width, kernel_size, padding=pad)
+        self.body = nn.ModuleList()
+        for _ in range(depth - 2):
+            block = nn.Module()
+            block.conv = nn.Conv2d(width, width, kernel_size, padding=pad)
+            block.norm = nn.GroupNorm(_group_count(width), width) if norm == "group" else nn.Identity()
+            self.body.append(block)
+        self.tail = nn.Conv2d(width, channels, kernel_size, padding=pad)
+        self.act = nn.ReLU()
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
+                nn.init.zeros_(m.bias)
+        nn.init.zeros_(self.tail.weight)
+        nn.init.zeros_(self.tail.bias)
+
+    def conv_names(self) -> list[str]:
+        """Qualified names of every ``Conv2d`` in this network, in forward order."""
+        return [n for n, m in self.named_modules() if isinstance(m, nn.Conv2d)]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.act(self.head(x))
+        for block in self.body:
+            h = self.act(block.norm(block.conv(h)))
+        return self.tail(h)
+
+
+def build_dncnn_net(config: DnCNNArchConfig) -> DnCNNNet:
+    """The (randomly initialised, zero-tail) residual branch described by ``config``."""
+    depth, width = config.depth, config.width
+    if depth is None or width is None:  # resolved by the validator; guards model_construct()
+        raise ConfigError(
+            f"{type(config).__name__}.depth/.width must be resolved; build the config with validation"
+        )
+    return DnCNNNet(config.input_shape[0], depth, width, config.kernel_size, config.norm)
+
+
+@register_module("dncnn")
+class DnCNN(InputModule):
+    """Residual DnCNN denoiser ``A(x) = x + net(x)``; exactly the identity at initialisation."""
+
+    config_class = DnCNNConfig
+    spatially_flexible = True
+    config: DnCNNConfig
+
+    def __init__(self, config: DnCNNConfig) -> None:
+        super().__init__(config)
+        self.net = build_dncnn_net(config)
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.net(x)

@@ -1,0 +1,76 @@
+"""Connectors by name, for config files and the command line.
+
+``build_connector("torchscript", {"path": "model.pt", "input_shape": [1, 28, 28], "num_classes": 10})``.
+Settings are the connector's keyword arguments; unknown keys are :class:`ConfigError` naming the key.
+Credentials are given by *environment variable name* only (``bearer_token_env``, ``api_key_env`` with
+``api_key_header``), so a config file never holds a secret.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+from collections.abc import Mapping
+from typing import Any
+
+from blackbox_rs.errors import ConfigError
+
+from .base import Connector
+
+__all__ = ["build_connector", "list_connectors", "register_connector"]
+
+_REGISTRY: dict[str, tuple[str, str]] = {
+    "torchscript": ("blackbox_rs.connectors.torchscript", "TorchScriptConnector"),
+    "kserve_v2": ("blackbox_rs.connectors.kserve_v2", "KServeV2Connector"),
+}
+
+_AUTH_KEYS = {"bearer_token_env", "api_key_env", "api_key_header"}
+
+
+def register_connector(name: str, module: str, class_name: str) -> None:
+    """Make ``module:class_name`` buildable as ``name`` (imported lazily on first use)."""
+    if name in _REGISTRY and _REGISTRY[name] != (module, class_name):
+        raise ConfigError(f"connector name {name!r} is already registered for {_REGISTRY[name]}")
+    _REGISTRY[name] = (module, class_name)
+
+
+def list_connectors() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def _auth(settings: dict[str, Any]) -> Any:
+    from .http import Auth
+
+    if "bearer_token_env" in settings:
+        return Auth.bearer(str(settings.pop("bearer_token_env")))
+    if "api_key_env" in settings:
+        header = str(settings.pop("api_key_header", "x-api-key"))
+        return Auth.header(header, str(settings.pop("api_key_env")))
+    if "api_key_header" in settings:
+        raise ConfigError("api_key_header needs api_key_env (the environment variable holding the key)")
+    return None
+
+
+def build_connector(name: str, settings: Mapping[str, Any] | None = None) -> Connector:
+    """Instantiate the connector registered as ``name`` with ``settings``."""
+    if name not in _REGISTRY:
+        raise ConfigError(f"unknown connector {name!r}; known: {', '.join(list_connectors())}")
+    module, class_name = _REGISTRY[name]
+    cls = getattr(importlib.import_module(module), class_name)
+    kwargs = dict(settings or {})
+    if _AUTH_KEYS & kwargs.keys():
+        auth = _auth(kwargs)
+        if auth is not None:
+            kwargs["auth"] = auth
+    params = inspect.signature(cls.__init__).parameters
+    if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        known = [p for p in params if p != "self"]
+        for key in kwargs:
+            if key not in params:
+                raise ConfigError(
+                    f"unknown setting {key!r} for connector {name!r}; known: {', '.join(sorted(known + list(_AUTH_KEYS)))}"
+                )
+    try:
+        return cls(**kwargs)
+    except TypeError as exc:
+        raise ConfigError(f"connector {name!r}: {exc}") from exc
