@@ -66,3 +66,45 @@ class SmoothedPrediction(_Record):
     method: Literal["cohen_predict"] = "cohen_predict"
     n: int = Field(ge=1)
     p_value: float = Field(ge=0.0, le=1.0)
+
+
+class SequentialCertificate(_Record):
+    """Outcome of anytime-valid sequential certification at target radii
+    (:func:`blackbox_rs.certify_sequential.certify_radius`).
+
+    With probability >= 1 - alpha over the noise, if ``decision == "certified"`` the smoothed
+    classifier returns ``prediction`` for every input within l2 distance ``certified_radius`` of the
+    certified input (the guarantee holds for every radius marked certified at once). With probability
+    >= 1 - alpha, every radius marked ``"not_certified"`` is truly not certifiable for ``candidate``
+    (``P(f(x + delta) = candidate) < Phi(r / sigma)``). ``"undecided"`` radii carry no claim (the
+    per-input cap stopped the test). ``prediction`` is ``candidate`` when certified, else ABSTAIN.
+    The record can be re-audited with :func:`blackbox_rs.sequential.decide` from ``look_counts``.
+    """
+
+    method: Literal["sequential_certify"] = "sequential_certify"
+    decision: Literal["certified", "not_certified", "undecided"]
+    certified_radius: float = Field(ge=0.0, description="largest certified radius of `radii`, 0 if none")
+    radii: list[float] = Field(description="target radii, sorted")
+    radius_status: list[Literal["certified", "not_certified", "undecided"]]
+    candidate: int = Field(description="class tested (from the clean prediction and the selection sample)")
+    clean_prediction: int = Field(description="base classifier's label on the clean input")
+    selection_counts: list[int]
+    n0: int = Field(ge=1, description="selection samples (plus one clean query)")
+    n: int = Field(ge=0, description="estimation samples used")
+    max_queries: int = Field(ge=1, description="per-input query cap (selection + estimation)")
+    looks: list[int] = Field(description="cumulative estimation sample counts at the looks reached")
+    look_counts: list[int] = Field(description="candidate count at each look reached")
+    look_alphas: list[float] = Field(description="level spent at each look reached")
+    p_lower: float = Field(ge=0.0, le=1.0, description="best lower bound on P(candidate) over the looks")
+    stop_reason: str = Field(description="resolved | unreachable (cap makes the rest impossible) | cap")
+    lattice: bool = Field(default=False, description="exact discrete Gaussian noise on the 1/255 lattice")
+    growth: float = 1.5
+    target_share: float = 0.5
+
+    @property
+    def radius(self) -> float:
+        return self.certified_radius
+
+    def certified_at(self, r: float) -> bool:
+        """True when certified with a target radius >= r."""
+        return self.decision == "certified" and self.certified_radius >= r

@@ -18,6 +18,7 @@ every answered request is already in the cache, so a rerun repeats no answered q
 
 from __future__ import annotations
 
+import copy
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -103,6 +104,14 @@ class QueryEngine:
     @property
     def info(self) -> ConnectorInfo:
         return self.connector.info
+
+    def with_budget(self, budget: QueryBudget | None) -> QueryEngine:
+        """A view of this engine charging ``budget`` instead: same connector, cache and counters
+        (its queries show up in :attr:`stats`). Give the budget a ``parent`` to charge both."""
+        view = copy.copy(self)
+        view.budget = budget
+        view._pool = None
+        return view
 
     def __repr__(self) -> str:
         return (f"QueryEngine(connector={self.connector!r}, queries={self.stats.queries}, "

@@ -53,6 +53,8 @@ class BlackBoxSmoother:
             one module is fitted on a mixture and certifies at each.
         cache: directory of the query cache (only when ``connector`` is not already an engine).
         budget: :class:`QueryBudget` for every query (only when ``connector`` is not an engine).
+        init_seed: seed of a module built here from a name or config (reproducible initial weights,
+            without touching torch's global RNG).
     """
 
     def __init__(
@@ -65,6 +67,7 @@ class BlackBoxSmoother:
         cache: str | os.PathLike[str] | QueryCache | None = None,
         budget: QueryBudget | None = None,
         max_in_flight: int = 1,
+        init_seed: int = 0,
     ) -> None:
         if isinstance(connector, QueryEngine):
             if cache is not None or budget is not None:
@@ -81,10 +84,11 @@ class BlackBoxSmoother:
         info = self.engine.info
         if module is None or isinstance(module, InputModule):
             self.module: InputModule | None = module
-        elif isinstance(module, str):
-            self.module = create_module(module, input_shape=info.input_shape)
-        elif isinstance(module, dict):
-            self.module = create_module({"input_shape": info.input_shape, **module})
+        elif isinstance(module, (str, dict)):
+            spec = {"name": module} if isinstance(module, str) else module
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(init_seed)
+                self.module = create_module({"input_shape": info.input_shape, **spec})
         else:
             raise ConfigError(f"module must be a name, a config dict or an InputModule, got {type(module).__name__}")
         if self.module is not None:
@@ -159,12 +163,15 @@ class BlackBoxSmoother:
         if budget is not None and cls.needs_queries:
             fit_budget = (budget if isinstance(budget, QueryBudget)
                           else QueryBudget(max_queries=int(budget), parent=self.engine.budget))
-            engine = QueryEngine(self.engine.connector, budget=fit_budget, cache=self.engine.cache,
-                                 max_in_flight=self.engine.max_in_flight)
+            engine = self.engine.with_budget(fit_budget)
         ctx = FitContext(engine, self.module, data, self.sigmas, cfg, progress)
         if surrogate is not None:
             ctx.surrogate_module = surrogate  # type: ignore[attr-defined]
-        report = run_fit(ctx, cfg.strategy, checkpoint_dir=checkpoint_dir)
+        try:
+            report = run_fit(ctx, cfg.strategy, checkpoint_dir=checkpoint_dir)
+        finally:
+            if engine is not self.engine and engine._pool is not None:
+                engine._pool.shutdown(wait=True)
         self.module = ctx.module.eval()
         self.fit_report = report
         return report

@@ -55,6 +55,9 @@ class FitConfig(BaseModel):
     zo_batch: int = Field(default=32, ge=1, description="images per loss evaluation")
     zo_lr: float = Field(default=0.02, gt=0)
     zo_momentum: float = Field(default=0.9, ge=0, lt=1)
+    zo_loss: Literal["auto", "labels", "scores"] = Field(
+        default="auto", description="black-box loss: label disagreement, score cross-entropy, or scores if returned"
+    )
 
     @model_validator(mode="after")
     def _weights(self) -> FitConfig:

@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from blackbox_rs.errors import InvalidParameterError
 from blackbox_rs.fitting.checkpoint import optimizer_from_tensors, optimizer_to_tensors
 from blackbox_rs.fitting.strategies.base import Strategy, register_strategy
 from blackbox_rs.fitting.zo import ZOSGD, rge_gradient
@@ -34,6 +35,13 @@ class ZerothOrderStrategy(Strategy):
         cfg = ctx.config
         self.zo = ZOSGD(cfg.zo_lr, momentum=cfg.zo_momentum, nesterov=True, max_grad_norm=10.0)
         self._ema: float | None = None
+
+    def check(self) -> None:
+        if self.ctx.config.zo_loss == "scores" and not self.ctx.engine.info.returns_scores:
+            raise InvalidParameterError(
+                "zo_loss='scores' needs a connector that returns scores; this one is label-only "
+                "(use zo_loss='labels' or 'auto')"
+            )
 
     def prepare_for_step(self, k: int) -> None:
         ctx = self.ctx
@@ -53,7 +61,7 @@ class ZerothOrderStrategy(Strategy):
         clean = ctx.data.x[idx].repeat(cfg.noise_draws, 1, 1, 1)
         noisy = ctx.noisy(clean, k)
         target = ctx.targets(idx).repeat(cfg.noise_draws)
-        use_scores = ctx.engine.info.returns_scores
+        use_scores = ctx.engine.info.returns_scores and cfg.zo_loss != "labels"
 
         def batched_loss(thetas: torch.Tensor) -> torch.Tensor:
             saved = module.flat_parameters()
