@@ -2,7 +2,7 @@
 
 Every error a user can provoke is a subclass of :class:`BlackBoxRSError`, so callers can catch the
 family with one ``except``. Messages name the offending argument or value. No error message ever
-contains a credential: connectors redact secrets before raising (see ``blackbox_rs.secrets``).
+contains a credential: connectors redact secrets before raising (see ``blackbox_rs.redact``).
 """
 
 from __future__ import annotations

@@ -14,7 +14,19 @@ from .callable import CallableConnector
 from .torchscript import TorchScriptConnector
 
 # name -> submodule, for connectors imported on first use
-_LAZY: dict[str, str] = {}
+_LAZY: dict[str, str] = {
+    "Auth": "http",
+    "Credential": "http",
+    "HTTPConnector": "http",
+    "HTTPTransport": "http",
+    "RetryPolicy": "http",
+    "RateLimiter": "_ratelimit",
+    "ImageEncoding": "_encoding",
+    "KServeV2Connector": "kserve_v2",
+    "LabelMap": "labelmap",
+    "build_connector": "registry",
+    "list_connectors": "registry",
+}
 
 __all__ = [
     "BaseConnector",

@@ -75,7 +75,7 @@ class TorchScriptConnector(BaseConnector):
         if class_names is None:
             if num_classes is None:
                 with torch.inference_mode():
-                    out = self._model(torch.zeros((1, *shape), dtype=torch.float32))
+                    out = self._forward(torch.zeros((1, *shape), dtype=torch.float32))
                 num_classes = self._check_logits(out, 1).shape[1]
             class_names = [str(i) for i in range(int(num_classes))]
         elif num_classes is not None and num_classes != len(class_names):
@@ -107,6 +107,20 @@ class TorchScriptConnector(BaseConnector):
             p.requires_grad_(False)
         return module
 
+    def _forward(self, batch: torch.Tensor) -> object:
+        """Run the model; any failure inside it (a shape guard of an exported program, a dtype or
+        size mismatch) becomes a :class:`ConnectorError` naming the file and the batch shape."""
+        try:
+            return self._model(batch)
+        except Exception as exc:  # torch raises many unrelated types from inside a model
+            hint = ""
+            if self.path.suffix in _EXPORT_SUFFIXES and "Guard failed" in str(exc):
+                hint = " (export the program with a dynamic batch dimension: dynamic_shapes={0: Dim('batch')})"
+            raise ConnectorError(
+                f"model {self.path.name} failed on a batch of shape {tuple(batch.shape)}: "
+                f"{type(exc).__name__}: {exc}{hint}"
+            ) from exc
+
     def _check_logits(self, out: object, n: int) -> torch.Tensor:
         if isinstance(out, (tuple, list)) and out:
             out = out[0]
@@ -117,11 +131,11 @@ class TorchScriptConnector(BaseConnector):
 
     def forward_logits(self, batch: torch.Tensor) -> torch.Tensor:
         """Differentiable forward pass (autograd enabled); logits ``N x K``."""
-        return self._check_logits(self._model(batch), int(batch.shape[0])).float()
+        return self._check_logits(self._forward(batch), int(batch.shape[0])).float()
 
     def _query(self, batch: torch.Tensor) -> Prediction:
         with torch.inference_mode():
-            logits = self._check_logits(self._model(batch), int(batch.shape[0])).float()
+            logits = self._check_logits(self._forward(batch), int(batch.shape[0])).float()
         labels = logits.argmax(dim=1)
         scores = None if self.label_only else torch.softmax(logits, dim=1)
         return Prediction(labels=labels, scores=scores)

@@ -1,0 +1,665 @@
+"""HTTP core shared by every remote connector: credentials, a pooled session, retries, limits.
+
+:class:`HTTPTransport` is the one place a remote connector sends requests through. It guarantees:
+
+* **Retries** (tenacity): HTTP 429, 502, 503, 504 (configurable), connection errors and timeouts are
+  retried with exponential backoff and full jitter (``uniform(0, min(backoff_max_s, backoff_base_s *
+  2**attempt))``), at most ``max_attempts`` requests in all. A ``Retry-After`` header (seconds or an
+  HTTP date) is honoured exactly instead of the backoff; if it asks for more than
+  ``max_retry_after_s`` the transport gives up at once with :class:`QuotaExhausted` /
+  :class:`ServiceUnavailableError`. Any other status (400, 401, 403, 404, 422, 500, ...) and TLS
+  failures are never retried. All requests here are idempotent model queries, so a retry cannot
+  change the answer.
+* **Typed errors**: :class:`AuthenticationError` (401/403), :class:`HTTPStatusError` (other
+  non-retried statuses, with ``status`` and a short redacted ``body_excerpt``),
+  :class:`QuotaExhausted` (429 to the end), :class:`ServiceUnavailableError` (502/503/504 to the
+  end), :class:`RequestTimeoutError`, :class:`EndpointUnreachableError`, :class:`TLSError`.
+* **Timeouts**: ``(connect_timeout_s, timeout_s)`` on every request; ``timeout_s`` bounds each wait
+  for the server's bytes (requests' read timeout), not the total transfer time.
+* **Bounded concurrency**: at most ``max_in_flight`` requests on the wire at once, whatever the
+  number of calling threads (a semaphore; the connection pool has the same size, so connections are
+  reused). A thread waiting out a backoff holds no slot.
+* **Client-side rate limit**: every request (retries included) first takes a slot from a shared
+  :class:`RateLimiter`; see its guarantee. The slot is taken *after* the concurrency slot, right
+  before sending, so a request never goes out later than the moment it was granted.
+* **Secrets**: credentials come from a named environment variable or a pydantic ``SecretStr``
+  (:class:`Credential`), are registered with :mod:`blackbox_rs.redact`, and never appear in a
+  ``repr``, an exception message, a log line or a fingerprint. Redirects are not followed (a 3xx is
+  an :class:`HTTPStatusError`), so credentials are only ever sent to the configured host.
+
+:class:`HTTPConnector` is the base class of remote connectors: it splits a batch into chunks of at
+most ``info.max_batch`` images and asks the subclass for one prediction per chunk. It is thread-safe
+if the subclass keeps no per-call state on ``self``; its ``info.max_concurrency`` is the transport's
+``max_in_flight``.
+"""
+
+from __future__ import annotations
+
+import abc
+import email.utils
+import json
+import math
+import os
+import random
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+from urllib.parse import urlsplit, urlunsplit
+
+import requests
+import torch
+import urllib3.exceptions
+from pydantic import SecretStr
+from requests.adapters import HTTPAdapter
+from tenacity import RetryCallState, Retrying, retry_if_exception_type, stop_after_attempt
+
+from blackbox_rs.errors import (
+    AuthenticationError,
+    ConfigError,
+    ConnectorError,
+    EndpointUnreachableError,
+    HTTPStatusError,
+    InvalidParameterError,
+    InvalidResponseError,
+    QuotaExhausted,
+    RequestTimeoutError,
+    ServiceUnavailableError,
+    TLSError,
+)
+from blackbox_rs.redact import excerpt, redact, redact_url, register_secret
+
+from ._ratelimit import RateLimiter
+from .base import BaseConnector, Prediction
+
+__all__ = [
+    "Auth",
+    "Credential",
+    "HTTPConnector",
+    "HTTPTransport",
+    "RateLimiter",
+    "RetryPolicy",
+    "endpoint_fingerprint",
+]
+
+DEFAULT_RETRY_STATUSES = frozenset({429, 502, 503, 504})
+
+
+# --------------------------------------------------------------------------------------------------
+# credentials
+
+
+class Credential:
+    """A secret taken from a named environment variable or a pydantic ``SecretStr``.
+
+    ``Credential(env="MY_TOKEN")`` reads the variable when created and raises :class:`ConfigError`
+    naming the *variable* (never a value) if it is unset or empty. ``Credential(secret=SecretStr(...))``
+    takes a value directly. The value is registered with :func:`blackbox_rs.redact.register_secret`
+    and is only readable through :meth:`get_secret_value`; ``repr``/``str`` show the source only.
+    """
+
+    __slots__ = ("_source", "_value")
+
+    def __init__(self, *, env: str | None = None, secret: SecretStr | str | None = None) -> None:
+        if (env is None) == (secret is None):
+            raise ConfigError("a Credential needs exactly one of env= (a variable name) or secret=")
+        if env is not None:
+            value = os.environ.get(env, "")
+            if not value:
+                raise ConfigError(f"environment variable {env!r} (credential) is not set or empty")
+            self._source = f"env:{env}"
+        else:
+            value = secret.get_secret_value() if isinstance(secret, SecretStr) else str(secret)
+            if not value:
+                raise ConfigError("the credential secret is empty")
+            self._source = "SecretStr"
+        register_secret(value)
+        self._value = SecretStr(value)
+
+    def get_secret_value(self) -> str:
+        return self._value.get_secret_value()
+
+    @property
+    def source(self) -> str:
+        """Where the value came from (``env:NAME`` or ``SecretStr``); safe to print."""
+        return self._source
+
+    def __repr__(self) -> str:
+        return f"Credential({self._source})"
+
+    __str__ = __repr__
+
+    def __reduce__(self) -> Any:  # never pickle a secret
+        raise TypeError("Credential objects cannot be pickled")
+
+
+AuthKind = Literal["none", "bearer", "header", "query", "scheme"]
+
+
+@dataclass(frozen=True)
+class Auth:
+    """How a credential is attached to each request.
+
+    * ``Auth.bearer(cred)``: ``Authorization: Bearer <secret>``
+    * ``Auth.header(name, cred)``: ``<name>: <secret>`` (``x-api-key``, ``Ocp-Apim-Subscription-Key``)
+    * ``Auth.scheme(prefix, cred)``: ``Authorization: <prefix> <secret>`` (Clarifai ``Key``)
+    * ``Auth.query(name, cred)``: ``?<name>=<secret>`` (Google ``key``)
+
+    ``cred`` is a :class:`Credential`, or a string naming an environment variable.
+    """
+
+    kind: AuthKind = "none"
+    credential: Credential | None = field(default=None, repr=True)
+    name: str = ""
+
+    @staticmethod
+    def _cred(cred: Credential | str) -> Credential:
+        return cred if isinstance(cred, Credential) else Credential(env=cred)
+
+    @classmethod
+    def bearer(cls, cred: Credential | str) -> Auth:
+        return cls("bearer", cls._cred(cred), "Bearer")
+
+    @classmethod
+    def header(cls, name: str, cred: Credential | str) -> Auth:
+        return cls("header", cls._cred(cred), name)
+
+    @classmethod
+    def scheme(cls, prefix: str, cred: Credential | str) -> Auth:
+        return cls("scheme", cls._cred(cred), prefix)
+
+    @classmethod
+    def query(cls, name: str, cred: Credential | str) -> Auth:
+        return cls("query", cls._cred(cred), name)
+
+    def apply(self, headers: dict[str, str], params: dict[str, str]) -> None:
+        """Add the credential to ``headers`` or ``params`` in place."""
+        if self.kind == "none" or self.credential is None:
+            return
+        value = self.credential.get_secret_value()
+        if self.kind in ("bearer", "scheme"):
+            headers["Authorization"] = f"{self.name} {value}"
+        elif self.kind == "header":
+            headers[self.name] = value
+        elif self.kind == "query":
+            params[self.name] = value
+
+
+# --------------------------------------------------------------------------------------------------
+# retry policy
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """When and how long to retry. See the module docstring for the exact rules."""
+
+    max_attempts: int = 6
+    backoff_base_s: float = 0.25
+    backoff_max_s: float = 20.0
+    max_retry_after_s: float = 120.0
+    retry_statuses: frozenset[int] = DEFAULT_RETRY_STATUSES
+    retry_timeouts: bool = True
+    retry_connection_errors: bool = True
+
+    def __post_init__(self) -> None:
+        if self.max_attempts < 1:
+            raise InvalidParameterError(f"max_attempts must be >= 1, got {self.max_attempts}")
+        if self.backoff_base_s < 0 or self.backoff_max_s < 0 or self.max_retry_after_s < 0:
+            raise InvalidParameterError("backoff and Retry-After limits must be >= 0")
+        bad = {401, 403} & set(self.retry_statuses)
+        if bad:
+            raise InvalidParameterError(f"authentication failures {sorted(bad)} must not be retried")
+
+
+class _Transient(Exception):
+    """Internal: one attempt failed in a retryable way. Converted to a typed error at the end."""
+
+    def __init__(
+        self,
+        kind: Literal["status", "timeout", "connection"],
+        message: str,
+        *,
+        status: int = 0,
+        retry_after: float | None = None,
+        body: str = "",
+    ) -> None:
+        super().__init__(message)
+        self.kind = kind
+        self.message = message
+        self.status = status
+        self.retry_after = retry_after
+        self.body = body
+
+
+def parse_retry_after(value: str | None, *, now: float | None = None) -> float | None:
+    """Seconds to wait from a ``Retry-After`` header (delta-seconds or HTTP-date); None if absent/bad."""
+    if value is None:
+        return None
+    value = value.strip()
+    try:
+        secs = float(value)
+    except ValueError:
+        try:
+            dt = email.utils.parsedate_to_datetime(value)
+        except (TypeError, ValueError, IndexError):
+            return None
+        if dt is None:
+            return None
+        secs = dt.timestamp() - (time.time() if now is None else now)
+    if not math.isfinite(secs):
+        return None
+    return max(0.0, secs)
+
+
+# --------------------------------------------------------------------------------------------------
+# transport
+
+
+def _base_url(url: str) -> str:
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise InvalidParameterError(f"base_url must be an http(s) URL, got {redact_url(url)!r}")
+    if parts.username or parts.password:
+        raise ConfigError("put credentials in auth=Auth..., not in the URL")
+    return urlunsplit((parts.scheme, parts.netloc, parts.path.rstrip("/"), parts.query, ""))
+
+
+def endpoint_fingerprint(kind: str, base_url: str, **parts: object) -> str:
+    """A cache identity ``kind:scheme://host[:port]/path|k=v|...`` with no userinfo, query string or
+    registered secret in it (query strings are where API keys hide, so they are dropped)."""
+    u = urlsplit(base_url)
+    host = u.hostname or ""
+    netloc = f"{host}:{u.port}" if u.port else host
+    core = urlunsplit((u.scheme, netloc, u.path.rstrip("/"), "", ""))
+    extra = "".join(f"|{k}={v}" for k, v in parts.items() if v is not None)
+    return redact(f"{kind}:{core}{extra}")
+
+
+class HTTPTransport:
+    """A thread-safe, pooled, rate-limited, retrying HTTP client for one endpoint.
+
+    Args:
+        base_url: ``http(s)://host[:port][/prefix]``; request paths are appended to it. No
+            credentials in it (use ``auth``).
+        auth: how to attach a credential (:class:`Auth`); default none.
+        headers: static headers for every request (e.g. ``{"Host": "model.ns.example.com"}`` for
+            KServe behind Knative). Sensitive ones are redacted wherever they are shown.
+        timeout_s: read timeout of each request; connect_timeout_s: connect timeout.
+        max_in_flight: requests on the wire at once (across all threads).
+        rate_limit: requests per second (float) or a shared :class:`RateLimiter`; None = unlimited.
+        retry: the :class:`RetryPolicy`.
+        verify: TLS verification (True, False, or a CA bundle path).
+        sleep: injectable sleep for backoff (tests).
+    """
+
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        auth: Auth | None = None,
+        headers: Mapping[str, str] | None = None,
+        timeout_s: float = 30.0,
+        connect_timeout_s: float | None = None,
+        max_in_flight: int = 4,
+        rate_limit: float | RateLimiter | None = None,
+        retry: RetryPolicy | None = None,
+        verify: bool | str = True,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        if not (timeout_s > 0):
+            raise InvalidParameterError(f"timeout_s must be > 0, got {timeout_s!r}")
+        if int(max_in_flight) < 1:
+            raise InvalidParameterError(f"max_in_flight must be >= 1, got {max_in_flight!r}")
+        self.base_url = _base_url(base_url)
+        self.auth = auth or Auth()
+        self._headers = dict(headers or {})
+        self.timeout_s = float(timeout_s)
+        self.connect_timeout_s = float(connect_timeout_s if connect_timeout_s is not None else min(timeout_s, 10.0))
+        self.max_in_flight = int(max_in_flight)
+        if rate_limit is None or isinstance(rate_limit, RateLimiter):
+            self.limiter = rate_limit
+        else:
+            self.limiter = RateLimiter(float(rate_limit))
+        self.retry = retry or RetryPolicy()
+        self.verify = verify
+        self._sleep = sleep
+        self._slots = threading.BoundedSemaphore(self.max_in_flight)
+        self._session = requests.Session()
+        self._session.trust_env = False  # no proxy/netrc surprises: only what is configured is sent
+        adapter = HTTPAdapter(pool_connections=1, pool_maxsize=self.max_in_flight, max_retries=0, pool_block=False)
+        self._session.mount("http://", adapter)
+        self._session.mount("https://", adapter)
+        self._stats_lock = threading.Lock()
+        self._stats = {"calls": 0, "requests": 0, "retries": 0, "throttled": 0, "failures": 0}
+        self._closed = False
+        self._shown_urls: dict[str, str] = {}
+
+    # ---- public ----------------------------------------------------------------------------------
+
+    def url(self, path: str) -> str:
+        return self.base_url + (path if path.startswith("/") else "/" + path)
+
+    def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        json_body: Any = None,
+        data: bytes | None = None,
+        content_type: str | None = None,
+        headers: Mapping[str, str] | None = None,
+        request_id: str | None = None,
+        retry: bool = True,
+    ) -> requests.Response:
+        """Send one logical request (retried as the policy says) and return a 2xx response.
+
+        ``json_body`` is serialised once (compact, ``allow_nan=False``) so every attempt sends the same
+        bytes. ``request_id`` (default: a fresh UUID) is sent as ``X-Request-ID`` on every attempt.
+        Raises the typed errors listed in the module docstring.
+        """
+        if self._closed:
+            raise ConnectorError("this HTTP transport is closed")
+        if json_body is not None:
+            if data is not None:
+                raise InvalidParameterError("give json_body or data, not both")
+            data = json.dumps(json_body, separators=(",", ":"), allow_nan=False).encode("utf-8")
+            content_type = content_type or "application/json"
+        rid = request_id or uuid.uuid4().hex
+        hdrs = {**self._headers, **(headers or {}), "X-Request-ID": rid}
+        if content_type:
+            hdrs["Content-Type"] = content_type
+        params: dict[str, str] = {}
+        self.auth.apply(hdrs, params)
+        url = self.url(path)
+        shown_url = self._shown_urls.get(url)
+        if shown_url is None:  # redacting costs regex passes: once per URL, not per request
+            shown_url = self._shown_urls.setdefault(url, redact_url(url))
+        self._count("calls")
+        attempts = 0
+        delivered = [False]  # set once any attempt may have reached the model (and may be billed)
+
+        # prepared once, outside the in-flight slot: every attempt sends these exact bytes
+        prepared = self._session.prepare_request(
+            requests.Request(method, url, data=data, headers=hdrs, params=params or None)
+        )
+
+        def attempt() -> requests.Response:
+            nonlocal attempts
+            attempts += 1
+            if attempts > 1:
+                self._count("retries")
+            return self._send_once(prepared, method, shown_url, rid, attempts, delivered)
+
+        policy = self.retry
+        retrying = Retrying(
+            stop=stop_after_attempt(policy.max_attempts if retry else 1),
+            wait=self._wait,
+            retry=retry_if_exception_type(_Transient),
+            sleep=self._sleep,
+            reraise=True,
+        )
+        try:
+            return retrying(attempt)
+        except _Transient as t:
+            self._count("failures")
+            raise self._final_error(t, method, shown_url, attempts, rid, billed=delivered[0]) from None
+        except ConnectorError as e:
+            self._count("failures")
+            if not delivered[0] and e.billed is None:
+                e.billed = False
+            raise
+
+    def get_json(self, path: str, *, request_id: str | None = None, retry: bool = True) -> Any:
+        """GET ``path`` and parse a JSON body (:class:`InvalidResponseError` if it is not JSON)."""
+        resp = self.request("GET", path, request_id=request_id, retry=retry)
+        return parse_json(resp, self.redact)
+
+    def stats(self) -> dict[str, int]:
+        """Counters since creation: ``calls`` (logical requests), ``requests`` (HTTP requests sent,
+        retries included), ``retries``, ``throttled`` (429/503 answers), ``failures``."""
+        with self._stats_lock:
+            return dict(self._stats)
+
+    def redact(self, text: object) -> str:
+        """``text`` with this transport's credential (and every registered secret) masked."""
+        cred = self.auth.credential
+        return redact(text, [cred.get_secret_value()] if cred else [])
+
+    def close(self) -> None:
+        self._closed = True
+        self._session.close()
+
+    def __enter__(self) -> HTTPTransport:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return (
+            f"HTTPTransport({redact_url(self.base_url)!r}, auth={self.auth.kind}, "
+            f"max_in_flight={self.max_in_flight}, rate_limit={self.limiter!r})"
+        )
+
+    # ---- internals -------------------------------------------------------------------------------
+
+    def _count(self, key: str, n: int = 1) -> None:
+        with self._stats_lock:
+            self._stats[key] += n
+
+    def _wait(self, state: RetryCallState) -> float:
+        exc = state.outcome.exception() if state.outcome else None
+        if isinstance(exc, _Transient) and exc.retry_after is not None:
+            return exc.retry_after
+        p = self.retry
+        cap = min(p.backoff_max_s, p.backoff_base_s * (2 ** (state.attempt_number - 1)))
+        return random.uniform(0.0, cap)  # full jitter; not security-relevant
+
+    def _send_once(
+        self,
+        prepared: requests.PreparedRequest,
+        method: str,
+        shown_url: str,
+        rid: str,
+        attempts: int,
+        delivered: list[bool],
+    ) -> requests.Response:
+        policy = self.retry
+        with self._slots:
+            if self.limiter is not None:
+                self.limiter.acquire()
+            self._count("requests")
+            try:
+                resp = self._session.send(
+                    prepared,
+                    timeout=(self.connect_timeout_s, self.timeout_s),
+                    verify=self.verify,
+                    allow_redirects=False,
+                    proxies={},
+                )
+            except requests.exceptions.SSLError as e:
+                raise TLSError(
+                    f"TLS handshake with {shown_url} failed (is it really https, and is the certificate "
+                    f"trusted?): {self.redact(e)}"
+                ) from None
+            except requests.exceptions.Timeout as e:
+                if not isinstance(e, requests.exceptions.ConnectTimeout):
+                    delivered[0] = True
+                if not policy.retry_timeouts:
+                    raise RequestTimeoutError(
+                        f"{method} {shown_url} timed out after {self.timeout_s:g} s: {self.redact(e)}"
+                    ) from None
+                raise _Transient("timeout", self.redact(e)) from None
+            except requests.exceptions.ConnectionError as e:
+                if not _never_sent(e):
+                    delivered[0] = True
+                if _is_read_timeout(e):
+                    raise _Transient("timeout", self.redact(e)) from None
+                if not policy.retry_connection_errors:
+                    raise EndpointUnreachableError(
+                        f"cannot connect to {shown_url}: {self.redact(e)}"
+                    ) from None
+                raise _Transient("connection", self.redact(e)) from None
+            except requests.exceptions.RequestException as e:
+                delivered[0] = True
+                raise ConnectorError(f"{method} {shown_url} failed: {self.redact(e)}") from None
+        status = resp.status_code
+        if status != 429:  # a 429 was refused before the model ran; anything else may be billed
+            delivered[0] = True
+        if 200 <= status < 300:
+            return resp
+        body = excerpt(resp.content, secrets=self._secret_list())
+        if status in policy.retry_statuses:
+            if status in (429, 503):
+                self._count("throttled")
+            retry_after = parse_retry_after(resp.headers.get("Retry-After"))
+            if retry_after is not None and retry_after > policy.max_retry_after_s:
+                t = _Transient("status", f"HTTP {status}", status=status, retry_after=retry_after, body=body)
+                raise self._final_error(t, method, shown_url, attempts, rid, too_long=True, billed=delivered[0])
+            raise _Transient("status", f"HTTP {status}", status=status, retry_after=retry_after, body=body)
+        kwargs: dict[str, Any] = dict(status=status, url=shown_url, body_excerpt=body, attempts=attempts,
+                                      request_id=rid)
+        if status in (401, 403):
+            raise AuthenticationError(
+                f"{method} {shown_url} -> HTTP {status}: the endpoint refused the credentials "
+                f"({self.auth.kind} auth{', ' + self.auth.credential.source if self.auth.credential else ''}); "
+                f"body: {body!r}",
+                **kwargs,
+            )
+        if 300 <= status < 400:
+            loc = redact_url(resp.headers.get("Location", "?"))
+            raise HTTPStatusError(
+                f"{method} {shown_url} -> HTTP {status} redirect to {loc}; redirects are not followed, "
+                f"configure the final URL",
+                **kwargs,
+            )
+        raise HTTPStatusError(f"{method} {shown_url} -> HTTP {status} (not retried); body: {body!r}", **kwargs)
+
+    def _secret_list(self) -> list[str]:
+        cred = self.auth.credential
+        return [cred.get_secret_value()] if cred else []
+
+    def _final_error(
+        self,
+        t: _Transient,
+        method: str,
+        shown_url: str,
+        attempts: int,
+        rid: str,
+        too_long: bool = False,
+        billed: bool = True,
+    ) -> ConnectorError:
+        """The typed error for a retryable failure that is final. ``billed=False`` (no attempt can
+        have reached the model: refused connections, 429s) lets the engine refund the budget."""
+        err = self._final_error_inner(t, method, shown_url, attempts, rid, too_long)
+        err.billed = None if billed else False
+        return err
+
+    def _final_error_inner(
+        self, t: _Transient, method: str, shown_url: str, attempts: int, rid: str, too_long: bool
+    ) -> ConnectorError:
+        what = f"{method} {shown_url}"
+        tries = f"{attempts} attempt{'s' if attempts != 1 else ''}"
+        if t.kind == "timeout":
+            return RequestTimeoutError(
+                f"{what}: no answer within the {self.timeout_s:g} s timeout on {tries} ({t.message})"
+            )
+        if t.kind == "connection":
+            return EndpointUnreachableError(f"{what}: cannot connect after {tries}: {t.message}")
+        kwargs: dict[str, Any] = dict(status=t.status, url=shown_url, body_excerpt=t.body, attempts=attempts,
+                                      request_id=rid)
+        if too_long:
+            reason = (f"the server asked to retry after {t.retry_after:g} s, more than max_retry_after_s="
+                      f"{self.retry.max_retry_after_s:g}")
+        else:
+            reason = f"still HTTP {t.status} after {tries}"
+        if t.status == 429:
+            return QuotaExhausted(f"{what}: rate-limited (429): {reason}; body: {t.body!r}",
+                                  retry_after=t.retry_after, **kwargs)
+        return ServiceUnavailableError(f"{what}: HTTP {t.status}: {reason}; body: {t.body!r}", **kwargs)
+
+
+def _never_sent(e: requests.exceptions.ConnectionError) -> bool:
+    """True if the connection was never established (refused, unknown host, TLS handshake), so the
+    request cannot have reached the model."""
+    if isinstance(e, requests.exceptions.SSLError | requests.exceptions.ConnectTimeout):
+        return True
+    cause: BaseException | None = e.args[0] if e.args and isinstance(e.args[0], BaseException) else None
+    reason = getattr(cause, "reason", None)
+    return isinstance(reason, urllib3.exceptions.NewConnectionError | urllib3.exceptions.NameResolutionError)
+
+
+def _is_read_timeout(e: requests.exceptions.ConnectionError) -> bool:
+    arg = e.args[0] if e.args else None
+    return isinstance(arg, urllib3.exceptions.ReadTimeoutError)
+
+
+def parse_json(resp: requests.Response, redact_fn: Callable[[object], str] = redact) -> Any:
+    """The JSON body of ``resp``; :class:`InvalidResponseError` naming the content type and showing a
+    redacted excerpt if the body is not JSON (an HTML error page, truncated output)."""
+    try:
+        return json.loads(resp.content)
+    except (ValueError, UnicodeDecodeError):
+        ctype = resp.headers.get("Content-Type", "?")
+        raise InvalidResponseError(
+            f"{resp.request.method if resp.request else ''} {redact_url(resp.url)} answered HTTP "
+            f"{resp.status_code} with a body that is not JSON (Content-Type {ctype!r}): "
+            f"{excerpt(redact_fn(resp.content.decode('utf-8', 'replace')))!r}"
+        ) from None
+
+
+# --------------------------------------------------------------------------------------------------
+# connector base
+
+
+class HTTPConnector(BaseConnector):
+    """Base class of connectors backed by an :class:`HTTPTransport`.
+
+    Subclasses set ``self._info`` and ``self.transport`` and implement :meth:`_query_chunk` for a batch
+    of at most ``info.max_batch`` images. :meth:`query` may be called from several threads at once;
+    requests on the wire never exceed ``transport.max_in_flight`` (= ``info.max_concurrency``).
+    Chunks of one call are sent one after the other, in order.
+    """
+
+    transport: HTTPTransport
+
+    def _query(self, batch: torch.Tensor) -> Prediction:
+        if int(batch.shape[0]) == 0:  # nothing to ask: no request is sent
+            k = self._info.num_classes
+            return Prediction(
+                labels=torch.zeros(0, dtype=torch.int64),
+                scores=torch.zeros(0, k) if self._info.returns_scores else None,
+            )
+        preds = [self._query_chunk(chunk) for chunk in _chunks(batch, self._info.max_batch)]
+        if len(preds) == 1:
+            return preds[0]
+        labels = torch.cat([p.labels for p in preds])
+        scores = None
+        if all(p.scores is not None for p in preds):
+            scores = torch.cat([p.scores for p in preds])  # type: ignore[misc]
+        return Prediction(labels=labels, scores=scores)
+
+    @abc.abstractmethod
+    def _query_chunk(self, batch: torch.Tensor) -> Prediction:
+        """Query at most ``info.max_batch`` validated images in one request."""
+
+    def transport_stats(self) -> dict[str, int]:
+        """The transport's counters (see :meth:`HTTPTransport.stats`)."""
+        return self.transport.stats()
+
+    def close(self) -> None:
+        self.transport.close()
+
+    def __enter__(self) -> HTTPConnector:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _chunks(batch: torch.Tensor, size: int) -> Iterator[torch.Tensor]:
+    n = int(batch.shape[0])
+    for i in range(0, n, size):
+        yield batch[i : i + size]
