@@ -77,6 +77,7 @@ from .base import BaseConnector, Prediction
 __all__ = [
     "Auth",
     "Credential",
+    "ErrorClass",
     "HTTPConnector",
     "HTTPTransport",
     "RateLimiter",
@@ -213,6 +214,28 @@ class RetryPolicy:
             raise InvalidParameterError(f"authentication failures {sorted(bad)} must not be retried")
 
 
+@dataclass(frozen=True)
+class ErrorClass:
+    """What a vendor's non-2xx answer means, as told by a transport's ``classify`` hook.
+
+    * ``throttle``: rate-limited, refused before the model ran (not billed): retried with backoff;
+      still throttled after every attempt -> :class:`QuotaExhausted`.
+    * ``quota``: a hard quota or billing limit (monthly credits, ``insufficient_quota``): never
+      retried, :class:`QuotaExhausted` at once (not billed).
+    * ``transient``: a retryable server-side failure (model loading, internal error).
+    * ``fatal``: never retried, even if the status is in ``retry_statuses``.
+
+    ``retry_after`` (seconds) overrides the ``Retry-After`` header for this answer.
+    """
+
+    kind: Literal["throttle", "quota", "transient", "fatal"]
+    retry_after: float | None = None
+    reason: str = ""
+
+
+Classifier = Callable[[int, Mapping[str, str], bytes], "ErrorClass | None"]
+
+
 class _Transient(Exception):
     """Internal: one attempt failed in a retryable way. Converted to a typed error at the end."""
 
@@ -224,8 +247,10 @@ class _Transient(Exception):
         status: int = 0,
         retry_after: float | None = None,
         body: str = "",
+        throttled: bool = False,
     ) -> None:
         super().__init__(message)
+        self.throttled = throttled
         self.kind = kind
         self.message = message
         self.status = status
@@ -292,6 +317,9 @@ class HTTPTransport:
         retry: the :class:`RetryPolicy`.
         verify: TLS verification (True, False, or a CA bundle path).
         sleep: injectable sleep for backoff (tests).
+        classify: optional hook ``(status, headers, body) -> ErrorClass | None`` for vendors whose
+            throttling or quota errors are told by the body, not the status (``None``: the default
+            status rules).
     """
 
     def __init__(
@@ -307,6 +335,7 @@ class HTTPTransport:
         retry: RetryPolicy | None = None,
         verify: bool | str = True,
         sleep: Callable[[float], None] = time.sleep,
+        classify: Classifier | None = None,
     ) -> None:
         if not (timeout_s > 0):
             raise InvalidParameterError(f"timeout_s must be > 0, got {timeout_s!r}")
@@ -325,6 +354,7 @@ class HTTPTransport:
         self.retry = retry or RetryPolicy()
         self.verify = verify
         self._sleep = sleep
+        self.classify = classify
         self._slots = threading.BoundedSemaphore(self.max_in_flight)
         self._session = requests.Session()
         self._session.trust_env = False  # no proxy/netrc surprises: only what is configured is sent
@@ -506,19 +536,33 @@ class HTTPTransport:
                 delivered[0] = True
                 raise ConnectorError(f"{method} {shown_url} failed: {self.redact(e)}") from None
         status = resp.status_code
-        if status != 429:  # a 429 was refused before the model ran; anything else may be billed
+        verdict = self.classify(status, resp.headers, resp.content) if self.classify and status >= 300 else None
+        refused = status == 429 or (verdict is not None and verdict.kind in ("throttle", "quota"))
+        if not refused:  # a throttled request was refused before the model ran; anything else may be billed
             delivered[0] = True
         if 200 <= status < 300:
             return resp
         body = excerpt(resp.content, secrets=self._secret_list())
-        if status in policy.retry_statuses:
-            if status in (429, 503):
+        if verdict is not None and verdict.kind == "quota":
+            why = f": {verdict.reason}" if verdict.reason else ""
+            raise QuotaExhausted(
+                f"{method} {shown_url} -> HTTP {status}: quota exhausted{why} (not retried); body: {body!r}",
+                status=status, url=shown_url, body_excerpt=body, attempts=attempts, request_id=rid,
+                billed=None if delivered[0] else False,
+            )
+        retryable = status in policy.retry_statuses if verdict is None else verdict.kind in ("throttle", "transient")
+        if retryable:
+            throttled = status == 429 or (verdict is not None and verdict.kind == "throttle")
+            if throttled or status == 503:
                 self._count("throttled")
             retry_after = parse_retry_after(resp.headers.get("Retry-After"))
+            if verdict is not None and verdict.retry_after is not None:
+                retry_after = verdict.retry_after
+            t = _Transient("status", f"HTTP {status}", status=status, retry_after=retry_after, body=body,
+                           throttled=throttled)
             if retry_after is not None and retry_after > policy.max_retry_after_s:
-                t = _Transient("status", f"HTTP {status}", status=status, retry_after=retry_after, body=body)
                 raise self._final_error(t, method, shown_url, attempts, rid, too_long=True, billed=delivered[0])
-            raise _Transient("status", f"HTTP {status}", status=status, retry_after=retry_after, body=body)
+            raise t
         kwargs: dict[str, Any] = dict(status=status, url=shown_url, body_excerpt=body, attempts=attempts,
                                       request_id=rid)
         if status in (401, 403):
@@ -575,8 +619,8 @@ class HTTPTransport:
                       f"{self.retry.max_retry_after_s:g}")
         else:
             reason = f"still HTTP {t.status} after {tries}"
-        if t.status == 429:
-            return QuotaExhausted(f"{what}: rate-limited (429): {reason}; body: {t.body!r}",
+        if t.status == 429 or t.throttled:
+            return QuotaExhausted(f"{what}: rate-limited (HTTP {t.status}): {reason}; body: {t.body!r}",
                                   retry_after=t.retry_after, **kwargs)
         return ServiceUnavailableError(f"{what}: HTTP {t.status}: {reason}; body: {t.body!r}", **kwargs)
 

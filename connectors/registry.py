@@ -22,6 +22,15 @@ __all__ = ["build_connector", "list_connectors", "register_connector"]
 _REGISTRY: dict[str, tuple[str, str]] = {
     "torchscript": ("blackbox_rs.connectors.torchscript", "TorchScriptConnector"),
     "kserve_v2": ("blackbox_rs.connectors.kserve_v2", "KServeV2Connector"),
+    "huggingface": ("blackbox_rs.connectors.huggingface", "HuggingFaceConnector"),
+    "google_vision": ("blackbox_rs.connectors.google_vision", "GoogleVisionConnector"),
+    "aws_rekognition": ("blackbox_rs.connectors.aws_rekognition", "RekognitionConnector"),
+    "azure_image_analysis": ("blackbox_rs.connectors.azure_vision", "AzureImageAnalysisConnector"),
+    "azure_custom_vision": ("blackbox_rs.connectors.azure_vision", "AzureCustomVisionConnector"),
+    "clarifai": ("blackbox_rs.connectors.clarifai", "ClarifaiConnector"),
+    "torchserve": ("blackbox_rs.connectors.torchserve", "TorchServeConnector"),
+    "tf_serving": ("blackbox_rs.connectors.tf_serving", "TFServingConnector"),
+    "openai_chat": ("blackbox_rs.connectors.openai_chat", "OpenAIChatConnector"),
 }
 
 _AUTH_KEYS = {"bearer_token_env", "api_key_env", "api_key_header"}
