@@ -20,7 +20,6 @@ from typing import Any
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from blackbox_rs.budget import QueryBudget
 from blackbox_rs.certify import DatasetCertification
 from blackbox_rs.connectors.torchscript import file_sha256
 from blackbox_rs.engine import QueryEngine
@@ -114,14 +113,16 @@ def run_demo(cfg: DemoConfig | None = None, *, event: Event | None = None) -> De
     xte, yte = xte[: cfg.certify_inputs], yte[: cfg.certify_inputs]
 
     with V2ModelServer(model_path, input_shape=(1, 8, 8), num_classes=10, model_name="digits") as server:
+        # the local port changes between runs: identify the endpoint by the model file instead, so a
+        # rerun hits the query cache
         conn = KServeV2Connector(server.url, "digits", model_version="1", num_classes=10, max_batch=1000,
-                                 max_in_flight=2)
+                                 max_in_flight=2, identity=f"local-demo:sha256:{file_sha256(model_path)}")
         engine = QueryEngine(conn, cache=cache / "queries", max_in_flight=2)
         try:
             fit_progress = lambda k, total, info: ev("fit", k, total, info)  # noqa: E731
             smoother = BlackBoxSmoother(engine, module="dncnn", sigma=cfg.sigma)
             report = smoother.fit(
-                (xtr, ytr), strategy="surrogate", budget=QueryBudget(max_queries=cfg.fit_budget),
+                (xtr, ytr), strategy="surrogate", budget=cfg.fit_budget,
                 steps=cfg.fit_steps, pretrain_steps=cfg.pretrain_steps, clean_queries=len(xtr),
                 distill_queries=max(1, min(6000, cfg.fit_budget // 6)), redistill_every=max(1, cfg.fit_steps // 4),
                 checkpoint_dir=cache / "fit", seed=cfg.seed, progress=fit_progress,

@@ -15,6 +15,7 @@ Noise is generated on the CPU in float32 so the values do not depend on the devi
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import Sequence
 
 import torch
@@ -60,10 +61,18 @@ class NoiseStream:
     """
 
     def __init__(self, *, seed: int, key: str, stream: str, shape: Sequence[int], sigma: float = 1.0) -> None:
-        if isinstance(seed, bool) or int(seed) != seed or seed < 0:
+        try:
+            bad_seed = isinstance(seed, bool) or int(seed) != seed or seed < 0
+        except (TypeError, ValueError, OverflowError):  # "abc", nan, inf, None
+            bad_seed = True
+        if bad_seed:
             raise InvalidParameterError(f"seed must be a non-negative integer, got {seed!r}")
-        if not (float(sigma) >= 0.0):
-            raise InvalidParameterError(f"sigma must be >= 0, got {sigma!r}")
+        try:
+            sigma_ok = math.isfinite(float(sigma)) and float(sigma) >= 0.0
+        except (TypeError, ValueError):
+            sigma_ok = False
+        if not sigma_ok:
+            raise InvalidParameterError(f"sigma must be a finite number >= 0, got {sigma!r}")
         self.seed = int(seed)
         self.key = str(key)
         self.stream = str(stream)
@@ -71,19 +80,32 @@ class NoiseStream:
         self.sigma = float(sigma)
         self.chunk = chunk_size_for(self.shape)
         self._cached_index = -1
-        self._cached: torch.Tensor | None = None
+        self._cached: torch.Tensor | None = None  # one reusable chunk buffer, for partial chunks
+        self._gen = torch.Generator(device="cpu")
+
+    def _fill(self, c: int, dest: torch.Tensor) -> None:
+        """Draw chunk ``c`` into ``dest`` (a contiguous ``chunk x *shape`` float32 tensor).
+
+        ``normal_`` on a contiguous tensor is exactly what ``torch.randn`` does, so drawing in place
+        gives the same values as drawing into a fresh tensor, without allocating or copying one."""
+        self._gen.manual_seed(_chunk_seed(self.seed, self.key, self.stream, c))
+        dest.normal_(0.0, 1.0, generator=self._gen)
 
     def _chunk(self, c: int) -> torch.Tensor:
         if c != self._cached_index:
-            g = torch.Generator(device="cpu")
-            g.manual_seed(_chunk_seed(self.seed, self.key, self.stream, c))
-            self._cached = torch.randn((self.chunk, *self.shape), generator=g, dtype=torch.float32)
+            if self._cached is None:
+                self._cached = torch.empty((self.chunk, *self.shape), dtype=torch.float32)
+            self._cached_index = -1  # stays invalid if drawing fails
+            self._fill(c, self._cached)
             self._cached_index = c
         assert self._cached is not None
         return self._cached
 
     def samples(self, start: int, count: int) -> torch.Tensor:
-        """Noise for sample indices ``start .. start + count - 1`` (scaled by ``sigma``)."""
+        """Noise for sample indices ``start .. start + count - 1`` (scaled by ``sigma``).
+
+        Allocates the ``count`` samples returned; whole chunks are drawn straight into them, partial
+        chunks go through one reused chunk buffer. The returned tensor is the caller's to modify."""
         if start < 0 or count < 0:
             raise InvalidParameterError("start and count must be non-negative")
         out = torch.empty((count, *self.shape), dtype=torch.float32)
@@ -91,7 +113,11 @@ class NoiseStream:
         while pos < end:
             c, off = divmod(pos, self.chunk)
             take = min(self.chunk - off, end - pos)
-            out[pos - start : pos - start + take] = self._chunk(c)[off : off + take]
+            dest = out[pos - start : pos - start + take]
+            if take == self.chunk and c != self._cached_index:
+                self._fill(c, dest)  # a whole chunk: no buffer, no copy
+            else:
+                dest.copy_(self._chunk(c)[off : off + take])
             pos += take
         if self.sigma != 1.0:
             out.mul_(self.sigma)

@@ -145,7 +145,9 @@ class BlackBoxSmoother:
         ``strategy``: ``"denoise"`` (zero queries), ``"surrogate"``, ``"zeroth_order"`` or
         ``"passthrough"`` (differentiable connectors). ``budget`` caps the queries of this fit (an int
         or a :class:`QueryBudget`); at the cap the fit stops cleanly and keeps the best module so far.
-        With ``checkpoint_dir`` the full fit state is saved regularly and a rerun resumes from it.
+        With ``checkpoint_dir`` the full fit state is saved regularly and a rerun resumes from it; an
+        int budget is then persisted there too, so the cap holds across the interrupted and the
+        resumed run together (raise it to continue a fit that stopped at the budget).
         Other keyword arguments override :class:`FitConfig` fields (unknown names are errors).
         """
         from blackbox_rs.fitting.strategies import get_strategy, run_fit
@@ -161,8 +163,10 @@ class BlackBoxSmoother:
         data = as_fit_data(dataset, self.engine.info)
         engine = self.engine
         if budget is not None and cls.needs_queries:
+            # with a checkpoint the fit budget's ledger lives beside it: a resumed fit keeps counting
+            ledger = Path(checkpoint_dir) / "fit_budget.json" if checkpoint_dir is not None else None
             fit_budget = (budget if isinstance(budget, QueryBudget)
-                          else QueryBudget(max_queries=int(budget), parent=self.engine.budget))
+                          else QueryBudget(max_queries=int(budget), parent=self.engine.budget, ledger=ledger))
             engine = self.engine.with_budget(fit_budget)
         ctx = FitContext(engine, self.module, data, self.sigmas, cfg, progress)
         if surrogate is not None:

@@ -88,6 +88,9 @@ class KServeV2Connector(HTTPConnector):
         check_ready: call the readiness endpoint first (raises :class:`ModelNotReadyError`).
         cost_per_query: price of one image query, for budgets.
         metadata: skip discovery and use this metadata dict instead (endpoints without it).
+        identity: a stable name for the endpoint used in the fingerprint instead of its URL (e.g. a
+            local server whose port changes between runs, or a model file hash). Only give one
+            that truly identifies the model: cached answers are shared by equal fingerprints.
     """
 
     def __init__(
@@ -120,7 +123,9 @@ class KServeV2Connector(HTTPConnector):
         cost_per_query: float = 0.0,
         metadata: Mapping[str, Any] | None = None,
         sleep: Callable[[float], None] = time.sleep,
+        identity: str | None = None,
     ) -> None:
+        self._identity = identity
         if not model_name:
             raise InvalidParameterError("model_name must be a non-empty string")
         if output not in ("auto", "scores", "index", "label"):
@@ -311,7 +316,7 @@ class KServeV2Connector(HTTPConnector):
         enc = self.encoding.value + (f"-q{self.jpeg_quality}" if self.encoding is ImageEncoding.JPEG else "")
         fingerprint = endpoint_fingerprint(
             "kserve-v2",
-            self.transport.base_url,
+            self._identity if self._identity is not None else self.transport.base_url,
             model=self.model_name,
             version=seen_version or "unpinned",
             host=host,

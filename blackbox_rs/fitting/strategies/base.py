@@ -112,7 +112,8 @@ def _config_digest(ctx: FitContext, strategy: str) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def _checkpoint(ctx: FitContext, strat: Strategy, directory: str | os.PathLike[str], step: int, digest: str) -> None:
+def _checkpoint(ctx: FitContext, strat: Strategy, directory: str | os.PathLike[str], step: int, digest: str,
+                finished: bool = False) -> None:
     tensors, smeta = strat.state()
     tensors = {f"s.{k}": v for k, v in tensors.items()}
     tensors.update({f"m.{k}": v for k, v in ctx.module.state_dict().items()})
@@ -120,15 +121,15 @@ def _checkpoint(ctx: FitContext, strat: Strategy, directory: str | os.PathLike[s
         tensors.update({f"b.{k}": v for k, v in ctx.best_state.items()})
     if ctx.clean_labels is not None:
         tensors["clean_labels"] = ctx.clean_labels
-    meta = {"step": step, "digest": digest, "strategy": smeta, "best_score": ctx.best_score,
+    meta = {"step": step, "finished": finished, "digest": digest, "strategy": smeta, "best_score": ctx.best_score,
             "best_step": ctx.best_step, "history": ctx.history, "module_name": ctx.module.name}
     save_checkpoint(directory, tensors, meta)
 
 
-def _restore(ctx: FitContext, strat: Strategy, directory: str | os.PathLike[str], digest: str) -> int:
+def _restore(ctx: FitContext, strat: Strategy, directory: str | os.PathLike[str], digest: str) -> tuple[int, bool]:
     found = load_checkpoint(directory)
     if found is None:
-        return 0
+        return 0, False
     tensors, meta = found
     if meta.get("digest") != digest:
         raise CacheError(
@@ -145,7 +146,7 @@ def _restore(ctx: FitContext, strat: Strategy, directory: str | os.PathLike[str]
     if "clean_labels" in tensors:
         ctx.clean_labels = tensors["clean_labels"]
     strat.load_state(sub("s."), meta["strategy"])
-    return int(meta["step"])
+    return int(meta["step"]), bool(meta.get("finished", False))
 
 
 def run_fit(ctx: FitContext, strategy: str, *, checkpoint_dir: str | os.PathLike[str] | None = None) -> FitReport:
@@ -156,7 +157,7 @@ def run_fit(ctx: FitContext, strategy: str, *, checkpoint_dir: str | os.PathLike
     strat = cls(ctx)
     strat.check()
     digest = _config_digest(ctx, strategy)
-    start = _restore(ctx, strat, checkpoint_dir, digest) if checkpoint_dir is not None else 0
+    start, finished = _restore(ctx, strat, checkpoint_dir, digest) if checkpoint_dir is not None else (0, False)
     resumed = start if start > 0 else None
     total = strat.total_steps
     stopped = "completed"
@@ -168,12 +169,14 @@ def run_fit(ctx: FitContext, strategy: str, *, checkpoint_dir: str | os.PathLike
             ctx.report(k, total, info)
             if checkpoint_dir is not None and (k % ctx.config.checkpoint_every == 0):
                 _checkpoint(ctx, strat, checkpoint_dir, k, digest)
-        strat.finish()
+        if not finished:
+            strat.finish()
+            finished = True
     except BudgetExceeded:
         stopped = "budget"
     finally:
         if checkpoint_dir is not None:
-            _checkpoint(ctx, strat, checkpoint_dir, k, digest)
+            _checkpoint(ctx, strat, checkpoint_dir, k, digest, finished)
     ctx.restore_best()
     ctx.module.eval()
     return FitReport(
