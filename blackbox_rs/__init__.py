@@ -6,8 +6,9 @@ The public surface is re-exported here; everything else is importable from its o
 from blackbox_rs._version import __version__
 from blackbox_rs.budget import QueryBudget
 from blackbox_rs.cache import QueryCache
-from blackbox_rs.certificate import ABSTAIN, Certificate, SmoothedPrediction
+from blackbox_rs.certificate import ABSTAIN, Certificate, SequentialCertificate, SmoothedPrediction
 from blackbox_rs.certify import DatasetCertification, certified_accuracy, certify, certify_dataset, predict
+from blackbox_rs.certify_sequential import certify_radius, certify_radius_dataset
 from blackbox_rs.engine import QueryEngine, QueryStats
 from blackbox_rs.errors import (
     BlackBoxRSError,
@@ -20,16 +21,22 @@ from blackbox_rs.errors import (
     InvalidResponseError,
     UncertifiableError,
 )
+from blackbox_rs.fitting.config import FitConfig
+from blackbox_rs.fitting.context import FitReport
+from blackbox_rs.smoother import BlackBoxSmoother
 
 __all__ = [
     "ABSTAIN",
     "BlackBoxRSError",
+    "BlackBoxSmoother",
     "BudgetExceeded",
     "CacheError",
     "Certificate",
     "ConfigError",
     "ConnectorError",
     "DatasetCertification",
+    "FitConfig",
+    "FitReport",
     "InvalidInputError",
     "InvalidParameterError",
     "InvalidResponseError",
@@ -37,11 +44,14 @@ __all__ = [
     "QueryCache",
     "QueryEngine",
     "QueryStats",
+    "SequentialCertificate",
     "SmoothedPrediction",
     "UncertifiableError",
     "__version__",
     "certified_accuracy",
     "certify",
     "certify_dataset",
+    "certify_radius",
+    "certify_radius_dataset",
     "predict",
 ]

@@ -22,8 +22,7 @@ import math
 import os
 import warnings
 from collections.abc import Callable, Iterable, Sequence
-from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -35,11 +34,11 @@ from blackbox_rs.connectors.base import Connector, ConnectorInfo
 from blackbox_rs.engine import QueryEngine, Tally, as_engine
 from blackbox_rs.errors import (
     BudgetExceeded,
-    CacheError,
     InvalidInputError,
     InvalidParameterError,
     UncertifiableError,
 )
+from blackbox_rs.journal import CertificateJournal
 from blackbox_rs.noise import NoiseStream, input_key
 
 __all__ = [
@@ -53,6 +52,7 @@ __all__ = [
 ]
 
 Transform = Callable[[torch.Tensor], torch.Tensor]
+C = TypeVar("C", bound=BaseModel)
 DEFAULT_RADII: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
 
 
@@ -114,19 +114,27 @@ def sample_counts(
     transform: Transform | None = None,
     tally: Tally | None = None,
     start: int = 0,
+    noisy_batch: Callable[[int, int], torch.Tensor] | None = None,
 ) -> np.ndarray:
     """Per-class counts of ``f(clip(T(x + delta_i)))`` for noise samples ``start .. start+num-1``.
 
-    Memory is one batch; counting uses ``torch.bincount`` (no per-sample Python loop).
+    ``noisy_batch(start, count)`` replaces the default Gaussian ``x + NoiseStream(...)`` source (e.g.
+    exact lattice noise); it must be counter-based too. Memory is one batch; counting uses
+    ``torch.bincount`` (no per-sample Python loop).
     """
     info = engine.info
     k = info.num_classes
-    noise = NoiseStream(seed=seed, key=key, stream=stream, shape=info.input_shape, sigma=sigma)
+    if noisy_batch is None:
+        noise = NoiseStream(seed=seed, key=key, stream=stream, shape=info.input_shape, sigma=sigma)
+
+        def noisy_batch(s: int, m: int) -> torch.Tensor:
+            return noise.samples(s, m).add_(x)
+
     counts = torch.zeros(k, dtype=torch.int64)
     done = 0
     while done < num:
         m = min(batch_size, num - done)
-        batch = noise.samples(start + done, m).add_(x)
+        batch = noisy_batch(start + done, m)
         if transform is not None:
             with torch.no_grad():
                 batch = transform(batch)
@@ -300,34 +308,45 @@ def _params_of(cert: Certificate) -> dict[str, Any]:
             "fingerprint": cert.fingerprint}
 
 
-def _load_finished(path: Path, params: dict[str, Any]) -> dict[int, Certificate]:
-    """Certificates already in a JSONL output; a truncated last line (crash mid-write) is ignored."""
-    done: dict[int, Certificate] = {}
-    if not path.exists():
-        return done
-    try:
-        lines = path.read_text().splitlines()
-    except OSError as exc:
-        raise CacheError(f"cannot read output {path}: {exc}") from exc
-    for i, line in enumerate(lines):
-        if not line.strip():
-            continue
-        try:
-            cert = Certificate.model_validate_json(line)
-        except ValueError as exc:
-            if i == len(lines) - 1:
-                break  # torn final write; it will be recomputed (from the cache)
-            raise CacheError(f"output {path} line {i + 1} is not a certificate: {exc}") from exc
-        got = _params_of(cert)
-        if got != params:
-            diff = {k: (got[k], params[k]) for k in params if got[k] != params[k]}
-            raise CacheError(
-                f"output {path} was written with different settings {diff} (was, now); "
-                "use another output path or the original settings"
-            )
-        if cert.index is not None:
-            done[cert.index] = cert
-    return done
+def certify_each(
+    engine: QueryEngine,
+    inputs: Any,
+    labels: Sequence[int] | None,
+    certify_one: Callable[[int, torch.Tensor, int | None], C],
+    *,
+    journal: CertificateJournal[C] | None = None,
+    progress: Callable[[int, C], None] | None = None,
+) -> tuple[list[C], str, Tally]:
+    """The dataset loop shared by every certification method: validates labels, skips inputs the
+    journal has finished, calls ``certify_one(index, x, label)`` on the rest, journals each result
+    and totals its queries. Returns the certificates, the reference ("labels" or
+    "clean_prediction") and the queries charged in this call."""
+    reference = "labels" if labels is not None else None
+    certs: list[C] = []
+    total = Tally()
+    k = engine.info.num_classes
+    finished = journal.finished if journal is not None else {}
+    for idx, (x, y) in enumerate(_iter_items(inputs, labels)):
+        if reference is None:
+            reference = "labels" if y is not None else "clean_prediction"
+        elif (reference == "labels") != (y is not None):
+            raise InvalidInputError(f"input {idx}: either every input has a label or none does")
+        if y is not None and not (0 <= y < k):
+            raise InvalidInputError(f"input {idx}: label {y} outside the model's classes [0, {k})")
+        if idx in finished:
+            cert = finished[idx]
+        else:
+            cert = certify_one(idx, validate_input(x, engine.info), y)
+            q, hits = int(getattr(cert, "queries", 0)), int(getattr(cert, "cache_hits", 0))
+            total.add(Tally(queries=q, cache_hits=hits, cost=q * engine.info.cost_per_query))
+            if journal is not None:
+                journal.append(cert)
+        certs.append(cert)
+        if progress is not None:
+            progress(idx, cert)
+    if not certs:
+        warnings.warn("no inputs to certify", stacklevel=3)
+    return certs, reference or "labels", total
 
 
 def certify_dataset(
@@ -369,58 +388,26 @@ def certify_dataset(
     seed = _seed(seed)
     params = {"n0": n0, "n": n, "alpha": alpha, "sigma": sigma, "seed": seed,
               "fingerprint": engine.info.fingerprint}
-    out_path = Path(output) if output is not None else None
-    finished = _load_finished(out_path, params) if out_path is not None else {}
-    fh = None
-    if out_path is not None:
-        try:
-            out_path.parent.mkdir(parents=True, exist_ok=True)
-            fh = open(out_path, "a+b")  # noqa: SIM115 - closed in finally
-            fh.seek(0, os.SEEK_END)
-            if fh.tell() > 0:  # make sure a torn last line does not glue onto the next record
-                fh.seek(-1, os.SEEK_END)
-                if fh.read(1) != b"\n":
-                    fh.write(b"\n")
-        except OSError as exc:
-            raise CacheError(f"cannot write output {out_path}: {exc}") from exc
-    reference = "labels" if labels is not None else None
-    certs: list[Certificate] = []
-    total = Tally()
-    k = engine.info.num_classes
+
+    def one(idx: int, xt: torch.Tensor, y: int | None) -> Certificate:
+        t = Tally()
+        if y is None:  # certified consistency: the reference is the model's own clean prediction
+            y = int(engine.query(xt.unsqueeze(0), tally=t).labels[0])
+        cert = certify(engine, xt, sigma=sigma, n0=n0, n=n, alpha=alpha, batch_size=batch_size, seed=seed,
+                       label=y, index=idx, transform=transform)
+        if t.requests or t.cache_hits:  # the clean query belongs to this certificate's cost
+            cert = cert.model_copy(update={"queries": cert.queries + t.queries,
+                                           "cache_hits": cert.cache_hits + t.cache_hits})
+        return cert
+
+    journal = CertificateJournal(output, Certificate, params, _params_of) if output is not None else None
     try:
-        for idx, (x, y) in enumerate(_iter_items(inputs, labels)):
-            if reference is None:
-                reference = "labels" if y is not None else "clean_prediction"
-            elif (reference == "labels") != (y is not None):
-                raise InvalidInputError(f"input {idx}: either every input has a label or none does")
-            if y is not None and not (0 <= y < k):
-                raise InvalidInputError(f"input {idx}: label {y} outside the model's classes [0, {k})")
-            if idx in finished:
-                cert = finished[idx]
-            else:
-                xt = validate_input(x, engine.info)
-                if y is None:
-                    clean = Tally()
-                    y = int(engine.query(xt.unsqueeze(0), tally=clean).labels[0])
-                    total.add(clean)
-                cert = certify(engine, xt, sigma=sigma, n0=n0, n=n, alpha=alpha, batch_size=batch_size,
-                               seed=seed, label=y, index=idx, transform=transform)
-                total.add(Tally(queries=cert.queries, cache_hits=cert.cache_hits,
-                                cost=cert.queries * engine.info.cost_per_query))
-                if fh is not None:
-                    fh.write(cert.model_dump_json().encode() + b"\n")
-                    fh.flush()
-                    os.fsync(fh.fileno())
-            certs.append(cert)
-            if progress is not None:
-                progress(idx, cert)
+        certs, reference, total = certify_each(engine, inputs, labels, one, journal=journal, progress=progress)
     finally:
-        if fh is not None:
-            fh.close()
-    if not certs:
-        warnings.warn("certify_dataset got no inputs", stacklevel=2)
+        if journal is not None:
+            journal.close()
     return DatasetCertification(
         certificates=certs, radii=radii, certified_accuracy=certified_accuracy(certs, radii),
-        reference=reference or "labels", queries=total.queries, cache_hits=total.cache_hits, cost=total.cost,
+        reference=reference, queries=total.queries, cache_hits=total.cache_hits, cost=total.cost,
     )
 

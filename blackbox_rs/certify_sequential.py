@@ -27,9 +27,7 @@ from __future__ import annotations
 
 import math
 import os
-import warnings
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -41,15 +39,15 @@ from blackbox_rs.certificate import ABSTAIN, SequentialCertificate
 from blackbox_rs.certify import (
     Transform,
     _check_budget_limit,
-    _iter_items,
     _positive_int,
     _prepare,
+    certify_each,
     sample_counts,
-    validate_input,
 )
 from blackbox_rs.connectors.base import Connector
 from blackbox_rs.engine import QueryEngine, Tally, as_engine
-from blackbox_rs.errors import CacheError, InvalidInputError, InvalidParameterError
+from blackbox_rs.errors import InvalidParameterError
+from blackbox_rs.journal import CertificateJournal
 from blackbox_rs.noise import input_key
 from blackbox_rs.noise_lattice import LatticeNoiseStream, to_lattice
 from blackbox_rs.sequential import LookSchedule, SequentialTest, check_radii
@@ -63,26 +61,6 @@ __all__ = [
 
 SELECTION_STREAM = "seq-selection"
 ESTIMATION_STREAM = "seq-estimation"
-
-
-def _lattice_counts(
-    engine: QueryEngine, u: torch.Tensor, noise: LatticeNoiseStream, *, start: int, num: int, batch_size: int,
-    transform: Transform | None, tally: Tally,
-) -> np.ndarray:
-    """Like :func:`blackbox_rs.certify.sample_counts`, with exact lattice noise ``(u + z_i) / 255``."""
-    k = engine.info.num_classes
-    counts = torch.zeros(k, dtype=torch.int64)
-    done = 0
-    while done < num:
-        m = min(batch_size, num - done)
-        batch = noise.noisy(u, start + done, m)
-        if transform is not None:
-            with torch.no_grad():
-                batch = transform(batch)
-        batch = batch.detach().clamp(0.0, 1.0)
-        counts += torch.bincount(engine.query(batch, tally=tally).labels, minlength=k)
-        done += m
-    return counts.numpy()
 
 
 def _check_cap(max_queries: object, n0: int) -> int:
@@ -148,13 +126,13 @@ def certify_radius(
     tally = Tally()
 
     def counts(stream: str, start: int, num: int) -> np.ndarray:
+        source = None
         if u is not None:
             noise = lat_sel if stream == SELECTION_STREAM else lat_est
             assert noise is not None
-            return _lattice_counts(engine, u, noise, start=start, num=num, batch_size=bs,
-                                   transform=transform, tally=tally)
+            source = lambda s, m: noise.noisy(u, s, m)  # noqa: E731 - exact lattice points
         return sample_counts(engine, xt, sigma=sigma, num=num, seed=seed, key=key, stream=stream,
-                             batch_size=bs, transform=transform, tally=tally, start=start)
+                             batch_size=bs, transform=transform, tally=tally, start=start, noisy_batch=source)
 
     clean_in = xt.unsqueeze(0)
     if transform is not None:
@@ -236,48 +214,6 @@ def _params(cert: SequentialCertificate) -> dict[str, Any]:
             "growth": cert.growth, "target_share": cert.target_share}
 
 
-def _load_finished(path: Path, params: dict[str, Any]) -> dict[int, SequentialCertificate]:
-    """Certificates already in a JSONL output; a torn last line (crash mid-write) is ignored."""
-    done: dict[int, SequentialCertificate] = {}
-    if not path.exists():
-        return done
-    try:
-        lines = path.read_text().splitlines()
-    except OSError as exc:
-        raise CacheError(f"cannot read output {path}: {exc}") from exc
-    for i, line in enumerate(lines):
-        if not line.strip():
-            continue
-        try:
-            cert = SequentialCertificate.model_validate_json(line)
-        except ValueError as exc:
-            if i == len(lines) - 1:
-                break
-            raise CacheError(f"output {path} line {i + 1} is not a sequential certificate: {exc}") from exc
-        got = _params(cert)
-        if got != params:
-            diff = {k: (got[k], params[k]) for k in params if got[k] != params[k]}
-            raise CacheError(f"output {path} was written with different settings {diff} (was, now); "
-                             "use another output path or the original settings")
-        if cert.index is not None:
-            done[cert.index] = cert
-    return done
-
-
-def _open_append(path: Path) -> Any:
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fh = open(path, "a+b")  # noqa: SIM115 - closed by the caller
-        fh.seek(0, os.SEEK_END)
-        if fh.tell() > 0:  # a torn last line must not glue onto the next record
-            fh.seek(-1, os.SEEK_END)
-            if fh.read(1) != b"\n":
-                fh.write(b"\n")
-        return fh
-    except OSError as exc:
-        raise CacheError(f"cannot write output {path}: {exc}") from exc
-
-
 def certify_radius_dataset(
     connector: Connector | QueryEngine,
     inputs: Any,
@@ -317,47 +253,23 @@ def certify_radius_dataset(
     params = {"radii": list(radii), "n0": n0, "max_queries": cap, "alpha": alpha, "sigma": sigma,
               "seed": int(seed), "fingerprint": engine.info.fingerprint, "lattice": bool(lattice),
               "growth": float(growth), "target_share": float(target_share)}
-    out_path = Path(output) if output is not None else None
-    finished = _load_finished(out_path, params) if out_path is not None else {}
-    fh = _open_append(out_path) if out_path is not None else None
-    reference = "labels" if labels is not None else None
-    certs: list[SequentialCertificate] = []
-    total = Tally()
-    k = engine.info.num_classes
+
+    def one(idx: int, xt: torch.Tensor, y: int | None) -> SequentialCertificate:
+        cert = certify_radius(engine, xt, radius=radii, sigma=sigma, alpha=alpha, n0=n0, max_queries=cap,
+                              batch_size=batch_size, seed=int(seed), key=input_key(xt), label=y, index=idx,
+                              transform=transform, lattice=lattice, growth=growth, target_share=target_share)
+        # without labels the reference is the certificate's own clean query: no extra query
+        return cert if y is not None else cert.model_copy(update={"label": cert.clean_prediction})
+
+    journal = (CertificateJournal(output, SequentialCertificate, params, _params) if output is not None
+               else None)
     try:
-        for idx, (x, y) in enumerate(_iter_items(inputs, labels)):
-            if reference is None:
-                reference = "labels" if y is not None else "clean_prediction"
-            elif (reference == "labels") != (y is not None):
-                raise InvalidInputError(f"input {idx}: either every input has a label or none does")
-            if y is not None and not (0 <= y < k):
-                raise InvalidInputError(f"input {idx}: label {y} outside the model's classes [0, {k})")
-            if idx in finished:
-                cert = finished[idx]
-            else:
-                xt = validate_input(x, engine.info)
-                cert = certify_radius(engine, xt, radius=radii, sigma=sigma, alpha=alpha, n0=n0,
-                                      max_queries=cap, batch_size=batch_size, seed=int(seed),
-                                      key=input_key(xt), label=y, index=idx, transform=transform,
-                                      lattice=lattice, growth=growth, target_share=target_share)
-                if y is None:
-                    cert = cert.model_copy(update={"label": cert.clean_prediction})
-                total.add(Tally(queries=cert.queries, cache_hits=cert.cache_hits,
-                                cost=cert.queries * engine.info.cost_per_query))
-                if fh is not None:
-                    fh.write(cert.model_dump_json().encode() + b"\n")
-                    fh.flush()
-                    os.fsync(fh.fileno())
-            certs.append(cert)
-            if progress is not None:
-                progress(idx, cert)
+        certs, reference, total = certify_each(engine, inputs, labels, one, journal=journal, progress=progress)
     finally:
-        if fh is not None:
-            fh.close()
-    if not certs:
-        warnings.warn("certify_radius_dataset got no inputs", stacklevel=2)
+        if journal is not None:
+            journal.close()
     return SequentialDatasetCertification(
         certificates=certs, radii=list(radii), certified_accuracy=sequential_certified_accuracy(certs, radii),
-        reference=reference or "labels", queries=total.queries, cache_hits=total.cache_hits, cost=total.cost,
+        reference=reference, queries=total.queries, cache_hits=total.cache_hits, cost=total.cost,
         mean_queries=(sum(c.queries + c.cache_hits for c in certs) / len(certs)) if certs else math.nan,
     )
