@@ -9,6 +9,7 @@ import os
 from typing import Any, ClassVar
 
 import torch
+import torch.nn.functional as F
 
 from blackbox_rs.errors import BudgetExceeded, CacheError, InvalidParameterError
 from blackbox_rs.fitting.checkpoint import (
@@ -86,6 +87,33 @@ class Strategy(abc.ABC):
         if k % 50 == 49 or k == self.pretrain_steps - 1:
             ctx.offer(k, -self._mse_ema, mse=self._mse_ema)
         return {"mse": v}
+
+    def objective_step(self, k: int, classify: Any) -> tuple[dict[str, float], torch.Tensor, torch.Tensor]:
+        """One optimiser step of ``w_mse * MSE + w_stab * CE(classify(A(x+d)), f(x)) + w_cls * CE(.., y)``
+        where ``classify`` maps clipped module outputs to logits (a surrogate or the model itself).
+        Returns the loss terms, the logits and the stability targets."""
+        ctx, cfg = self.ctx, self.ctx.config
+        ctx.module.train()
+        idx = ctx.batch_indices(k, cfg.batch_size, labelled_only=True)
+        clean = ctx.data.x[idx].repeat(cfg.noise_draws, 1, 1, 1)
+        out = ctx.module(ctx.noisy(clean, k))
+        logits = classify(out.clamp(0.0, 1.0))
+        targets = ctx.targets(idx).repeat(cfg.noise_draws)
+        w = cfg.weights
+        parts: dict[str, torch.Tensor] = {}
+        if w.get("mse", 0) > 0:
+            parts["mse"] = mse_loss(out, clean)
+        if w.get("stability", 0) > 0:
+            parts["stability"] = F.cross_entropy(logits, targets)
+        if w.get("classification", 0) > 0:
+            assert ctx.data.y is not None
+            parts["classification"] = F.cross_entropy(logits, ctx.data.y[idx].repeat(cfg.noise_draws))
+        loss = sum(w[name] * v for name, v in parts.items())
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()  # type: ignore[union-attr]
+        self.opt.step()
+        info = {"loss": float(loss.detach()), **{n: float(v.detach()) for n, v in parts.items()}}  # type: ignore[union-attr]
+        return info, logits.detach(), targets
 
     @abc.abstractmethod
     def main_step(self, k: int) -> dict[str, float]:

@@ -22,7 +22,6 @@ from torch import nn
 
 from blackbox_rs.errors import InvalidParameterError
 from blackbox_rs.fitting.checkpoint import optimizer_from_tensors, optimizer_to_tensors
-from blackbox_rs.fitting.objectives import mse_loss
 from blackbox_rs.fitting.strategies.base import Strategy, register_strategy
 
 __all__ = ["SurrogateStrategy", "build_surrogate"]
@@ -132,26 +131,12 @@ class SurrogateStrategy(Strategy):
             self._distill_round(k, cfg.distill_queries)
         for p in self.surrogate.parameters():
             p.requires_grad_(False)
-        ctx.module.train()
-        idx = ctx.batch_indices(k, cfg.batch_size, labelled_only=True)
-        clean = ctx.data.x[idx].repeat(cfg.noise_draws, 1, 1, 1)
-        out = ctx.module(ctx.noisy(clean, k))
-        logits = self.surrogate(out.clamp(0.0, 1.0))
-        w = cfg.weights
-        parts: dict[str, torch.Tensor] = {}
-        if w.get("mse", 0) > 0:
-            parts["mse"] = mse_loss(out, clean)
-        if w.get("stability", 0) > 0:
-            parts["stability"] = F.cross_entropy(logits, ctx.targets(idx).repeat(cfg.noise_draws))
-        if w.get("classification", 0) > 0:
-            parts["classification"] = F.cross_entropy(logits, ctx.data.y[idx].repeat(cfg.noise_draws))
-        loss = sum(w[name] * v for name, v in parts.items())
-        self.opt.zero_grad(set_to_none=True)
-        loss.backward()  # type: ignore[union-attr]
-        self.opt.step()
-        for p in self.surrogate.parameters():
-            p.requires_grad_(True)
-        return {"loss": float(loss.detach()), **{n: float(v.detach()) for n, v in parts.items()}}
+        try:
+            info, _, _ = self.objective_step(k, self.surrogate)
+        finally:
+            for p in self.surrogate.parameters():
+                p.requires_grad_(True)
+        return info
 
     def finish(self) -> None:
         """Measure the final module on a fresh round (without training), so 'best' can pick it."""
