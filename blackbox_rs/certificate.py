@@ -96,10 +96,11 @@ class SequentialCertificate(_Record):
     look_counts: list[int] = Field(description="candidate count at each look reached")
     look_alphas: list[float] = Field(description="level spent at each look reached")
     p_lower: float = Field(ge=0.0, le=1.0, description="best lower bound on P(candidate) over the looks")
-    stop_reason: str = Field(description="resolved | unreachable (cap makes the rest impossible) | cap")
+    stop_reason: str = Field(description="resolved | unreachable (cap makes the rest impossible) | improbable (futility stop) | cap")
     lattice: bool = Field(default=False, description="exact discrete Gaussian noise on the 1/255 lattice")
     growth: float = 1.5
     target_share: float = 0.5
+    futility: float | None = None
 
     @property
     def radius(self) -> float:

@@ -90,6 +90,7 @@ def certify_radius(
     lattice: bool = False,
     growth: float = 1.5,
     target_share: float = 0.5,
+    futility: float | None = 0.01,
 ) -> SequentialCertificate:
     """Decide, with as few queries as the evidence allows, whether ``x`` is certified at ``radius``
     (or which is the largest certified radius of a list).
@@ -101,6 +102,8 @@ def certify_radius(
         n0: selection samples for the candidate class.
         lattice: exact discrete Gaussian noise on the 1/255 lattice (``x`` must be an 8-bit image).
         growth, target_share: schedule knobs (see :meth:`LookSchedule.for_radii`).
+        futility: give up (undecided, no claim) when the (1 - futility) upper bound on p says the cap
+            cannot certify the smallest open radius (:meth:`SequentialTest.improbable`); None: never.
 
     Guarantee: with probability >= 1 - alpha, every radius marked certified is a true certificate of
     the smoothed classifier of ``x -> f(clip(T(x)))`` (see :mod:`blackbox_rs.sequential`).
@@ -144,7 +147,7 @@ def certify_radius(
     tied = np.flatnonzero(sel == best)
     cand = clean if clean in tied else int(tied[0])
 
-    test = SequentialTest(schedule)
+    test = SequentialTest(schedule, futility=futility)
     est = np.zeros(engine.info.num_classes, dtype=np.int64)
     n = 0
     while not test.done:
@@ -174,7 +177,7 @@ def certify_radius(
         n0=n0, n=n, max_queries=cap, looks=res.looks, look_counts=res.look_counts,
         look_alphas=list(schedule.alphas[:looks_used]), p_lower=min(1.0, max(0.0, res.p_lower)),
         stop_reason=res.stop_reason, lattice=bool(lattice), growth=float(growth),
-        target_share=float(target_share),
+        target_share=float(target_share), futility=futility,
     )
 
 
@@ -211,7 +214,7 @@ def sequential_certified_accuracy(certificates: Sequence[SequentialCertificate],
 def _params(cert: SequentialCertificate) -> dict[str, Any]:
     return {"radii": list(cert.radii), "n0": cert.n0, "max_queries": cert.max_queries, "alpha": cert.alpha,
             "sigma": cert.sigma, "seed": cert.seed, "fingerprint": cert.fingerprint, "lattice": cert.lattice,
-            "growth": cert.growth, "target_share": cert.target_share}
+            "growth": cert.growth, "target_share": cert.target_share, "futility": cert.futility}
 
 
 def certify_radius_dataset(
@@ -231,6 +234,7 @@ def certify_radius_dataset(
     lattice: bool = False,
     growth: float = 1.5,
     target_share: float = 0.5,
+    futility: float | None = 0.01,
     progress: Callable[[int, SequentialCertificate], None] | None = None,
 ) -> SequentialDatasetCertification:
     """:func:`certify_radius` on every input (same input forms as
@@ -252,12 +256,13 @@ def certify_radius_dataset(
         raise InvalidParameterError(f"seed must be a non-negative integer, got {seed!r}")
     params = {"radii": list(radii), "n0": n0, "max_queries": cap, "alpha": alpha, "sigma": sigma,
               "seed": int(seed), "fingerprint": engine.info.fingerprint, "lattice": bool(lattice),
-              "growth": float(growth), "target_share": float(target_share)}
+              "growth": float(growth), "target_share": float(target_share), "futility": futility}
 
     def one(idx: int, xt: torch.Tensor, y: int | None) -> SequentialCertificate:
         cert = certify_radius(engine, xt, radius=radii, sigma=sigma, alpha=alpha, n0=n0, max_queries=cap,
                               batch_size=batch_size, seed=int(seed), key=input_key(xt), label=y, index=idx,
-                              transform=transform, lattice=lattice, growth=growth, target_share=target_share)
+                              transform=transform, lattice=lattice, growth=growth, target_share=target_share,
+                              futility=futility)
         # without labels the reference is the certificate's own clean query: no extra query
         return cert if y is not None else cert.model_copy(update={"label": cert.clean_prediction})
 

@@ -271,8 +271,11 @@ class SequentialTest:
     :meth:`hopeless` after any batch in between (a free, claim-less stop).
     """
 
-    def __init__(self, schedule: LookSchedule) -> None:
+    def __init__(self, schedule: LookSchedule, futility: float | None = None) -> None:
+        if futility is not None and not (0.0 < futility < 1.0):
+            raise InvalidParameterError(f"futility must lie in (0, 1) or be None, got {futility!r}")
         self.schedule = schedule
+        self.futility = futility
         m = len(schedule.radii)
         self.status: list[RadiusStatus] = ["undecided"] * m
         self.look = 0  # index of the next look
@@ -320,7 +323,22 @@ class SequentialTest:
             self.stop_reason = "cap"
         elif self.hopeless(count, n):
             self.stop_reason = "unreachable"
+        elif self.improbable(count, n):
+            self.stop_reason = "improbable"
         return self.done
+
+    def improbable(self, count: int, n: int) -> bool:
+        """Futility stop (only with ``futility`` set): True when even the (1 - futility) upper
+        confidence bound on p is below the success rate that certifies the smallest open radius at
+        the cap. Like every claim-less stop it cannot create a false certificate; it gives up on
+        inputs that would almost surely end undecided, at a chance <= ``futility`` per look of
+        giving up on one that would have been certified."""
+        opened = self._open()
+        if self.futility is None or not opened:
+            return False
+        s = self.schedule
+        p_need = float(s.cert_counts[-1, opened[0]]) / s.sizes[-1]
+        return float(stats.cp_upper(int(count), int(n), self.futility)) < p_need
 
     def hopeless(self, count: int, n: int) -> bool:
         """True when no open radius can be certified at any remaining look even if all remaining

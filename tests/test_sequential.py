@@ -171,10 +171,29 @@ def test_undecided_at_cap() -> None:
     p = st.norm.cdf(r / sigma) + 0.002  # certifiable, but far too close to call with 2,000 queries
     eng = _engine(0.5 - sigma * st.norm.ppf(p))
     cert = certify_radius(eng, torch.full(SHAPE, 0.5), radius=r, sigma=sigma, alpha=0.001, n0=10,
-                          max_queries=2000, batch_size=100)
+                          max_queries=2000, batch_size=100, futility=None)
     assert cert.decision == "undecided" and cert.certified_radius == 0.0
     assert cert.stop_reason in ("cap", "unreachable")
     assert cert.queries == eng.stats.queries <= 2000
+
+
+def test_futility_stop_gives_up_early_without_a_claim() -> None:
+    """p = Phi(r/sigma) - 0.01 can never be certified: without the futility rule the run needs ~20k
+    samples to *prove* it (U_k < Phi at a tiny alpha_k); with it, the run gives up (no claim) as soon
+    as a 99% upper bound says the cap cannot certify."""
+    sigma, r = 0.25, 0.25
+    p = st.norm.cdf(r / sigma) - 0.01
+    kw = dict(radius=r, sigma=sigma, alpha=0.001, n0=10, max_queries=100_000, batch_size=500)
+    eng = _engine(0.5 - sigma * st.norm.ppf(p))
+    quick = certify_radius(eng, torch.full(SHAPE, 0.5), futility=0.01, **kw)
+    assert quick.decision == "undecided" and quick.stop_reason == "improbable"
+    eng2 = _engine(0.5 - sigma * st.norm.ppf(p))
+    slow = certify_radius(eng2, torch.full(SHAPE, 0.5), futility=None, **kw)
+    assert slow.decision == "not_certified"
+    assert quick.queries * 3 < slow.queries, (quick.queries, slow.queries)
+    # a clearly certifiable input is not affected
+    eng3 = _engine(0.5 - sigma * st.norm.ppf(0.97))
+    assert certify_radius(eng3, torch.full(SHAPE, 0.5), futility=0.01, **kw).decision == "certified"
 
 
 def test_clearly_not_certifiable_stops_at_first_look() -> None:
