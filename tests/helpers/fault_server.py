@@ -25,10 +25,12 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Any
 
 import numpy as np
+
+from .loopback import LoopbackServer
 
 __all__ = ["Fault", "FaultServer", "RequestRecord", "linear_model", "max_in_window"]
 
@@ -74,7 +76,7 @@ def max_in_window(times: list[float], window: float = 1.0) -> int:
     return best
 
 
-class FaultServer:
+class FaultServer(LoopbackServer):
     def __init__(
         self,
         *,
@@ -119,8 +121,6 @@ class FaultServer:
         self.handling_times: list[float] = []  # arrival to answer written, successful infers only
         self.last_body: dict[str, Any] | None = None
         self.last_headers: dict[str, str] = {}
-        self._httpd: ThreadingHTTPServer | None = None
-        self._thread: threading.Thread | None = None
 
     # ---- control ---------------------------------------------------------------------------------
 
@@ -146,32 +146,9 @@ class FaultServer:
         host, port = self._httpd.server_address[:2]
         return f"http://{host}:{port}"
 
-    @property
-    def port(self) -> int:
-        assert self._httpd is not None
-        return int(self._httpd.server_address[1])
-
     def start(self) -> FaultServer:
-        handler = _make_handler(self)
-        httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-        httpd.daemon_threads = True
-        httpd.request_queue_size = 128
-        self._httpd = httpd
-        self._thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-        self._thread.start()
+        self._serve(_make_handler(self))
         return self
-
-    def stop(self) -> None:
-        if self._httpd is not None:
-            self._httpd.shutdown()
-            self._httpd.server_close()
-            self._httpd = None
-
-    def __enter__(self) -> FaultServer:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
     # ---- model -----------------------------------------------------------------------------------
 

@@ -22,12 +22,14 @@ import re
 import threading
 from collections import deque
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import numpy as np
 from PIL import Image
+
+from .loopback import LoopbackServer
 
 __all__ = ["FAKES", "Reply", "VendorFake"]
 
@@ -65,7 +67,7 @@ class BadRequest(Exception):
     """A request that breaks the vendor's documented shape."""
 
 
-class VendorFake:
+class VendorFake(LoopbackServer):
     """Base of the fakes: server, fault queue, request log, shape checks (see the module docstring)."""
 
     secret = "planted-secret-value-0123456789"
@@ -75,7 +77,6 @@ class VendorFake:
         self._lock = threading.Lock()
         self.log: list[Seen] = []
         self.violations: list[str] = []
-        self._httpd: ThreadingHTTPServer | None = None
 
     # ---- control -------------------------------------------------------------------------------
     def push(self, *faults: str) -> None:
@@ -123,22 +124,8 @@ class VendorFake:
                 self.end_headers()
                 self.wfile.write(body)
 
-        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self._httpd.daemon_threads = True
-        threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+        self._serve(Handler)
         return self
-
-    def stop(self) -> None:
-        if self._httpd is not None:
-            self._httpd.shutdown()
-            self._httpd.server_close()
-            self._httpd = None
-
-    def __enter__(self) -> VendorFake:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
     # ---- vendor part ---------------------------------------------------------------------------
     def handle(self, req: Seen) -> Reply:
