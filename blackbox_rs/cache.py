@@ -81,8 +81,7 @@ class QueryCache:
             self._cache = diskcache.Cache(
                 str(self.directory), disk=_SafeJSONDisk, size_limit=size_limit, eviction_policy="none"
             )
-            self._cache.get("__format__")  # touches the database: a corrupted file fails here
-            if self._cache.get("__format__") is None:
+            if self._cache.get("__format__") is None:  # touches the database: a corrupted file fails here
                 self._cache.set("__format__", _FORMAT)
         except (sqlite3.DatabaseError, OSError, ValueError) as exc:
             raise CacheError(f"cache directory {self.directory} holds a corrupted or foreign cache: {exc}") from exc

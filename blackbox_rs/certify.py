@@ -280,6 +280,17 @@ def certified_accuracy(certificates: Sequence[Certificate], radii: Sequence[floa
     return out
 
 
+def _label(y: Any) -> int | None:
+    """A label as int; a non-integral value (0.7, "cat") is an error, never truncated."""
+    if y is None:
+        return None
+    if isinstance(y, torch.Tensor):
+        y = y.item() if y.numel() == 1 else y.tolist()
+    if isinstance(y, bool) or not isinstance(y, (int, float, np.integer, np.floating)) or float(y) != int(y):
+        raise InvalidInputError(f"labels must be integers, got {y!r}")
+    return int(y)
+
+
 def _iter_items(inputs: Any, labels: Any) -> Iterable[tuple[torch.Tensor, int | None]]:
     if isinstance(inputs, torch.Tensor):
         if inputs.ndim != 4:
@@ -300,7 +311,7 @@ def _iter_items(inputs: Any, labels: Any) -> Iterable[tuple[torch.Tensor, int | 
                 y = next(label_iter)
             except StopIteration:
                 raise InvalidInputError("fewer labels than inputs") from None
-        yield x, (None if y is None else int(y))
+        yield x, _label(y)
 
 
 def _params_of(cert: Certificate) -> dict[str, Any]:

@@ -18,7 +18,13 @@ from blackbox_rs.cache import QueryCache, request_key
 from blackbox_rs.certify import certify, certify_dataset
 from blackbox_rs.connectors import CallableConnector, Prediction
 from blackbox_rs.engine import QueryEngine, Tally
-from blackbox_rs.errors import BudgetExceeded, CacheError, ConnectorError, InvalidResponseError
+from blackbox_rs.errors import (
+    BudgetExceeded,
+    CacheError,
+    ConnectorError,
+    InvalidInputError,
+    InvalidResponseError,
+)
 
 SHAPE = (1, 6, 6)
 
@@ -310,3 +316,8 @@ def test_engine_is_fast_enough_for_cache_lookups(tmp_path):
     t = time.perf_counter()
     eng.query(x)
     assert time.perf_counter() - t < 1.0
+
+
+def test_non_integral_labels_are_rejected_not_truncated():
+    with pytest.raises(InvalidInputError, match="labels must be integers"):
+        certify_dataset(make(Counting()), torch.rand(2, *SHAPE), [0.7, 1], sigma=0.25, n0=10, n=100)
