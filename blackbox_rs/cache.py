@@ -16,13 +16,13 @@ import hashlib
 import json
 import os
 import sqlite3
-from pathlib import Path
 from typing import Any
 
 import diskcache
 import torch
 
 from blackbox_rs.errors import CacheError
+from blackbox_rs.paths import ensure_writable_dir
 
 __all__ = ["QueryCache", "request_key"]
 
@@ -69,14 +69,7 @@ class QueryCache:
     """
 
     def __init__(self, directory: str | os.PathLike[str], *, size_limit: int = 2**36) -> None:
-        self.directory = Path(directory)
-        try:
-            self.directory.mkdir(parents=True, exist_ok=True)
-            probe = self.directory / f".write-probe-{os.getpid()}"
-            probe.write_bytes(b"")
-            probe.unlink()
-        except OSError as exc:
-            raise CacheError(f"cache directory {self.directory} is not writable: {exc}") from exc
+        self.directory = ensure_writable_dir(directory, "cache directory")
         try:
             self._cache = diskcache.Cache(
                 str(self.directory), disk=_SafeJSONDisk, size_limit=size_limit, eviction_policy="none"

@@ -141,14 +141,9 @@ def _fit_config(cfg: RunConfig) -> Any:
 
 
 def _out_dir(path: Path) -> Path:
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        probe = path / ".write-probe"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as exc:
-        raise ConfigError(f"output directory {path} is not writable: {exc.strerror or exc}") from None
-    return path
+    from blackbox_rs.paths import ensure_writable_dir
+
+    return ensure_writable_dir(path, "output directory", ConfigError)
 
 
 def _engine(cfg: RunConfig, budget: int | None) -> Any:

@@ -18,7 +18,8 @@ from pydantic import BaseModel
 
 from blackbox_rs.certificate import Certificate
 from blackbox_rs.certify import DatasetCertification, certified_accuracy
-from blackbox_rs.errors import CacheError, ConfigError
+from blackbox_rs.errors import ConfigError
+from blackbox_rs.paths import ensure_writable_dir
 
 __all__ = ["ReportFiles", "accuracy_table", "load_certificates", "plot_curves", "write_report"]
 
@@ -114,14 +115,7 @@ def write_report(runs: Mapping[str, DatasetCertification], directory: str | os.P
                  title: str = "blackbox-rs certification report", notes: Sequence[str] = (),
                  cost_per_query: float | None = None) -> ReportFiles:
     """Write the report files into ``directory`` (created if needed) and return their paths."""
-    d = Path(directory)
-    try:
-        d.mkdir(parents=True, exist_ok=True)
-        probe = d / ".write-probe"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as exc:
-        raise CacheError(f"report directory {d} is not writable: {exc}") from exc
+    d = ensure_writable_dir(directory, "report directory")
     if not runs:
         raise ConfigError("a report needs at least one run of certificates")
     radii = next(iter(runs.values())).radii
