@@ -169,6 +169,32 @@ def test_wrong_input_shape_is_a_typed_error(name: str) -> None:
     assert torch.equal(m64(x64), x64)
 
 
+@pytest.mark.parametrize("name", ["dncnn", "lora_dncnn"])
+def test_downsampling_denoiser_identity_round_trip_and_shapes(name: str, tmp_path: Path) -> None:
+    m = create_module(name, input_shape=(3, 12, 16), depth=3, width=8, downsample=2)
+    x = torch.rand(2, 3, 12, 16)
+    assert torch.equal(m(x), x)  # zero tail: identity even through the pixel shuffle
+    _perturb(m)
+    y = m(x)
+    assert y.shape == x.shape and not torch.equal(y, x)
+    torch.testing.assert_close(m(x[:1]), y[:1], rtol=1e-5, atol=1e-6)  # per sample
+    m.save(tmp_path / "m")
+    back = load_module(tmp_path / "m")
+    assert back.config.downsample == 2 and torch.equal(back(x), y)
+    with pytest.raises(InvalidInputError, match="divisible by 2"):
+        m(torch.rand(1, 3, 13, 16))
+    with pytest.raises(ConfigError, match="downsample"):
+        create_module(name, input_shape=(3, 12, 15), downsample=2)
+
+
+def test_downsampling_runs_the_body_at_lower_resolution() -> None:
+    m = create_module("dncnn", input_shape=(1, 28, 28), depth=4, width=8, downsample=4)
+    seen: list[tuple[int, ...]] = []
+    m.net.body[0].conv.register_forward_hook(lambda _m, _i, out: seen.append(tuple(out.shape)))
+    m(torch.rand(1, 1, 28, 28))
+    assert seen == [(1, 8, 7, 7)]
+
+
 def test_denoisers_accept_other_spatial_sizes_prompts_do_not() -> None:
     x = torch.rand(1, 1, 20, 16)
     assert torch.equal(_make("dncnn", (1, 12, 12))(x), x)

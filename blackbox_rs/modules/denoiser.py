@@ -1,7 +1,11 @@
 """Residual DnCNN-style denoiser (Zhang et al. 2017; as used by denoised smoothing, Salman et al. 2020).
 
 ``A(x) = x + net(x)``, ``net = conv(C→W) → ReLU → [conv(W→W) → (GroupNorm) → ReLU] × (depth − 2) → conv(W→C)``
-with 3×3 convolutions and "same" padding. The last convolution (weights and bias) is zero-initialised,
+with 3×3 convolutions and "same" padding. With ``downsample=s > 1`` the head convolution has stride s
+and the tail predicts ``C·s²`` channels that a pixel shuffle puts back at full resolution: the body
+runs on an (H/s)×(W/s) grid, so each layer costs s² times less and sees s times further (a cheaper
+way to buy the receptive field that denoising at large sigma needs; H and W must be multiples of s).
+The last convolution (weights and bias) is zero-initialised,
 so an unfitted denoiser is exactly the identity map. No batch normalisation: the output for one
 sample never depends on the rest of its batch (a requirement for a valid smoothing certificate).
 The network is fully convolutional, so any H, W is accepted; C must match ``input_shape``.
@@ -18,7 +22,7 @@ import torch
 from pydantic import Field, model_validator
 from torch import nn
 
-from blackbox_rs.errors import ConfigError
+from blackbox_rs.errors import ConfigError, InvalidInputError
 from blackbox_rs.modules.base import InputModule, ModuleConfig
 from blackbox_rs.modules.registry import register_module
 
@@ -42,12 +46,21 @@ class DnCNNArchConfig(ModuleConfig):
     norm: Literal["none", "group"] = Field(
         default="none", description="Per-sample normalisation of hidden layers ('group' = GroupNorm)."
     )
+    downsample: int = Field(
+        default=1, ge=1, le=8,
+        description="Stride of the head conv; the tail pixel-shuffles back (H, W must be multiples).",
+    )
 
     @model_validator(mode="after")
     def _resolve(self) -> DnCNNArchConfig:
         if self.kernel_size % 2 == 0:
             raise ValueError(f"kernel_size must be odd (same padding), got {self.kernel_size}")
         c = self.input_shape[0]
+        h, w = self.input_shape[1], self.input_shape[2]
+        if self.downsample > 1 and (h % self.downsample or w % self.downsample):
+            raise ValueError(
+                f"downsample={self.downsample} needs H and W divisible by it; input_shape is {tuple(self.input_shape)}"
+            )
         if self.depth is None:
             object.__setattr__(self, "depth", 6 if c == 1 else 8)
         if self.width is None:
@@ -73,18 +86,20 @@ class DnCNNNet(nn.Module):
     are stable: LoRA adapters and saved tensors refer to them."""
 
     def __init__(
-        self, channels: int, depth: int, width: int, kernel_size: int = 3, norm: str = "none"
+        self, channels: int, depth: int, width: int, kernel_size: int = 3, norm: str = "none", downsample: int = 1
     ) -> None:
         super().__init__()
         pad = kernel_size // 2
-        self.head = nn.Conv2d(channels, width, kernel_size, padding=pad)
+        self.downsample = int(downsample)
+        self.head = nn.Conv2d(channels, width, kernel_size, stride=self.downsample, padding=pad)
         self.body = nn.ModuleList()
         for _ in range(depth - 2):
             block = nn.Module()
             block.conv = nn.Conv2d(width, width, kernel_size, padding=pad)
             block.norm = nn.GroupNorm(_group_count(width), width) if norm == "group" else nn.Identity()
             self.body.append(block)
-        self.tail = nn.Conv2d(width, channels, kernel_size, padding=pad)
+        self.tail = nn.Conv2d(width, channels * self.downsample**2, kernel_size, padding=pad)
+        self.shuffle = nn.PixelShuffle(self.downsample) if self.downsample > 1 else nn.Identity()
         self.act = nn.ReLU()
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
@@ -98,10 +113,13 @@ class DnCNNNet(nn.Module):
         return [n for n, m in self.named_modules() if isinstance(m, nn.Conv2d)]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        s = self.downsample
+        if s > 1 and (x.shape[-2] % s or x.shape[-1] % s):
+            raise InvalidInputError(f"this denoiser (downsample={s}) needs H and W divisible by {s}, got {tuple(x.shape[-2:])}")
         h = self.act(self.head(x))
         for block in self.body:
             h = self.act(block.norm(block.conv(h)))
-        return self.tail(h)
+        return self.shuffle(self.tail(h))
 
 
 def build_dncnn_net(config: DnCNNArchConfig) -> DnCNNNet:
@@ -111,7 +129,7 @@ def build_dncnn_net(config: DnCNNArchConfig) -> DnCNNNet:
         raise ConfigError(
             f"{type(config).__name__}.depth/.width must be resolved; build the config with validation"
         )
-    return DnCNNNet(config.input_shape[0], depth, width, config.kernel_size, config.norm)
+    return DnCNNNet(config.input_shape[0], depth, width, config.kernel_size, config.norm, config.downsample)
 
 
 @register_module("dncnn")
