@@ -119,6 +119,7 @@ def main() -> None:
     ap.add_argument("--alpha", type=float, default=0.001)
     ap.add_argument("--n0", type=int, default=10, help="sequential selection samples")
     ap.add_argument("--max-queries", type=int, default=100_000, help="sequential per-input cap")
+    ap.add_argument("--futility", type=float, default=0.01, help="sequential futility level (0: never)")
     ap.add_argument("--cohen-n", default="10000,100000", help="fixed-n baselines ('' to skip)")
     ap.add_argument("--cohen-n0", type=int, default=100)
     ap.add_argument("--batch-size", type=int, default=5000)
@@ -128,7 +129,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     pairs = [(float(a), float(b)) for a, b in (p.split(":") for p in args.pairs.split(","))]
     sigmas = sorted({s for s, _ in pairs})
-    out: dict = {"alpha": args.alpha, "n0": args.n0, "max_queries": args.max_queries,
+    out: dict = {"alpha": args.alpha, "n0": args.n0, "max_queries": args.max_queries, "futility": args.futility,
                  "cohen_n0": args.cohen_n0}
     tmp = tempfile.TemporaryDirectory()
     if args.model:
@@ -164,7 +165,8 @@ def main() -> None:
     for s, r in pairs:
         t0 = time.time()
         res = certify_radius_dataset(engine, x, y.tolist(), radius=r, sigma=s, alpha=args.alpha, n0=args.n0,
-                                     max_queries=args.max_queries, batch_size=args.batch_size)
+                                     max_queries=args.max_queries, batch_size=args.batch_size,
+                                     futility=args.futility or None)
         timings[f"sequential sigma={s} r={r}"] = round(time.time() - t0, 1)
         certs = res.certificates
         q = np.array([c.queries + c.cache_hits for c in certs], float)
