@@ -45,17 +45,17 @@ SHAPE = (1, 28, 28)
 
 
 def fit_config(args: argparse.Namespace, strategy: str) -> FitConfig:
-    common = {"pretrain_steps": args.pretrain_steps, "batch_size": 64, "lr": 2e-3, "seed": 0,
-              "clean_queries": 10_000}
-    if strategy == "denoise":
-        return FitConfig(strategy="denoise", **{**common, "steps": args.steps})
+    common = {"pretrain_steps": args.pretrain_steps, "pretrain_lr": args.pretrain_lr, "batch_size": 64,
+              "seed": 0, "clean_queries": 10_000, "lr_schedule": args.lr_schedule}
+    if strategy == "denoise":  # the same number of MSE steps as pretraining + the surrogate's steps
+        return FitConfig(strategy="denoise", steps=args.steps, lr=args.pretrain_lr, **common)
     if strategy == "surrogate":
         return FitConfig(strategy="surrogate", steps=args.steps, distill_queries=args.distill_queries,
-                         redistill_every=args.redistill_every, lr=5e-4,
-                         **{k: v for k, v in common.items() if k != "lr"})
+                         redistill_every=args.redistill_every, lr=args.surrogate_lr,
+                         weights={"mse": 1.0, "stability": args.stability_weight}, **common)
     if strategy == "zeroth_order":
         return FitConfig(strategy="zeroth_order", steps=args.zo_steps, zo_batch=32, zo_directions=4,
-                         zo_rank=2, **common)
+                         zo_rank=2, lr=args.pretrain_lr, **common)
     raise ValueError(strategy)
 
 
@@ -79,12 +79,16 @@ def main() -> None:
                     default=["none", "denoise", "surrogate", "zeroth_order", "multi_sigma", "ceiling"])
     ap.add_argument("--fit-budget", type=int, default=100_000)
     ap.add_argument("--fit-images", type=int, default=60_000)
-    ap.add_argument("--pretrain-steps", type=int, default=3000)
-    ap.add_argument("--steps", type=int, default=1500)
-    ap.add_argument("--zo-steps", type=int, default=300)
-    ap.add_argument("--distill-queries", type=int, default=15_000)
-    ap.add_argument("--redistill-every", type=int, default=300)
-    ap.add_argument("--module", default='{"name": "dncnn", "depth": 5, "width": 24}')
+    ap.add_argument("--pretrain-steps", type=int, default=6000, help="MSE steps before each strategy")
+    ap.add_argument("--pretrain-lr", type=float, default=2e-3)
+    ap.add_argument("--lr-schedule", choices=["constant", "cosine"], default="cosine")
+    ap.add_argument("--steps", type=int, default=3000, help="surrogate steps (denoise: more MSE steps)")
+    ap.add_argument("--surrogate-lr", type=float, default=2e-4)
+    ap.add_argument("--stability-weight", type=float, default=0.1)
+    ap.add_argument("--zo-steps", type=int, default=150)
+    ap.add_argument("--distill-queries", type=int, default=10_000)
+    ap.add_argument("--redistill-every", type=int, default=500)
+    ap.add_argument("--module", default='{"name": "dncnn", "depth": 5, "width": 32, "downsample": 2}')
     ap.add_argument("--batch-size", type=int, default=2000)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--cache-dir", default=None, help="where the base models are cached")

@@ -187,6 +187,15 @@ def test_downsampling_denoiser_identity_round_trip_and_shapes(name: str, tmp_pat
         create_module(name, input_shape=(3, 12, 15), downsample=2)
 
 
+def test_lora_from_downsampling_denoiser_keeps_its_architecture() -> None:
+    base = create_module("dncnn", input_shape=(1, 12, 12), depth=3, width=8, downsample=2)
+    _perturb(base)
+    lora = LoRADnCNN.from_denoiser(base, rank=2)
+    x = torch.rand(3, 1, 12, 12)
+    assert lora.config.downsample == 2 and lora.config.base_config() == base.config
+    torch.testing.assert_close(lora(x), base(x))
+
+
 def test_downsampling_runs_the_body_at_lower_resolution() -> None:
     m = create_module("dncnn", input_shape=(1, 28, 28), depth=4, width=8, downsample=4)
     seen: list[tuple[int, ...]] = []

@@ -31,7 +31,13 @@ class FitConfig(BaseModel):
     pretrain_steps: int = Field(default=600, ge=0, description="MSE denoising steps first (zero queries)")
     batch_size: int = Field(default=64, ge=1, description="clean images per step")
     noise_draws: int = Field(default=1, ge=1, description="noise draws per image per step")
-    lr: float = Field(default=1e-3, gt=0)
+    lr: float = Field(default=1e-3, gt=0, description="learning rate of the module steps after pretraining")
+    pretrain_lr: float | None = Field(default=None, gt=0, description="learning rate of MSE pretraining (None: lr)")
+    lr_schedule: Literal["constant", "cosine"] = Field(
+        default="cosine",
+        description="per phase (pretraining, then the strategy's steps): constant, or cosine decay from the "
+        "phase's learning rate to 5% of it at the phase's last step",
+    )
     clean_fraction: float = Field(default=0.1, ge=0, lt=1, description="share of un-noised inputs in the mix")
     weights: dict[str, float] = Field(
         default_factory=lambda: {"mse": 1.0, "stability": 1.0},

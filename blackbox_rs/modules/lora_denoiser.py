@@ -70,6 +70,7 @@ class LoRADnCNNConfig(DnCNNArchConfig):
             width=self.width,
             kernel_size=self.kernel_size,
             norm=self.norm,
+            downsample=self.downsample,
         )
 
 
@@ -165,6 +166,7 @@ class LoRADnCNN(InputModule):
             width=b.width,
             kernel_size=b.kernel_size,
             norm=b.norm,
+            downsample=b.downsample,
             rank=rank,
             alpha=alpha,
             target_modules=target_modules,

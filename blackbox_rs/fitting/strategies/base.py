@@ -5,6 +5,7 @@ from __future__ import annotations
 import abc
 import hashlib
 import json
+import math
 import os
 from typing import Any, ClassVar
 
@@ -69,9 +70,25 @@ class Strategy(abc.ABC):
 
     def step(self, k: int) -> dict[str, float]:
         self.prepare_for_step(k)
+        lr = self.learning_rate(k)
+        for group in self.opt.param_groups:
+            group["lr"] = lr
         if k < self.pretrain_steps:
             return self.mse_step(k)
         return self.main_step(k)
+
+    def learning_rate(self, k: int) -> float:
+        """Learning rate of step ``k``: a function of ``k`` alone, so a resumed fit repeats the
+        uninterrupted one. Pretraining uses ``pretrain_lr`` (or ``lr``), later steps ``lr``; with the
+        cosine schedule each phase decays from its rate to 5 % of it."""
+        cfg = self.ctx.config
+        if k < self.pretrain_steps:
+            base, j, length = (cfg.pretrain_lr or cfg.lr), k, self.pretrain_steps
+        else:
+            base, j, length = cfg.lr, k - self.pretrain_steps, cfg.steps
+        if cfg.lr_schedule == "constant" or length <= 1:
+            return base
+        return base * (0.05 + 0.95 * 0.5 * (1.0 + math.cos(math.pi * j / (length - 1))))
 
     def mse_step(self, k: int) -> dict[str, float]:
         ctx = self.ctx
