@@ -7,7 +7,9 @@ through a *label-only* connector (every query through the QueryEngine, counted).
 * ``denoise``       MSE denoiser (zero queries);
 * ``surrogate``     MSE pretraining + stability through a surrogate kept faithful to the black box;
 * ``zeroth_order``  MSE pretraining + LoRA tuned by zeroth-order estimates from black-box labels;
-* ``multi_sigma``   one surrogate-fitted module for all sigmas (fitted once, certified at each);
+* ``multi_sigma``   one surrogate-fitted module for all sigmas (fitted once, certified at each; its MSE
+                    pretraining has len(sigmas) times the steps, the compute of one module per sigma,
+                    and the same query budget);
 * ``ceiling``       the same CNN architecture trained with Gaussian augmentation at that sigma
                     (white-box retraining: what fitting a module tries to approach).
 
@@ -112,7 +114,10 @@ def main() -> None:
         engine = QueryEngine(black_box)
         sm = BlackBoxSmoother(engine, module=module_spec, sigmas=sigmas)
         t = time.perf_counter()
-        rep = sm.fit((xtr, ytr), config=fit_config(args, strategy), budget=args.fit_budget)
+        cfg = fit_config(args, strategy)
+        if len(sigmas) > 1:  # the MSE compute of one module per sigma (zero queries); same query budget
+            cfg = cfg.model_copy(update={"pretrain_steps": cfg.pretrain_steps * len(sigmas)})
+        rep = sm.fit((xtr, ytr), config=cfg, budget=args.fit_budget)
         name = strategy if len(sigmas) == 1 else "multi_sigma"
         fits[f"{name}@{','.join(map(str, sigmas))}"] = {
             "fit_queries": rep.queries, "engine_queries": engine.stats.queries, "stopped": rep.stopped,

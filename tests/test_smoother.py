@@ -231,14 +231,14 @@ def test_learning_rate_schedule_per_phase():
         strat.ctx = SimpleNamespace(module=module, config=FitConfig(**kw))
         return [strat.learning_rate(k) for k in range(kw["pretrain_steps"] + kw["steps"])]
 
-    cos = lrs(pretrain_steps=11, steps=5, lr=1e-3, pretrain_lr=4e-3)
+    cos = lrs(pretrain_steps=11, steps=5, lr=1e-3, pretrain_lr=4e-3, lr_schedule="cosine")
     assert cos[0] == pytest.approx(4e-3) and cos[10] == pytest.approx(0.05 * 4e-3)  # pretraining decays
     assert cos[11] == pytest.approx(1e-3) and cos[15] == pytest.approx(0.05 * 1e-3)  # then the main phase
     assert all(a >= b for a, b in zip(cos[:10], cos[1:11], strict=True))
     assert cos[5] == pytest.approx(4e-3 * (0.05 + 0.95 * 0.5))  # half way: the mean of the two ends
-    const = lrs(pretrain_steps=3, steps=2, lr=1e-3, lr_schedule="constant")
-    assert const == [1e-3] * 5  # pretrain_lr unset: lr
-    whole = lrs(DenoiseStrategy, pretrain_steps=6, steps=5, lr=1e-3, pretrain_lr=4e-3)  # one phase
+    const = lrs(pretrain_steps=3, steps=2, lr=1e-3)
+    assert const == [1e-3] * 5  # the default: constant; pretrain_lr unset: lr
+    whole = lrs(DenoiseStrategy, pretrain_steps=6, steps=5, lr=1e-3, pretrain_lr=4e-3, lr_schedule="cosine")  # one phase
     assert whole[0] == pytest.approx(4e-3) and whole[10] == pytest.approx(0.05 * 4e-3)
     assert all(a > b for a, b in zip(whole[:10], whole[1:], strict=True))
     with pytest.raises(ValueError, match="lr_schedule"):

@@ -34,9 +34,10 @@ class FitConfig(BaseModel):
     lr: float = Field(default=1e-3, gt=0, description="learning rate of the module steps after pretraining")
     pretrain_lr: float | None = Field(default=None, gt=0, description="learning rate of MSE pretraining (None: lr)")
     lr_schedule: Literal["constant", "cosine"] = Field(
-        default="cosine",
+        default="constant",
         description="per phase (pretraining, then the strategy's steps): constant, or cosine decay from the "
-        "phase's learning rate to 5% of it at the phase's last step",
+        "phase's learning rate to 5% of it at the phase's last step (better for long fits, e.g. "
+        "benchmarks/fit_fashion_mnist.py; short fits lose from the early decay)",
     )
     clean_fraction: float = Field(default=0.1, ge=0, lt=1, description="share of un-noised inputs in the mix")
     weights: dict[str, float] = Field(
