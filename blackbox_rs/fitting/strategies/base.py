@@ -40,6 +40,14 @@ def get_strategy(name: str) -> type[Strategy]:
     return STRATEGIES[name]
 
 
+def phase_lr(base: float, j: int, length: int, schedule: str) -> float:
+    """Learning rate of step ``j`` of a phase of ``length`` steps: ``base`` (constant), or a cosine from
+    ``base`` at the first step to ``0.05 * base`` at the last."""
+    if schedule == "constant" or length <= 1:
+        return base
+    return base * (0.05 + 0.95 * 0.5 * (1.0 + math.cos(math.pi * j / (length - 1))))
+
+
 class Strategy(abc.ABC):
     """One way of fitting the module. Steps ``0 .. pretrain_steps-1`` are MSE denoising (zero
     queries); steps after that are the strategy's own. Subclasses implement :meth:`main_step` and,
@@ -86,9 +94,8 @@ class Strategy(abc.ABC):
             base, j, length = (cfg.pretrain_lr or cfg.lr), k, self.pretrain_steps
         else:
             base, j, length = cfg.lr, k - self.pretrain_steps, cfg.steps
-        if cfg.lr_schedule == "constant" or length <= 1:
-            return base
-        return base * (0.05 + 0.95 * 0.5 * (1.0 + math.cos(math.pi * j / (length - 1))))
+        return phase_lr(base, j, length, cfg.lr_schedule)
+
 
     def mse_step(self, k: int) -> dict[str, float]:
         ctx = self.ctx

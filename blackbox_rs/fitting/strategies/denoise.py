@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import math
-
-from blackbox_rs.fitting.strategies.base import Strategy, register_strategy
+from blackbox_rs.fitting.strategies.base import Strategy, phase_lr, register_strategy
 
 
 @register_strategy
@@ -17,10 +15,7 @@ class DenoiseStrategy(Strategy):
 
     def learning_rate(self, k: int) -> float:
         cfg = self.ctx.config
-        base, length = (cfg.pretrain_lr or cfg.lr), self.total_steps
-        if cfg.lr_schedule == "constant" or length <= 1:
-            return base
-        return base * (0.05 + 0.95 * 0.5 * (1.0 + math.cos(math.pi * k / (length - 1))))
+        return phase_lr(cfg.pretrain_lr or cfg.lr, k, self.total_steps, cfg.lr_schedule)
 
     def main_step(self, k: int) -> dict[str, float]:
         return self.mse_step(k)
