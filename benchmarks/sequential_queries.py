@@ -17,7 +17,7 @@ of the inputs (what a 1-point accuracy allowance permits).
 
 Default (no --model): trains a tiny CNN (one conv layer) for 2,500 seeded steps (~2 s) on sklearn's 8x8
 digits with Gaussian noise augmentation, saves it as TorchScript in a temp dir and certifies all 397
-held-out digits (about 5 min on 2 cores).
+held-out digits (about 2 min).
 
     python benchmarks/sequential_queries.py                       # default, small
     python benchmarks/sequential_queries.py --images 50 --cohen-n 100000     # quick
@@ -46,6 +46,7 @@ from blackbox_rs.certify import certify_dataset
 from blackbox_rs.certify_sequential import certify_radius_dataset
 from blackbox_rs.connectors import TorchScriptConnector
 from blackbox_rs.engine import QueryEngine
+from blackbox_rs.sequential import wald_oracle_samples
 
 
 def digits_data() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -84,22 +85,10 @@ def train_tiny_cnn(path: Path, x: torch.Tensor, y: torch.Tensor, sigmas: list[fl
 
 
 def oracle_costs(certs: list, r: float, sigma: float, alpha: float, n0: int) -> np.ndarray:
-    """Wald's oracle cost ``1 + n0 + ln(1/alpha) / KL(p_hat || Phi(r/sigma))`` of each input that ``certs``
-    (Cohen certificates) certify correctly at ``r``, with p_hat = count / n of the predicted class."""
-    p0 = _norm_cdf(r / sigma)
-    out = []
-    for c in certs:
-        if c.correct and c.radius >= r:
-            p = min(c.counts[c.prediction] / c.n, 1.0 - 1e-12)
-            kl = p * np.log(p / p0) + (1.0 - p) * np.log((1.0 - p) / (1.0 - p0))
-            out.append(1 + n0 + np.log(1.0 / alpha) / max(kl, 1e-300))
-    return np.sort(np.asarray(out, float))
-
-
-def _norm_cdf(z: float) -> float:
-    from scipy.stats import norm
-
-    return float(norm.cdf(z))
+    """Wald's oracle cost ``1 + n0 + wald_oracle_samples(p_hat, r, sigma, alpha)`` of each input that
+    ``certs`` (Cohen certificates) certify correctly at ``r``, with p_hat = count / n of the predicted class."""
+    return np.sort(np.asarray([1 + n0 + wald_oracle_samples(c.counts[c.prediction] / c.n, r, sigma, alpha)
+                               for c in certs if c.correct and c.radius >= r], float))
 
 
 def load_npz(path: str) -> tuple[torch.Tensor, torch.Tensor]:

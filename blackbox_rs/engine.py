@@ -140,13 +140,7 @@ class QueryEngine:
         finally:
             if tally is not None:
                 tally.add(local)
-        if len(parts) == 1:
-            return parts[0]
-        labels = torch.cat([p.labels for p in parts])
-        scores = None
-        if all(p.scores is not None for p in parts):
-            scores = torch.cat([p.scores for p in parts])  # type: ignore[misc]
-        return Prediction(labels=labels, scores=scores)
+        return Prediction.concat(parts)
 
     def _request(self, sub: torch.Tensor, tally: Tally) -> Prediction:
         info = self.connector.info

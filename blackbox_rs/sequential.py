@@ -45,6 +45,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 import numpy as np
+from scipy import special as _sp
 from scipy import stats as _st
 
 from blackbox_rs import stats
@@ -60,6 +61,7 @@ __all__ = [
     "naive_retest_thresholds",
     "simulate_bernoulli",
     "simulate_naive",
+    "wald_oracle_samples",
 ]
 
 RadiusStatus = Literal["certified", "not_certified", "undecided"]
@@ -372,6 +374,26 @@ def decide(schedule: LookSchedule, look_counts: Sequence[int]) -> SequentialDeci
         n = t.next_size
         t.observe_look(int(c))
     return t.result(n)
+
+
+def wald_oracle_samples(p: float, radius: float, sigma: float, alpha: float) -> float:
+    """Wald's lower bound ``ln(1/alpha) / KL(p || Phi(radius / sigma))`` on the expected number of
+    estimation samples that *any* level-alpha test needs to certify ``radius`` (with power near 1)
+    when the candidate's true probability is ``p``; ``inf`` when ``p <= Phi(radius / sigma)``.
+
+    It is the cost of the oracle that knows p (a sequential probability ratio test against that
+    exact alternative), so it measures how far a procedure is from the best possible, and how much a
+    model's probabilities near the threshold cost whoever certifies them."""
+    sigma = stats.check_sigma(sigma)
+    alpha = stats.check_alpha(alpha)
+    threshold = float(_st.norm.cdf(check_radii(radius)[0] / sigma))
+    p = float(p)
+    if not 0.0 <= p <= 1.0:
+        raise InvalidParameterError(f"p must lie in [0, 1], got {p!r}")
+    if p <= threshold:
+        return math.inf
+    kl = float(_sp.rel_entr(p, threshold) + _sp.rel_entr(1.0 - p, 1.0 - threshold))
+    return math.log(1.0 / alpha) / kl
 
 
 # ---------------------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ caches and counts.
 from __future__ import annotations
 
 import abc
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
@@ -55,6 +56,16 @@ class Prediction:
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
+
+    @classmethod
+    def concat(cls, parts: Sequence[Prediction]) -> Prediction:
+        """The answers of consecutive chunks as one; scores only if every chunk has them."""
+        if len(parts) == 1:
+            return parts[0]
+        scores = None
+        if all(p.scores is not None for p in parts):
+            scores = torch.cat([p.scores for p in parts])  # type: ignore[misc]
+        return cls(labels=torch.cat([p.labels for p in parts]), scores=scores)
 
 
 class ConnectorInfo(BaseModel):

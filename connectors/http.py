@@ -676,14 +676,7 @@ class HTTPConnector(BaseConnector):
                 labels=torch.zeros(0, dtype=torch.int64),
                 scores=torch.zeros(0, k) if self._info.returns_scores else None,
             )
-        preds = [self._query_chunk(chunk) for chunk in _chunks(batch, self._info.max_batch)]
-        if len(preds) == 1:
-            return preds[0]
-        labels = torch.cat([p.labels for p in preds])
-        scores = None
-        if all(p.scores is not None for p in preds):
-            scores = torch.cat([p.scores for p in preds])  # type: ignore[misc]
-        return Prediction(labels=labels, scores=scores)
+        return Prediction.concat([self._query_chunk(chunk) for chunk in _chunks(batch, self._info.max_batch)])
 
     @abc.abstractmethod
     def _query_chunk(self, batch: torch.Tensor) -> Prediction:

@@ -22,6 +22,7 @@ from blackbox_rs.sequential import (
     decide,
     simulate_bernoulli,
     simulate_naive,
+    wald_oracle_samples,
 )
 
 RUNS = 6000
@@ -265,3 +266,29 @@ def test_lattice_mode_end_to_end() -> None:
     assert cert.decision == "certified" and cert.lattice
     with pytest.raises(InvalidInputError):
         certify_radius(eng, torch.full(SHAPE, 0.5001), radius=0.5, sigma=0.25, lattice=True)
+
+
+def test_wald_oracle_matches_scipy_and_an_sprt_and_bounds_our_procedure() -> None:
+    sigma, r, alpha = 0.25, 0.5, 0.001
+    p0 = st.norm.cdf(r / sigma)
+    for p in (0.981, 0.99, 0.999):
+        kl = st.entropy([p, 1 - p], [p0, 1 - p0])  # KL(p || p0) in nats
+        assert wald_oracle_samples(p, r, sigma, alpha) == pytest.approx(math.log(1 / alpha) / kl, rel=1e-9)
+    assert wald_oracle_samples(p0 - 1e-3, r, sigma, alpha) == math.inf
+    # attainable: the SPRT that knows p stops (certifies) after about the bound, a little more (overshoot)
+    rng = np.random.default_rng(0)
+    for p in (0.99, 0.995):
+        bound = wald_oracle_samples(p, r, sigma, alpha)
+        step_yes, step_no = math.log(p / p0), math.log((1 - p) / (1 - p0))
+        x = rng.random((2000, int(6 * bound))) < p
+        llr = np.cumsum(np.where(x, step_yes, step_no), axis=1)
+        crossed = llr >= math.log(1 / alpha)
+        assert crossed.any(axis=1).mean() > 0.99
+        mean_n = (crossed.argmax(axis=1)[crossed.any(axis=1)] + 1).mean()
+        assert 0.97 * bound <= mean_n <= 1.1 * bound, (p, bound, mean_n)  # 3 %: Monte-Carlo error
+        # a lower bound: our valid procedure never beats it on average
+        sched = LookSchedule.for_radii(r, sigma, alpha, 100_000)
+        ours = simulate_bernoulli(sched, p, 2000, seed=1)["n"].mean()
+        assert ours >= bound, (p, ours, bound)
+    with pytest.raises(InvalidParameterError):
+        wald_oracle_samples(1.5, r, sigma, alpha)

@@ -8,7 +8,8 @@ way to buy the receptive field that denoising at large sigma needs; H and W must
 The last convolution (weights and bias) is zero-initialised,
 so an unfitted denoiser is exactly the identity map. No batch normalisation: the output for one
 sample never depends on the rest of its batch (a requirement for a valid smoothing certificate).
-The network is fully convolutional, so any H, W is accepted; C must match ``input_shape``.
+The network is fully convolutional, so any H, W is accepted (multiples of s with ``downsample=s``);
+C must match ``input_shape``.
 
 Defaults are small, for 1-channel 28×28 and 3-channel 32×32 images: ``depth=6, width=32`` for one
 channel and ``depth=8, width=64`` otherwise (chosen from ``input_shape`` when left unset).
@@ -50,6 +51,11 @@ class DnCNNArchConfig(ModuleConfig):
         default=1, ge=1, le=8,
         description="Stride of the head conv; the tail pixel-shuffles back (H, W must be multiples).",
     )
+
+    def architecture(self) -> dict[str, object]:
+        """The fields shared by every DnCNN-based config (everything but ``name`` and the subclass's
+        own settings): what two configs must agree on to describe the same network."""
+        return {k: getattr(self, k) for k in DnCNNArchConfig.model_fields if k != "name"}
 
     @model_validator(mode="after")
     def _resolve(self) -> DnCNNArchConfig:

@@ -64,14 +64,7 @@ class LoRADnCNNConfig(DnCNNArchConfig):
 
     def base_config(self) -> DnCNNConfig:
         """The :class:`DnCNNConfig` of the frozen base denoiser."""
-        return DnCNNConfig(
-            input_shape=self.input_shape,
-            depth=self.depth,
-            width=self.width,
-            kernel_size=self.kernel_size,
-            norm=self.norm,
-            downsample=self.downsample,
-        )
+        return DnCNNConfig(**self.architecture())
 
 
 @register_module("lora_dncnn")
@@ -160,17 +153,7 @@ class LoRADnCNN(InputModule):
         if not isinstance(base, DnCNN):
             base = DnCNN.load(base)
         b = base.config
-        config = LoRADnCNNConfig(
-            input_shape=b.input_shape,
-            depth=b.depth,
-            width=b.width,
-            kernel_size=b.kernel_size,
-            norm=b.norm,
-            downsample=b.downsample,
-            rank=rank,
-            alpha=alpha,
-            target_modules=target_modules,
-        )
+        config = LoRADnCNNConfig(**b.architecture(), rank=rank, alpha=alpha, target_modules=target_modules)
         module = cls(config)
         module.load_base(base)
         return module

@@ -96,7 +96,6 @@ class Strategy(abc.ABC):
             base, j, length = cfg.lr, k - self.pretrain_steps, cfg.steps
         return phase_lr(base, j, length, cfg.lr_schedule)
 
-
     def mse_step(self, k: int) -> dict[str, float]:
         ctx = self.ctx
         ctx.module.train()
