@@ -67,7 +67,7 @@ CONFIG: dict[str, Any] = {
     "lr": 2e-3,
     "schedule": "cosine",
     "seed": 0,
-    "clip_noisy": False,
+    "clip_noisy": True,  # the SDK certifies f(clip(x + delta)): train on that distribution
 }
 
 #: model name -> Gaussian augmentation sigma (0: clean training).

@@ -19,8 +19,15 @@ Default (no --model): trains a tiny CNN (one conv layer) for 2,500 seeded steps 
 digits with Gaussian noise augmentation, saves it as TorchScript in a temp dir and certifies all 397
 held-out digits (about 2 min).
 
+``--dataset fashion_mnist``: the first ``--images`` Fashion-MNIST test images (Debian package
+``dataset-fashion-mnist``); at each sigma the black box is the TorchScript CNN trained with Gaussian
+augmentation at that sigma (``benchmarks/_fmnist_models.py``: the white-box ceiling of
+``fit_fashion_mnist.py``, built and cached on first use, ~4 min). Cohen's n = 100,000 on 500 images
+and two sigmas is 10^8 forwards: about 15 minutes on 2 cores.
+
     python benchmarks/sequential_queries.py                       # default, small
     python benchmarks/sequential_queries.py --images 50 --cohen-n 100000     # quick
+    python benchmarks/sequential_queries.py --dataset fashion_mnist --images 500
     python benchmarks/sequential_queries.py --model smoother.pt --data test.npz --images 200 \\
         --pairs 0.25:0.25,0.25:0.5,0.5:0.5,0.5:1.0
 
@@ -91,6 +98,25 @@ def oracle_costs(certs: list, r: float, sigma: float, alpha: float, n0: int) -> 
                                for c in certs if c.correct and c.radius >= r], float))
 
 
+def fmnist_setup(sigmas: list[float], images: int, threads: int) -> tuple[torch.Tensor, torch.Tensor, dict, dict]:
+    """Fashion-MNIST test images and, per sigma, the cached CNN trained with Gaussian augmentation at it."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from _fmnist_models import get_models
+
+    from blackbox_rs.datasets import load_fashion_mnist
+
+    models = get_models(None, threads=threads, log=lambda *a: None)["models"]
+    missing = [s for s in sigmas if f"gauss_{s}" not in models]
+    if missing:
+        raise SystemExit(f"no Fashion-MNIST model trained with noise at sigma {missing}; have {sorted(models)}")
+    x, y = load_fashion_mnist("test", limit=images)
+    info = {"kind": "Fashion-MNIST SmallCNN trained with Gaussian augmentation at each sigma",
+            **{f"gauss_{s}": {k: v for k, v in models[f"gauss_{s}"].items() if k != "path"} for s in sigmas}}
+    return x, y, {s: Path(models[f"gauss_{s}"]["path"]) for s in sigmas}, info
+
+
 def load_npz(path: str) -> tuple[torch.Tensor, torch.Tensor]:
     d = np.load(path)
     x = torch.from_numpy(d["x"])
@@ -102,6 +128,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", help="TorchScript model (float N x C x H x W in [0, 1] -> logits)")
     ap.add_argument("--data", help=".npz with x and y (required with --model)")
+    ap.add_argument("--dataset", choices=["digits", "fashion_mnist"], default="digits",
+                    help="without --model: the built-in model and data")
     ap.add_argument("--num-classes", type=int, default=10)
     ap.add_argument("--images", type=int, default=397, help="first N test images (digits: 397 held out)")
     ap.add_argument("--pairs", default="0.25:0.25,0.25:0.5,0.5:0.5,0.5:1.0", help="sigma:r,...")
@@ -124,20 +152,25 @@ def main() -> None:
     if args.model:
         if not args.data:
             ap.error("--data is required with --model")
-        model_path = Path(args.model)
         x, y = load_npz(args.data)
-        out["model"] = str(model_path)
+        model_paths = dict.fromkeys(sigmas, Path(args.model))
+        out["model"] = args.model
+    elif args.dataset == "fashion_mnist":
+        x, y, model_paths, out["model"] = fmnist_setup(sigmas, args.images, args.threads)
     else:
         xtr, ytr, x, y = digits_data()
-        model_path = Path(tmp.name) / "digits_cnn.pt"
-        out["model"] = {"kind": "tiny CNN on sklearn digits 8x8", **train_tiny_cnn(model_path, xtr, ytr, sigmas,
-                                                                                  args.train_steps)}
+        model_paths = dict.fromkeys(sigmas, Path(tmp.name) / "digits_cnn.pt")
+        out["model"] = {"kind": "tiny CNN on sklearn digits 8x8",
+                        **train_tiny_cnn(model_paths[sigmas[0]], xtr, ytr, sigmas, args.train_steps)}
     x, y = x[: args.images], y[: args.images]
-    conn = TorchScriptConnector(model_path, input_shape=tuple(x.shape[1:]), num_classes=args.num_classes,
-                                max_batch=args.batch_size, label_only=True)
-    engine = QueryEngine(conn)
-    with torch.inference_mode():
-        out["clean_accuracy"] = float((conn.query(x).labels == y).float().mean())
+    engines: dict[float, QueryEngine] = {}
+    out["clean_accuracy"] = {}
+    for s in sigmas:
+        conn = TorchScriptConnector(model_paths[s], input_shape=tuple(x.shape[1:]), num_classes=args.num_classes,
+                                    max_batch=args.batch_size, label_only=True)
+        engines[s] = QueryEngine(conn)
+        with torch.inference_mode():
+            out["clean_accuracy"][str(s)] = float((conn.query(x).labels == y).float().mean())
     out["images"] = len(y)
     cohen_ns = [int(v) for v in args.cohen_n.split(",") if v.strip()]
     cohen: dict[tuple[float, int], list] = {}
@@ -145,7 +178,7 @@ def main() -> None:
     for s in sigmas:
         for n in cohen_ns:
             t0 = time.time()
-            res = certify_dataset(engine, x, y.tolist(), sigma=s, n0=args.cohen_n0, n=n, alpha=args.alpha,
+            res = certify_dataset(engines[s], x, y.tolist(), sigma=s, n0=args.cohen_n0, n=n, alpha=args.alpha,
                                   batch_size=args.batch_size)
             cohen[(s, n)] = res.certificates
             timings[f"cohen sigma={s} n={n}"] = round(time.time() - t0, 1)
@@ -153,7 +186,7 @@ def main() -> None:
     totals = {"sequential": 0.0, **{f"cohen_n{n}": 0.0 for n in cohen_ns}}
     for s, r in pairs:
         t0 = time.time()
-        res = certify_radius_dataset(engine, x, y.tolist(), radius=r, sigma=s, alpha=args.alpha, n0=args.n0,
+        res = certify_radius_dataset(engines[s], x, y.tolist(), radius=r, sigma=s, alpha=args.alpha, n0=args.n0,
                                      max_queries=args.max_queries, batch_size=args.batch_size,
                                      futility=args.futility or None)
         timings[f"sequential sigma={s} r={r}"] = round(time.time() - t0, 1)

@@ -92,6 +92,21 @@ def test_training_is_deterministic_given_seed(digits):
     assert not all(torch.equal(a[k], d[k]) for k in a)  # the noise changes training
 
 
+def test_noise_augmentation_clips_by_default_like_the_certifier(digits):
+    """The SDK certifies f(clip(x + delta)); the default augmentation must train on that distribution."""
+    (x, y), _ = digits
+    x, y = x[:300], y[:300]
+
+    def run(**kw: bool) -> dict:
+        m = SmallCNN(1, 10, 8, 8, seed=0)
+        train_classifier(m, x, y, epochs=1, batch_size=50, lr=1e-2, seed=3, noise_sigma=0.5, threads=1, **kw)
+        return m.state_dict()
+
+    default, clipped, raw = run(), run(clip_noisy=True), run(clip_noisy=False)
+    assert all(torch.equal(default[k], clipped[k]) for k in default)
+    assert not all(torch.equal(default[k], raw[k]) for k in default)
+
+
 def test_train_progress_threads_and_noise_options(digits):
     (x, y), _ = digits
     before = torch.get_num_threads()
