@@ -27,7 +27,8 @@ and two sigmas is 10^8 forwards: about 15 minutes on 2 cores.
 
     python benchmarks/sequential_queries.py                       # default, small
     python benchmarks/sequential_queries.py --images 50 --cohen-n 100000     # quick
-    python benchmarks/sequential_queries.py --dataset fashion_mnist --images 500
+    python benchmarks/sequential_queries.py --dataset fashion_mnist --images 500 \\
+        --also 0.05:100000 0.1:100000 0.05:50000 0.03:50000     # + other futility/cap settings
     python benchmarks/sequential_queries.py --model smoother.pt --data test.npz --images 200 \\
         --pairs 0.25:0.25,0.25:0.5,0.5:0.5,0.5:1.0
 
@@ -117,6 +118,32 @@ def fmnist_setup(sigmas: list[float], images: int, threads: int) -> tuple[torch.
     return x, y, {s: Path(models[f"gauss_{s}"]["path"]) for s in sigmas}, info
 
 
+def other_setting(spec: str, pairs: list[tuple[float, float]], engines: dict, x: torch.Tensor, y: torch.Tensor,
+                  args: argparse.Namespace, cohen: dict) -> dict:
+    """Sequential certification with futility F and cap M (``spec = "F:M"``, F = 0: no futility stop),
+    compared with the Cohen runs already made: x fewer queries and the change in certified accuracy."""
+    fut, cap = spec.split(":")
+    row: dict = {"futility": float(fut), "max_queries": int(cap), "pairs": []}
+    total = 0.0
+    for s, r in pairs:
+        res = certify_radius_dataset(engines[s], x, y.tolist(), radius=r, sigma=s, alpha=args.alpha, n0=args.n0,
+                                     max_queries=int(cap), batch_size=args.batch_size, futility=float(fut) or None)
+        q = float(np.mean([c.queries + c.cache_hits for c in res.certificates]))
+        total += q
+        item = {"sigma": s, "r": r, "mean_queries_all_inputs": q,
+                "certified_accuracy_sequential": res.certified_accuracy[f"{r:g}"]}
+        for (cs, n), certs in cohen.items():
+            if cs == s:
+                acc = sum(1 for c in certs if c.correct and c.radius >= r) / len(certs)
+                item[f"fewer_queries_than_cohen_n{n}"] = (n + args.cohen_n0) / q
+                item[f"accuracy_change_points_vs_cohen_n{n}"] = 100 * (item["certified_accuracy_sequential"] - acc)
+        row["pairs"].append(item)
+    row["overall_mean_queries"] = total / len(pairs)
+    for n in sorted({n for _, n in cohen}):
+        row[f"overall_fewer_queries_than_cohen_n{n}"] = (n + args.cohen_n0) / row["overall_mean_queries"]
+    return row
+
+
 def load_npz(path: str) -> tuple[torch.Tensor, torch.Tensor]:
     d = np.load(path)
     x = torch.from_numpy(d["x"])
@@ -137,6 +164,8 @@ def main() -> None:
     ap.add_argument("--n0", type=int, default=10, help="sequential selection samples")
     ap.add_argument("--max-queries", type=int, default=100_000, help="sequential per-input cap")
     ap.add_argument("--futility", type=float, default=0.01, help="sequential futility level (0: never)")
+    ap.add_argument("--also", nargs="*", default=[], metavar="F:M",
+                    help="further sequential settings (futility F, cap M) compared with the same Cohen runs")
     ap.add_argument("--cohen-n", default="10000,100000", help="fixed-n baselines ('' to skip)")
     ap.add_argument("--cohen-n0", type=int, default=100)
     ap.add_argument("--batch-size", type=int, default=5000)
@@ -230,6 +259,7 @@ def main() -> None:
             row["sequential_over_oracle"] = float(q.mean()) / oracle if oracle > 0 else None
         rows.append(row)
     out["results"] = rows
+    out["other_settings"] = [other_setting(spec, pairs, engines, x, y, args, cohen) for spec in args.also]
     out["overall"] = {"mean_queries_sequential": totals["sequential"] / (len(y) * len(pairs)),
                       **{f"fewer_queries_than_{k}": v / totals["sequential"]
                          for k, v in totals.items() if k != "sequential"}}
