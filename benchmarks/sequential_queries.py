@@ -159,6 +159,7 @@ def main() -> None:
                     help="without --model: the built-in model and data")
     ap.add_argument("--num-classes", type=int, default=10)
     ap.add_argument("--images", type=int, default=397, help="first N test images (digits: 397 held out)")
+    ap.add_argument("--skip", type=int, default=0, help="skip the first K test images (a disjoint check)")
     ap.add_argument("--pairs", default="0.25:0.25,0.25:0.5,0.5:0.5,0.5:1.0", help="sigma:r,...")
     ap.add_argument("--alpha", type=float, default=0.001)
     ap.add_argument("--n0", type=int, default=10, help="sequential selection samples")
@@ -185,13 +186,14 @@ def main() -> None:
         model_paths = dict.fromkeys(sigmas, Path(args.model))
         out["model"] = args.model
     elif args.dataset == "fashion_mnist":
-        x, y, model_paths, out["model"] = fmnist_setup(sigmas, args.images, args.threads)
+        x, y, model_paths, out["model"] = fmnist_setup(sigmas, args.skip + args.images, args.threads)
     else:
         xtr, ytr, x, y = digits_data()
         model_paths = dict.fromkeys(sigmas, Path(tmp.name) / "digits_cnn.pt")
         out["model"] = {"kind": "tiny CNN on sklearn digits 8x8",
                         **train_tiny_cnn(model_paths[sigmas[0]], xtr, ytr, sigmas, args.train_steps)}
-    x, y = x[: args.images], y[: args.images]
+    x, y = x[args.skip: args.skip + args.images], y[args.skip: args.skip + args.images]
+    out["skipped_images"] = args.skip
     engines: dict[float, QueryEngine] = {}
     out["clean_accuracy"] = {}
     for s in sigmas:
