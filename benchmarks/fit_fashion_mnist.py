@@ -70,7 +70,8 @@ def certify_run(smoother: BlackBoxSmoother, x: torch.Tensor, y: torch.Tensor, si
             "certify_seconds": round(time.perf_counter() - t, 1)}
 
 
-def main() -> None:
+def parser() -> argparse.ArgumentParser:
+    """The command line; its defaults are the benchmark's fitting settings (also used by fit_proxy)."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--images", type=int, default=500)
     ap.add_argument("--n0", type=int, default=100)
@@ -95,7 +96,11 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--cache-dir", default=None, help="where the base models are cached")
     ap.add_argument("--out", default=None, help="also write the JSON here")
-    args = ap.parse_args()
+    return ap
+
+
+def main() -> None:
+    args = parser().parse_args()
     torch.set_num_threads(args.threads)
     module_spec = json.loads(args.module)
 

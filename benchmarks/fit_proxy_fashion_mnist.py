@@ -16,8 +16,10 @@ fitting variants quickly; the benchmark's table is what is reported.
     python benchmarks/fit_proxy_fashion_mnist.py --sigma 0.5 \\
         '{"strategy": "denoise", "steps": 3000, "lr": 0.002}' '{}' '{"clean_queries": 30000}'
 
-Each variant is a JSON object of FitConfig fields on top of the fit benchmark's surrogate defaults
-(``{}`` is the benchmark's surrogate fit); ``"module"`` overrides the module spec.
+Each variant is a JSON object of FitConfig fields applied on top of the fit benchmark's own settings
+for its strategy (``fit_fashion_mnist.parser()`` defaults and ``fit_config``; ``{}`` is its surrogate
+fit, ``{"strategy": "denoise"}`` its denoiser); ``"module"`` overrides the module spec. Every forward
+of a base model goes through a QueryEngine; the evaluation queries are reported apart from the fit's.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _fmnist_models import get_models  # noqa: E402
+from fit_fashion_mnist import SHAPE, fit_config, parser  # noqa: E402
 
 from blackbox_rs import QueryEngine  # noqa: E402
 from blackbox_rs.connectors import TorchScriptConnector  # noqa: E402
@@ -42,23 +45,19 @@ from blackbox_rs.fitting.config import FitConfig  # noqa: E402
 from blackbox_rs.smoother import BlackBoxSmoother  # noqa: E402
 
 THRESHOLDS = (0.74, 0.875, 0.95)
-BASE = {"pretrain_steps": 6000, "pretrain_lr": 2e-3, "batch_size": 64, "seed": 0, "clean_queries": 10_000,
-        "lr_schedule": "cosine"}
-SURROGATE = {"steps": 3000, "distill_queries": 10_000, "redistill_every": 500, "lr": 2e-4,
-             "weights": {"mse": 1.0, "stability": 0.1}}
-MODULE = {"name": "dncnn", "depth": 5, "width": 32, "downsample": 2}
 
 
-def true_class_probability(f: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, y: torch.Tensor,
+def true_class_probability(labels: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, y: torch.Tensor,
                            sigma: float, draws: int, chunk: int = 20) -> torch.Tensor:
-    """Per image, the share of ``draws`` noisy copies (seeded) that ``f`` assigns to the true class."""
+    """Per image, the share of ``draws`` noisy copies ``x + delta`` (seeded) that ``labels`` assigns to
+    the true class."""
     g = torch.Generator().manual_seed(7)
     hits = torch.zeros(len(y))
     with torch.inference_mode():
         for start in range(0, draws, chunk):
             m = min(chunk, draws - start)
             z = x.repeat(m, 1, 1, 1) + sigma * torch.randn((m * len(y), *x.shape[1:]), generator=g)
-            hits += (f(z).argmax(1).view(m, -1) == y[None]).float().sum(0)
+            hits += (labels(z).view(m, -1) == y[None]).float().sum(0)
     return hits / draws
 
 
@@ -75,30 +74,38 @@ def main() -> None:
     ap.add_argument("--draws", type=int, default=200)
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
+    bench = parser().parse_args([])  # the fit benchmark's settings
     torch.set_num_threads(args.threads)
     models = get_models(None, threads=args.threads, log=None)["models"]
-    key = f"gauss_{args.sigma}"
-    xtr, ytr = load_fashion_mnist("train")
     xte, yte = load_fashion_mnist("test", limit=args.images)
-    clean = torch.jit.load(models["clean"]["path"]).eval()
-    if key in models:
-        ceiling = torch.jit.load(models[key]["path"]).eval()
-        p = true_class_probability(lambda z: ceiling(z.clamp(0, 1)), xte, yte, args.sigma, args.draws)
-        print(json.dumps({"sigma": args.sigma, "variant": "ceiling", **summary(p)}), flush=True)
-    black_box = TorchScriptConnector(models["clean"]["path"], input_shape=(1, 28, 28), num_classes=10,
-                                     label_only=True, max_batch=4000)
+
+    def engine(name: str) -> QueryEngine:
+        return QueryEngine(TorchScriptConnector(models[name]["path"], input_shape=SHAPE, num_classes=10,
+                                                label_only=True, max_batch=4000))
+
+    if f"gauss_{args.sigma}" in models:
+        ceiling = engine(f"gauss_{args.sigma}")
+        p = true_class_probability(lambda z: ceiling.query(z.clamp(0, 1)).labels, xte, yte, args.sigma, args.draws)
+        print(json.dumps({"sigma": args.sigma, "variant": "ceiling", **summary(p),
+                          "eval_queries": ceiling.stats.queries}), flush=True)
+    if not args.variants:
+        return
+    xtr, ytr = load_fashion_mnist("train", limit=bench.fit_images)
     for spec in args.variants:
         over = json.loads(spec)
-        module = over.pop("module", MODULE)
-        cfg = {**BASE, **over}
-        if cfg.get("strategy", "surrogate") == "surrogate":
-            cfg = {**SURROGATE, **cfg}
+        module = over.pop("module", json.loads(bench.module))
+        base = fit_config(bench, over.get("strategy", "surrogate")).model_dump()
+        cfg = FitConfig(**{**base, **over})
+        black_box = engine("clean")
         t = time.perf_counter()
-        sm = BlackBoxSmoother(QueryEngine(black_box), module=module, sigmas=[args.sigma])
-        rep = sm.fit((xtr, ytr), config=FitConfig(**cfg), budget=100_000)
+        sm = BlackBoxSmoother(black_box, module=module, sigmas=[args.sigma])
+        rep = sm.fit((xtr, ytr), config=cfg, budget=bench.fit_budget)
+        fit_queries = black_box.stats.queries
         mod = sm.module.eval()
-        p = true_class_probability(lambda z, mod=mod: clean(mod(z).clamp(0, 1)), xte, yte, args.sigma, args.draws)
+        p = true_class_probability(lambda z, mod=mod, bb=black_box: bb.query(mod(z).clamp(0, 1)).labels,
+                                   xte, yte, args.sigma, args.draws)
         print(json.dumps({"sigma": args.sigma, "variant": spec, **summary(p), "fit_queries": rep.queries,
+                          "engine_fit_queries": fit_queries, "eval_queries": black_box.stats.queries - fit_queries,
                           "best_step": rep.best_step, "seconds": round(time.perf_counter() - t, 1)}), flush=True)
 
 
