@@ -91,7 +91,10 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--zo-steps", type=int, default=150)
     ap.add_argument("--distill-queries", type=int, default=10_000)
     ap.add_argument("--redistill-every", type=int, default=500)
-    ap.add_argument("--module", default='{"name": "dncnn", "depth": 5, "width": 32, "downsample": 2}')
+    ap.add_argument("--module", default='{"name": "unet", "widths": [16, 32, 32]}',
+                    help="module of denoise / surrogate / multi_sigma (JSON spec)")
+    ap.add_argument("--zo-module", default='{"name": "dncnn", "depth": 5, "width": 32, "downsample": 2}',
+                    help="module of zeroth_order: a DnCNN, tuned as a rank-2 LoRA after MSE pretraining")
     ap.add_argument("--batch-size", type=int, default=2000)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--cache-dir", default=None, help="where the base models are cached")
@@ -103,6 +106,7 @@ def main() -> None:
     args = parser().parse_args()
     torch.set_num_threads(args.threads)
     module_spec = json.loads(args.module)
+    zo_spec = json.loads(args.zo_module)
 
     models = get_models(args.cache_dir, threads=args.threads, log=lambda *a: None)
     paths = {k: Path(v["path"]) for k, v in models["models"].items()}
@@ -117,7 +121,7 @@ def main() -> None:
 
     def fitted(strategy: str, sigmas: list[float]) -> BlackBoxSmoother:
         engine = QueryEngine(black_box)
-        sm = BlackBoxSmoother(engine, module=module_spec, sigmas=sigmas)
+        sm = BlackBoxSmoother(engine, module=zo_spec if strategy == "zeroth_order" else module_spec, sigmas=sigmas)
         t = time.perf_counter()
         cfg = fit_config(args, strategy)
         if len(sigmas) > 1:  # the MSE compute of one module per sigma (zero queries); same query budget
@@ -127,7 +131,7 @@ def main() -> None:
         fits[f"{name}@{','.join(map(str, sigmas))}"] = {
             "fit_queries": rep.queries, "engine_queries": engine.stats.queries, "stopped": rep.stopped,
             "trainable_parameters": rep.trainable_parameters, "fit_seconds": round(time.perf_counter() - t, 1),
-            "best_score": rep.best_score}
+            "best_score": rep.best_score, "best_step": rep.best_step, "pretrain_steps": cfg.pretrain_steps}
         return sm
 
     multi = fitted("surrogate", list(args.sigmas)) if "multi_sigma" in args.methods else None
@@ -153,7 +157,7 @@ def main() -> None:
         results[str(sigma)] = row
 
     out = {"benchmark": "fit_fashion_mnist", "images": len(xte), "n0": args.n0, "n": args.n, "alpha": args.alpha,
-           "radii": RADII, "fit_budget": args.fit_budget, "module": module_spec, "results": results, "fits": fits,
+           "radii": RADII, "fit_budget": args.fit_budget, "module": module_spec, "zo_module": zo_spec, "results": results, "fits": fits,
            "base_models": {k: {kk: vv for kk, vv in v.items() if kk != "path"} for k, v in models["models"].items()},
            "total_seconds": round(time.perf_counter() - t_all, 1)}
     text = json.dumps(out, indent=1)

@@ -93,7 +93,8 @@ def main() -> None:
     xtr, ytr = load_fashion_mnist("train", limit=bench.fit_images)
     for spec in args.variants:
         over = json.loads(spec)
-        module = over.pop("module", json.loads(bench.module))
+        default = bench.zo_module if over.get("strategy") == "zeroth_order" else bench.module
+        module = over.pop("module", json.loads(default))
         base = fit_config(bench, over.get("strategy", "surrogate")).model_dump()
         cfg = FitConfig(**{**base, **over})
         black_box = engine("clean")

@@ -38,6 +38,7 @@ SMALL: dict[str, dict] = {
     "lora_dncnn": {"depth": 4, "width": 8, "rank": 2},
     "prompt_full": {},
     "prompt_pad": {"pad": 2},
+    "unet": {"widths": (4, 8)},
 }
 SHAPES = [(1, 12, 12), (3, 10, 14)]
 
@@ -202,6 +203,27 @@ def test_downsampling_runs_the_body_at_lower_resolution() -> None:
     m.net.body[0].conv.register_forward_hook(lambda _m, _i, out: seen.append(tuple(out.shape)))
     m(torch.rand(1, 1, 28, 28))
     assert seen == [(1, 8, 7, 7)]
+
+
+def test_unet_sees_the_whole_image_and_checks_divisibility(tmp_path: Path) -> None:
+    m = create_module("unet", input_shape=(1, 16, 16), widths=(4, 8, 8))
+    x = torch.rand(2, 1, 16, 16)
+    assert torch.equal(m(x), x)
+    _perturb(m, seed=3)
+    far = x.clone()
+    far[:, :, 0, 0] += 1.0  # one corner pixel: the opposite corner's output must move (global context)
+    assert (m(far) - m(x))[:, :, -1, -1].abs().min() > 0
+    no_ctx = create_module("unet", input_shape=(1, 16, 16), widths=(4, 8), global_context=False, norm="none")
+    _perturb(no_ctx, seed=3)
+    assert torch.equal((no_ctx(far) - no_ctx(x))[:, :, -1, -1], torch.zeros(2, 1))  # local receptive field
+    m.save(tmp_path / "u")
+    assert torch.equal(load_module(tmp_path / "u")(x), m(x))
+    with pytest.raises(InvalidInputError, match="divisible by 4"):
+        m(torch.rand(1, 1, 18, 16))
+    with pytest.raises(ConfigError, match="divisible by 4"):
+        create_module("unet", input_shape=(1, 18, 16), widths=(4, 8, 8))
+    with pytest.raises(ConfigError, match="widths"):
+        create_module("unet", input_shape=(1, 16, 16), widths=(4,))
 
 
 def test_denoisers_accept_other_spatial_sizes_prompts_do_not() -> None:

@@ -6,6 +6,7 @@ pickle). Built-in modules:
 
 - ``dncnn``: residual DnCNN denoiser (:mod:`blackbox_rs.modules.denoiser`);
 - ``prompt_full`` / ``prompt_pad``: additive visual prompts (:mod:`blackbox_rs.modules.prompt`);
+- ``unet``: residual U-Net denoiser with whole-image context (:mod:`blackbox_rs.modules.unet`);
 - ``lora_dncnn``: frozen DnCNN + peft LoRA adapters (:mod:`blackbox_rs.modules.lora_denoiser`;
   ``peft`` is imported only when one is built).
 
@@ -29,6 +30,7 @@ from blackbox_rs.modules.registry import (
     list_modules,
     register_module,
 )
+from blackbox_rs.modules.unet import UNet, UNetConfig
 
 __all__ = [
     "DnCNN",
@@ -41,6 +43,8 @@ __all__ = [
     "ModuleConfig",
     "PaddingPrompt",
     "PaddingPromptConfig",
+    "UNet",
+    "UNetConfig",
     "create_module",
     "get_config_class",
     "get_module_class",

@@ -100,7 +100,10 @@ class SurrogateStrategy(Strategy):
         is_noisy = (noisy - clean).flatten(1).abs().amax(1) > 0
         mask = is_noisy if bool(is_noisy.any()) else torch.ones_like(is_noisy)
         agreement = float((labels[mask] == target[mask]).float().mean())
-        ctx.offer(k, agreement, agreement=agreement, buffer=float(len(self.buf_y)))
+        with torch.no_grad():  # before training on them: how faithful the surrogate is where the module goes
+            mimic = torch.cat([self.surrogate(out[i:i + 512]).argmax(1) for i in range(0, size, 512)])
+        fidelity = float((mimic == labels).float().mean())
+        ctx.offer(k, agreement, agreement=agreement, surrogate_fidelity=fidelity, buffer=float(len(self.buf_y)))
         if train:
             self._add(out, labels)
             self._train_surrogate(k)
