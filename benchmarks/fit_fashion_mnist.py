@@ -51,8 +51,8 @@ def fit_config(args: argparse.Namespace, strategy: str) -> FitConfig:
               "seed": 0, "clean_queries": 10_000, "lr_schedule": args.lr_schedule}
     if strategy == "denoise":  # the same number of MSE steps as pretraining + the surrogate's steps
         return FitConfig(strategy="denoise", steps=args.steps, lr=args.pretrain_lr, **common)
-    if strategy == "surrogate":
-        return FitConfig(strategy="surrogate", steps=args.steps, distill_queries=args.distill_queries,
+    if strategy in ("surrogate", "passthrough"):  # passthrough: the proxy's true-gradient bound
+        return FitConfig(strategy=strategy, steps=args.steps, distill_queries=args.distill_queries,
                          redistill_every=args.redistill_every, lr=args.surrogate_lr,
                          weights={"mse": 1.0, "stability": args.stability_weight}, **common)
     if strategy == "zeroth_order":
