@@ -73,6 +73,8 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=500)
     ap.add_argument("--draws", type=int, default=200)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--fit-budget", type=int, default=None,
+                    help="fit query budget (default: the fit benchmark's; 0: none, e.g. a long passthrough fit)")
     args = ap.parse_args()
     bench = parser().parse_args([])  # the fit benchmark's settings
     torch.set_num_threads(args.threads)
@@ -100,7 +102,8 @@ def main() -> None:
         black_box = engine("clean")
         t = time.perf_counter()
         sm = BlackBoxSmoother(black_box, module=module, sigmas=[args.sigma])
-        rep = sm.fit((xtr, ytr), config=cfg, budget=bench.fit_budget)
+        budget = bench.fit_budget if args.fit_budget is None else (args.fit_budget or None)
+        rep = sm.fit((xtr, ytr), config=cfg, budget=budget)
         fit_queries = black_box.stats.queries
         mod = sm.module.eval()
         p = true_class_probability(lambda z, mod=mod, bb=black_box: bb.query(mod(z).clamp(0, 1)).labels,

@@ -27,7 +27,7 @@ from blackbox_rs.errors import ConfigError, InvalidInputError
 from blackbox_rs.modules.base import InputModule, ModuleConfig
 from blackbox_rs.modules.registry import register_module
 
-__all__ = ["DnCNN", "DnCNNArchConfig", "DnCNNConfig", "DnCNNNet", "build_dncnn_net"]
+__all__ = ["DnCNN", "DnCNNArchConfig", "DnCNNConfig", "DnCNNNet", "build_dncnn_net", "group_count", "init_residual_branch"]
 
 
 class DnCNNArchConfig(ModuleConfig):
@@ -80,11 +80,23 @@ class DnCNNConfig(DnCNNArchConfig):
     name: Literal["dncnn"] = "dncnn"
 
 
-def _group_count(width: int) -> int:
+def group_count(width: int) -> int:
+    """GroupNorm groups for ``width`` channels: the largest of 8, 4, 2 that divides it, else 1."""
     for g in (8, 4, 2):
         if width % g == 0:
             return g
     return 1
+
+
+def init_residual_branch(net: nn.Module, tail: nn.Conv2d) -> None:
+    """Kaiming-initialise every convolution of ``net`` (zero biases), then zero ``tail`` entirely, so
+    ``x + net(x)`` is exactly the identity until fitted."""
+    for m in net.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
+            nn.init.zeros_(m.bias)
+    nn.init.zeros_(tail.weight)
+    nn.init.zeros_(tail.bias)
 
 
 class DnCNNNet(nn.Module):
@@ -102,17 +114,12 @@ class DnCNNNet(nn.Module):
         for _ in range(depth - 2):
             block = nn.Module()
             block.conv = nn.Conv2d(width, width, kernel_size, padding=pad)
-            block.norm = nn.GroupNorm(_group_count(width), width) if norm == "group" else nn.Identity()
+            block.norm = nn.GroupNorm(group_count(width), width) if norm == "group" else nn.Identity()
             self.body.append(block)
         self.tail = nn.Conv2d(width, channels * self.downsample**2, kernel_size, padding=pad)
         self.shuffle = nn.PixelShuffle(self.downsample) if self.downsample > 1 else nn.Identity()
         self.act = nn.ReLU()
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
-                nn.init.zeros_(m.bias)
-        nn.init.zeros_(self.tail.weight)
-        nn.init.zeros_(self.tail.bias)
+        init_residual_branch(self, self.tail)
 
     def conv_names(self) -> list[str]:
         """Qualified names of every ``Conv2d`` in this network, in forward order."""

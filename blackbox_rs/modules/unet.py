@@ -28,6 +28,7 @@ from torch import nn
 
 from blackbox_rs.errors import InvalidInputError
 from blackbox_rs.modules.base import InputModule, ModuleConfig
+from blackbox_rs.modules.denoiser import group_count, init_residual_branch
 from blackbox_rs.modules.registry import register_module
 
 __all__ = ["UNet", "UNetConfig"]
@@ -66,13 +67,6 @@ class UNetConfig(ModuleConfig):
         return self
 
 
-def _groups(width: int) -> int:
-    for g in (8, 4, 2):
-        if width % g == 0:
-            return g
-    return 1
-
-
 class _Stage(nn.Sequential):
     """``convs`` × (3×3 conv → norm → ReLU); the first conv maps ``cin`` to ``cout`` with ``stride``."""
 
@@ -80,7 +74,7 @@ class _Stage(nn.Sequential):
         layers: list[nn.Module] = []
         for i in range(convs):
             layers.append(nn.Conv2d(cin if i == 0 else cout, cout, 3, stride=stride if i == 0 else 1, padding=1))
-            layers.append(nn.GroupNorm(_groups(cout), cout) if norm == "group" else nn.Identity())
+            layers.append(nn.GroupNorm(group_count(cout), cout) if norm == "group" else nn.Identity())
             layers.append(nn.ReLU())
         super().__init__(*layers)
 
@@ -103,12 +97,7 @@ class UNetNet(nn.Module):
         for i in range(self.levels - 2, -1, -1):  # coarse to fine
             self.up.append(_Stage(widths[i + 1] + widths[i], widths[i], convs, norm))
         self.tail = nn.Conv2d(widths[0], channels, 3, padding=1)
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
-                nn.init.zeros_(m.bias)
-        nn.init.zeros_(self.tail.weight)
-        nn.init.zeros_(self.tail.bias)
+        init_residual_branch(self, self.tail)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         f = 2 ** (self.levels - 1)
