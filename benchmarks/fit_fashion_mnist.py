@@ -48,16 +48,17 @@ SHAPE = (1, 28, 28)
 
 def fit_config(args: argparse.Namespace, strategy: str) -> FitConfig:
     common = {"pretrain_steps": args.pretrain_steps, "pretrain_lr": args.pretrain_lr, "batch_size": 64,
-              "seed": 0, "clean_queries": 10_000, "lr_schedule": args.lr_schedule}
+              "seed": 0, "clean_queries": 10_000, "lr_schedule": args.lr_schedule,
+              "score_images": args.score_images, "score_draws": args.score_draws}
     if strategy == "denoise":  # the same number of MSE steps as pretraining + the surrogate's steps
         return FitConfig(strategy="denoise", steps=args.steps, lr=args.pretrain_lr, **common)
     if strategy in ("surrogate", "passthrough"):  # passthrough: the proxy's true-gradient bound
         return FitConfig(strategy=strategy, steps=args.steps, distill_queries=args.distill_queries,
-                         redistill_every=args.redistill_every, lr=args.surrogate_lr,
+                         redistill_every=args.redistill_every, score_every=args.redistill_every, lr=args.surrogate_lr,
                          weights={"mse": 1.0, "stability": args.stability_weight}, **common)
     if strategy == "zeroth_order":
         return FitConfig(strategy="zeroth_order", steps=args.zo_steps, zo_batch=32, zo_directions=4,
-                         zo_rank=2, lr=args.pretrain_lr, **common)
+                         zo_rank=2, lr=args.pretrain_lr, score_every=args.zo_score_every, **common)
     raise ValueError(strategy)
 
 
@@ -90,7 +91,10 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--stability-weight", type=float, default=0.1)
     ap.add_argument("--zo-steps", type=int, default=150)
     ap.add_argument("--distill-queries", type=int, default=10_000)
-    ap.add_argument("--redistill-every", type=int, default=500)
+    ap.add_argument("--redistill-every", type=int, default=500, help="surrogate: also the steps between scorings")
+    ap.add_argument("--score-images", type=int, default=384, help="images per scoring round (module selection)")
+    ap.add_argument("--score-draws", type=int, default=8, help="noise draws per scoring image")
+    ap.add_argument("--zo-score-every", type=int, default=50, help="zeroth_order steps between scoring rounds")
     ap.add_argument("--module", default='{"name": "unet", "widths": [16, 32, 32]}',
                     help="module of denoise / surrogate / multi_sigma (JSON spec)")
     ap.add_argument("--zo-module", default='{"name": "dncnn", "depth": 5, "width": 32, "downsample": 2}',
@@ -131,7 +135,9 @@ def main() -> None:
         fits[f"{name}@{','.join(map(str, sigmas))}"] = {
             "fit_queries": rep.queries, "engine_queries": engine.stats.queries, "stopped": rep.stopped,
             "trainable_parameters": rep.trainable_parameters, "fit_seconds": round(time.perf_counter() - t, 1),
-            "best_score": rep.best_score, "best_step": rep.best_step, "pretrain_steps": cfg.pretrain_steps}
+            "best_score": rep.best_score, "best_step": rep.best_step, "pretrain_steps": cfg.pretrain_steps,
+            "scored": [{k: h[k] for k in ("step", "robust_score", "agreement", "surrogate_fidelity") if k in h}
+                       for h in rep.history if "robust_score" in h]}
         return sm
 
     multi = fitted("surrogate", list(args.sigmas)) if "multi_sigma" in args.methods else None

@@ -57,7 +57,8 @@ def mean_p_correct(smoother: BlackBoxSmoother, x, y, n=200) -> float:
 
 def small_fit(**kw):
     base = {"lr": 3e-3, "pretrain_steps": 150, "steps": 60, "batch_size": 32, "checkpoint_every": 20, "clean_queries": 600,
-            "distill_queries": 1200, "redistill_every": 30, "zo_batch": 16, "zo_directions": 2}
+            "distill_queries": 1200, "redistill_every": 30, "zo_batch": 16, "zo_directions": 2,
+            "score_images": 64, "score_draws": 4}
     return FitConfig(**{**base, **kw})
 
 
@@ -87,8 +88,9 @@ def test_passthrough_uses_true_gradients_and_is_counted(model_file, digits):
     engine = QueryEngine(conn)
     sm = BlackBoxSmoother(engine, module={"name": "dncnn", **SMALL}, sigma=SIGMA)
     report = sm.fit((xtr, ytr), config=small_fit(strategy="passthrough", steps=40, pretrain_steps=100))
-    # clean labels of the subset + batch_size differentiable forwards per step, all through the engine
-    assert report.queries == 600 + 40 * 32
+    # clean labels of the subset + batch_size differentiable forwards per step + two scoring rounds
+    # (before the first step and after the last), all through the engine
+    assert report.queries == 600 + 40 * 32 + 2 * 64 * 4
     assert engine.stats.queries == report.queries
     assert mean_p_correct(sm, xte, yte) > mean_p_correct(BlackBoxSmoother(conn, module=None, sigma=SIGMA), xte, yte)
 
@@ -102,8 +104,48 @@ def test_zeroth_order_tunes_a_low_dimensional_lora(model_file, digits):
     report = sm.fit((xtr, ytr), config=cfg, budget=100_000)
     assert sm.module.name == "lora_dncnn"
     assert report.trainable_parameters < 0.25 * sum(p.numel() for p in sm.module.parameters())
-    assert report.queries == 600 + 6 * 2 * cfg.zo_directions * cfg.zo_batch
+    assert report.queries == 600 + 6 * 2 * cfg.zo_directions * cfg.zo_batch + 2 * cfg.score_images * cfg.score_draws
     assert engine.stats.queries == report.queries
+
+
+def test_selection_keeps_the_pretrained_module_when_later_steps_hurt(model_file, digits):
+    """Scoring rounds rate the MSE-pretrained state on the black box; steps that wreck the module
+    (a huge learning rate) must not replace it."""
+    xtr, ytr, _, _ = digits
+    conn = label_only(model_file)
+    common = {"pretrain_steps": 80, "pretrain_lr": 3e-3}
+    ref = BlackBoxSmoother(conn, module={"name": "dncnn", **SMALL}, sigma=SIGMA)
+    ref.fit((xtr, ytr), config=small_fit(strategy="denoise", steps=0, **common))
+    sm = BlackBoxSmoother(conn, module={"name": "dncnn", **SMALL}, sigma=SIGMA)
+    report = sm.fit((xtr, ytr), config=small_fit(strategy="passthrough", steps=20, lr=1.0,
+                                                 weights={"classification": 1.0}, score_every=10, **common))
+    scored = [h for h in report.history if "robust_score" in h]
+    assert [h["step"] for h in scored] == [80, 90, 100]  # before the first step, every 10 steps, after the last
+    assert scored[0]["robust_score"] > scored[-1]["robust_score"] + 0.2, scored  # the steps did wreck it
+    assert report.best_step == 80 and report.best_score == scored[0]["robust_score"]
+    for a, b in zip(sm.module.state_dict().values(), ref.module.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_scoring_rounds_reuse_images_and_noise(model_file, digits, tmp_path):
+    """Common random numbers: an unchanged module re-scored sends the same payloads (cache hits)."""
+    from blackbox_rs.fitting.config import FitConfig as Cfg
+    from blackbox_rs.fitting.context import FitContext
+    from blackbox_rs.fitting.data import FitData
+    from blackbox_rs.fitting.selection import score_round
+    from blackbox_rs.modules.registry import create_module
+
+    xtr, ytr, _, _ = digits
+    engine = QueryEngine(label_only(model_file), cache=tmp_path / "cache")
+    module = create_module({"name": "dncnn", "input_shape": (1, 16, 16), **SMALL})
+    ctx = FitContext(engine, module, FitData(xtr, ytr), [0.25, 0.5], Cfg(clean_queries=300, score_images=40,
+                                                                        score_draws=5))
+    a = score_round(ctx)
+    paid = ctx.tally.queries
+    b = score_round(ctx)
+    assert paid == 300 + 200 and ctx.tally.queries == paid and ctx.tally.cache_hits >= 200
+    assert a.score == b.score and a.per_image.shape == (40,)
+    assert torch.equal(a.labels, b.labels)
 
 
 def test_fit_stops_at_the_budget_and_resumes(model_file, digits, tmp_path):
@@ -202,6 +244,9 @@ def test_bad_fit_inputs_are_typed_errors(model_file, digits):
         sm.fit((xtr, ytr), config=small_fit(strategy="surrogate"), surrogate=nn.Sequential(nn.Flatten(), nn.Linear(256, 7)))
     with pytest.raises(InvalidParameterError, match="returns no scores|label-only"):
         sm.fit((xtr, ytr), config=small_fit(strategy="zeroth_order", zo_loss="scores"))
+    with pytest.raises(InvalidParameterError, match="would tune 7,217 parameters of module 'unet'"):  # a unet has no LoRA form
+        BlackBoxSmoother(conn, module={"name": "unet", "widths": [8, 16]}, sigma=SIGMA).fit(
+            xtr, config=small_fit(strategy="zeroth_order", zo_max_parameters=2_000))
     with pytest.raises(InvalidParameterError, match="differentiable"):
         kserve_like = CallableConnector(lambda b: torch.zeros(len(b), dtype=torch.long), input_shape=(1, 16, 16),
                                         num_classes=10)

@@ -290,3 +290,22 @@ def test_min_samples_to_certify():
         assert stats.cp_lower(n, n, alpha) > 0.5
     assert stats.min_samples_to_certify(0.001) == 10
     assert stats.min_samples_to_certify(0.9) == 1
+
+
+def test_selection_radius_scores_match_scipy():
+    """The fit's selection score: max(0, Phi^-1((c + 1/2) / (m + 1))) per image, as scipy computes it."""
+    import torch
+    from scipy.stats import norm
+
+    from blackbox_rs.fitting.selection import radius_scores
+
+    m = 8
+    got = radius_scores(torch.arange(m + 1), m)
+    want = np.maximum(0.0, norm.ppf((np.arange(m + 1) + 0.5) / (m + 1)))
+    np.testing.assert_allclose(got.numpy(), want, rtol=1e-12, atol=1e-12)
+    assert got[: m // 2 + 1].eq(0).all() and bool((got[m // 2 + 1 :].diff() > 0).all())  # majority-wrong: 0
+    assert float(got[-1]) < 1.6  # all agree: finite (Jeffreys posterior mean)
+    with pytest.raises(InvalidParameterError, match="counts"):
+        radius_scores(torch.tensor([9]), m)
+    with pytest.raises(InvalidParameterError, match="draws"):
+        radius_scores(torch.tensor([0]), 0)

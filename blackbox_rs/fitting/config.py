@@ -22,6 +22,9 @@ class FitConfig(BaseModel):
     * ``zeroth_order``: ``clean_queries`` once, then ``2 * zo_directions * zo_batch * noise_draws``
       per step.
     * ``passthrough``: ``batch_size * noise_draws`` differentiable forwards per step (+ clean labels).
+    * every strategy that queries: ``score_images * score_draws`` per scoring round, one when its
+      own steps begin (the MSE-pretrained module), one every ``score_every`` steps and one after
+      the last step. The fit keeps the best-scoring module state (:mod:`blackbox_rs.fitting.selection`).
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -48,6 +51,10 @@ class FitConfig(BaseModel):
     checkpoint_every: int = Field(default=50, ge=1)
     # black-box labels
     clean_queries: int = Field(default=10_000, ge=0, description="most clean images labelled by the black box")
+    # selection of the kept module state (query-paid; see blackbox_rs.fitting.selection)
+    score_images: int = Field(default=256, ge=1, description="images of the fixed scoring set (labelled subset)")
+    score_draws: int = Field(default=8, ge=1, description="noise draws per scoring image")
+    score_every: int = Field(default=150, ge=1, description="strategy steps between scoring rounds")
     # surrogate
     surrogate: str = Field(default="small_cnn", description="'small_cnn', 'timm:<model name>', or a user nn.Module")
     distill_queries: int = Field(default=10_000, ge=1, description="black-box labels per distillation round")
@@ -56,6 +63,7 @@ class FitConfig(BaseModel):
     surrogate_lr: float = Field(default=2e-3, gt=0)
     surrogate_buffer: int = Field(default=60_000, ge=1, description="most labelled examples kept for distillation")
     # zeroth order
+    zo_max_parameters: int = Field(default=20_000, ge=1, description="most parameters zeroth order may tune")
     zo_rank: int = Field(default=2, ge=1, description="LoRA rank of the module tuned by zeroth order")
     zo_directions: int = Field(default=4, ge=1, description="random directions per gradient estimate")
     zo_mu: float = Field(default=0.05, gt=0, description="perturbation size")

@@ -117,6 +117,14 @@ class FitContext:
             self.best_score, self.best_step = float(score), step
             self.best_state = {k: v.detach().clone() for k, v in self.module.state_dict().items()}
 
+    def record(self, step: int, **extra: float) -> None:
+        """Add a history entry that is not a score (diagnostics)."""
+        self.history.append({"step": float(step), **{k: float(v) for k, v in extra.items()}})
+
+    def forget_best(self) -> None:
+        """Drop the best-so-far state (when later scores are not comparable with earlier ones)."""
+        self.best_state, self.best_score, self.best_step = None, None, None
+
     def restore_best(self) -> None:
         if self.best_state is not None:
             self.module.load_state_dict(self.best_state)

@@ -21,6 +21,7 @@ from blackbox_rs.fitting.checkpoint import (
 )
 from blackbox_rs.fitting.context import FitContext, FitReport
 from blackbox_rs.fitting.objectives import mse_loss
+from blackbox_rs.fitting.selection import ScoreRound, score_round
 
 __all__ = ["STRATEGIES", "Strategy", "get_strategy", "register_strategy", "run_fit"]
 
@@ -51,7 +52,12 @@ def phase_lr(base: float, j: int, length: int, schedule: str) -> float:
 class Strategy(abc.ABC):
     """One way of fitting the module. Steps ``0 .. pretrain_steps-1`` are MSE denoising (zero
     queries); steps after that are the strategy's own. Subclasses implement :meth:`main_step` and,
-    if they hold state, :meth:`state` / :meth:`load_state`."""
+    if they hold state, :meth:`state` / :meth:`load_state`.
+
+    A strategy that queries is scored by scoring rounds (:func:`~blackbox_rs.fitting.selection.score_round`)
+    before its first step (the MSE-pretrained module is a candidate), every ``score_every`` steps and
+    after its last step; the fit keeps the best-scoring state, so its own steps can only replace the
+    pretrained module by one that scores higher on the black box."""
 
     name: ClassVar[str]
     needs_queries: ClassVar[bool] = True
@@ -83,7 +89,24 @@ class Strategy(abc.ABC):
             group["lr"] = lr
         if k < self.pretrain_steps:
             return self.mse_step(k)
+        j = k - self.pretrain_steps
+        if self.needs_queries and j % self.ctx.config.score_every == 0:
+            self.score(k)
         return self.main_step(k)
+
+    def score(self, k: int) -> None:
+        """Run a scoring round on the module's current state and offer it as a candidate."""
+        ctx = self.ctx
+        if k == self.pretrain_steps:  # MSE-phase scores (-mse) are not comparable with robustness scores
+            ctx.forget_best()
+        r = score_round(ctx)
+        extra = self.on_scored(k, r)
+        ctx.offer(k, r.score, robust_score=r.score, agreement=r.agreement, **extra)
+
+    def on_scored(self, k: int, r: ScoreRound) -> dict[str, float]:
+        """Hook: use a scoring round's paid labels (e.g. as distillation data); returns extra
+        history fields."""
+        return {}
 
     def learning_rate(self, k: int) -> float:
         """Learning rate of step ``k``: a function of ``k`` alone, so a resumed fit repeats the
@@ -142,8 +165,10 @@ class Strategy(abc.ABC):
     def main_step(self, k: int) -> dict[str, float]:
         """One step after pretraining."""
 
-    def finish(self) -> None:  # noqa: B027 - optional hook
-        """Called once after the last step (e.g. a final evaluation)."""
+    def finish(self) -> None:
+        """Called once after the last step: a strategy that queries scores its final state."""
+        if self.needs_queries and self.ctx.config.steps > 0:
+            self.score(self.total_steps)
 
     # -- state -----------------------------------------------------------------------------------
     def state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

@@ -2,14 +2,11 @@
 
 Each step runs the module on noisy images and the base model's differentiable forward on the result;
 the loss is the configured weighted sum of MSE, stability (CE against the model's own clean label)
-and classification (CE against the true label). Every forward is charged through the engine.
+and classification (CE against the true label). Every forward is charged through the engine; scoring
+rounds (see :class:`Strategy`) decide which state is kept.
 """
 
 from __future__ import annotations
-
-from typing import Any
-
-import torch
 
 from blackbox_rs.errors import InvalidParameterError
 from blackbox_rs.fitting.strategies.base import Strategy, register_strategy
@@ -18,10 +15,6 @@ from blackbox_rs.fitting.strategies.base import Strategy, register_strategy
 @register_strategy
 class PassthroughStrategy(Strategy):
     name = "passthrough"
-
-    def __init__(self, ctx: Any) -> None:
-        super().__init__(ctx)
-        self._agree: float | None = None
 
     def check(self) -> None:
         info = self.ctx.engine.info
@@ -37,16 +30,4 @@ class PassthroughStrategy(Strategy):
         ctx = self.ctx
         info, logits, targets = self.objective_step(k, lambda z: ctx.engine.forward_logits(z, tally=ctx.tally))
         agree = float((logits.argmax(1) == targets).float().mean())
-        prev = self._agree if self._agree is not None else agree
-        self._agree = 0.9 * prev + 0.1 * agree
-        if (k - self.pretrain_steps) % 25 == 24:
-            ctx.offer(k, self._agree, agreement=self._agree)
         return {**info, "agreement": agree}
-
-    def state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-        t, m = super().state()
-        return t, {**m, "agree_ema": self._agree}
-
-    def load_state(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
-        super().load_state(tensors, meta)
-        self._agree = meta.get("agree_ema")

@@ -4,12 +4,15 @@
 2. The black box labels the clean images of the labelled subset (stability targets) and, every
    ``redistill_every`` steps, ``distill_queries`` images *produced by the current module* from noisy
    inputs (so the surrogate is faithful where the module sends inputs: a surrogate distilled on clean
-   images only misleads the module). The surrogate is trained on this buffer (cross-entropy).
+   images only misleads the module). The surrogate is trained on this buffer (cross-entropy); the
+   labels paid for by scoring rounds join the buffer too.
 3. Between rounds the module minimises ``w_mse * MSE + w_stab * CE(s(A(x+delta)), f(x))
    [+ w_cls * CE(s(A(x+delta)), y)]`` with gradients through the frozen surrogate ``s``.
 
-The black box's agreement with its own clean label on each distillation round is a direct,
-query-paid measurement of the module's quality; it is what "best module so far" tracks.
+Which state is kept is decided by the scoring rounds of :class:`Strategy` (the MSE-pretrained module
+is the first candidate): surrogate steps replace it only if the black box itself rates them higher.
+Each round also records ``surrogate_fidelity``: how often the surrogate already agreed with the
+black box on the module's new outputs, before training on them.
 """
 
 from __future__ import annotations
@@ -85,9 +88,20 @@ class SurrogateStrategy(Strategy):
         self.buf_x = torch.cat([self.buf_x, x])[-cap:]
         self.buf_y = torch.cat([self.buf_y, y])[-cap:]
 
-    def _distill_round(self, k: int, size: int, train: bool = True) -> float:
-        """Query the black box on the module's outputs for ``size`` noisy inputs; returns the
-        agreement of those labels with the black box's clean labels (noisy inputs only)."""
+    def _fidelity(self, out: torch.Tensor, labels: torch.Tensor) -> float:
+        with torch.no_grad():
+            mimic = torch.cat([self.surrogate(out[i:i + 512]).argmax(1) for i in range(0, len(out), 512)])
+        return float((mimic == labels).float().mean())
+
+    def on_scored(self, k: int, r: Any) -> dict[str, float]:
+        fidelity = self._fidelity(r.outputs, r.labels)
+        self._add(r.outputs, r.labels)
+        return {"surrogate_fidelity": fidelity}
+
+    def _distill_round(self, k: int, size: int) -> None:
+        """Query the black box on the module's outputs for ``size`` noisy inputs and train the
+        surrogate on the buffer; records the labels' agreement with the clean labels (noisy inputs)
+        and the surrogate's fidelity on them before training."""
         ctx = self.ctx
         idx = ctx.batch_indices(k, size, labelled_only=True, salt="distill")
         clean = ctx.data.x[idx]
@@ -100,14 +114,10 @@ class SurrogateStrategy(Strategy):
         is_noisy = (noisy - clean).flatten(1).abs().amax(1) > 0
         mask = is_noisy if bool(is_noisy.any()) else torch.ones_like(is_noisy)
         agreement = float((labels[mask] == target[mask]).float().mean())
-        with torch.no_grad():  # before training on them: how faithful the surrogate is where the module goes
-            mimic = torch.cat([self.surrogate(out[i:i + 512]).argmax(1) for i in range(0, size, 512)])
-        fidelity = float((mimic == labels).float().mean())
-        ctx.offer(k, agreement, agreement=agreement, surrogate_fidelity=fidelity, buffer=float(len(self.buf_y)))
-        if train:
-            self._add(out, labels)
-            self._train_surrogate(k)
-        return agreement
+        fidelity = self._fidelity(out, labels)  # before training on them: faithful where the module goes?
+        ctx.record(k, distill_agreement=agreement, surrogate_fidelity=fidelity, buffer=float(len(self.buf_y)))
+        self._add(out, labels)
+        self._train_surrogate(k)
 
     def _train_surrogate(self, k: int) -> None:
         cfg = self.ctx.config
@@ -140,12 +150,6 @@ class SurrogateStrategy(Strategy):
             for p in self.surrogate.parameters():
                 p.requires_grad_(True)
         return info
-
-    def finish(self) -> None:
-        """Measure the final module on a fresh round (without training), so 'best' can pick it."""
-        cfg = self.ctx.config
-        if cfg.steps > 0:
-            self._distill_round(self.total_steps, min(cfg.distill_queries, 2000), train=False)
 
     # -- state ------------------------------------------------------------------------------------------
     def state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

@@ -9,10 +9,16 @@
    disagreement with its own clean label (label-only), or the cross-entropy of its returned
    probabilities when the connector returns scores. All ``2 * q`` perturbed batches go to the engine
    as one query: ``2 * q * zo_batch * noise_draws`` images per step. Momentum SGD (Nesterov), fp32.
+4. Scoring rounds (see :class:`Strategy`) decide which state is kept, the MSE-pretrained one included.
+
+A module with more than ``zo_max_parameters`` trainable parameters in the tuned parametrisation
+(e.g. a ``unet``, which has no LoRA form) is refused before any query: random-direction estimates
+in tens of thousands of dimensions are noise at any affordable query count.
 """
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import torch
@@ -36,7 +42,24 @@ class ZerothOrderStrategy(Strategy):
         self.zo = ZOSGD(cfg.zo_lr, momentum=cfg.zo_momentum, nesterov=True, max_grad_norm=10.0)
         self._ema: float | None = None
 
+    def tuned_parameters(self) -> int:
+        """Trainable parameters of the parametrisation that zeroth order will tune."""
+        module = self.ctx.module
+        if isinstance(module, DnCNN):
+            from blackbox_rs.modules.lora_denoiser import LoRADnCNN
+
+            return LoRADnCNN.from_denoiser(copy.deepcopy(module), rank=self.ctx.config.zo_rank).num_trainable()
+        return module.num_trainable()
+
     def check(self) -> None:
+        cap = self.ctx.config.zo_max_parameters
+        tuned = self.tuned_parameters()
+        if tuned > cap:
+            raise InvalidParameterError(
+                f"zeroth_order would tune {tuned:,} parameters of module {self.ctx.module.name!r} (zo_max_parameters="
+                f"{cap:,}): use a 'dncnn' (tuned as a rank-{self.ctx.config.zo_rank} LoRA) or a prompt, the 'surrogate' strategy, "
+                "or raise zo_max_parameters"
+            )
         if self.ctx.config.zo_loss == "scores" and not self.ctx.engine.info.returns_scores:
             raise InvalidParameterError(
                 "zo_loss='scores' needs a connector that returns scores; this one is label-only "
@@ -49,8 +72,6 @@ class ZerothOrderStrategy(Strategy):
             from blackbox_rs.modules.lora_denoiser import LoRADnCNN
 
             ctx.module = LoRADnCNN.from_denoiser(ctx.module, rank=ctx.config.zo_rank)
-            # scores of the MSE phase are not comparable with the black-box loss
-            ctx.best_state, ctx.best_score, ctx.best_step = None, None, None
             self.opt = torch.optim.Adam(ctx.module.trainable_parameters(), lr=ctx.config.lr)
 
     def main_step(self, k: int) -> dict[str, float]:
@@ -86,10 +107,7 @@ class ZerothOrderStrategy(Strategy):
                            generator=ctx.generator(k, "zo-directions"), batched=True)
         module.set_flat_parameters(self.zo.step(theta, est.grad))
         self._ema = est.loss if self._ema is None else 0.9 * self._ema + 0.1 * est.loss
-        j = k - self.pretrain_steps
-        if j % 10 == 9:
-            ctx.offer(k, -self._ema, zo_loss=self._ema)
-        return {"zo_loss": est.loss, "grad_norm": float(est.grad.norm())}
+        return {"zo_loss": est.loss, "zo_loss_ema": self._ema, "grad_norm": float(est.grad.norm())}
 
     def state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         t, m = optimizer_to_tensors(self.opt, "opt")

@@ -1,0 +1,81 @@
+"""Which module state a query-paid fit keeps: the *robustness score* of a scoring round.
+
+Certified accuracy at radius ``r`` counts the images whose smoothed top-class probability ``p`` is
+high enough (``p >= Phi(r / sigma)`` after the confidence bound), so what matters is the per-image
+*distribution* of agreement over noise, not its mean: a fit that lifts hard images from 40 % to 60 %
+agreement while lowering easy ones from 100 % to 85 % raises mean agreement and lowers certified
+accuracy at every radius that matters. The score therefore draws ``draws`` noise samples per image
+and averages a clipped radius estimate (in units of sigma)::
+
+    score = mean_i max(0, Phi^-1((c_i + 1/2) / (draws + 1)))
+
+where ``c_i`` counts the draws on which the black box answered the image's stability target (its
+own clean label). ``(c + 1/2) / (m + 1)`` is the posterior mean of ``p`` under the Jeffreys prior,
+so an image that agreed on every draw scores a finite ``Phi^-1(1 - 1/(2m + 2))``. The score is a
+*selection heuristic*, not a certificate: nothing is certified from it.
+
+A scoring round always uses the same images and the same noise (derived from the fit seed, not the
+step), so successive rounds compare module states on common random numbers: the difference of two
+scores has far less variance than either score.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+from scipy.special import ndtri
+
+from blackbox_rs.errors import InvalidParameterError
+
+if TYPE_CHECKING:
+    from blackbox_rs.fitting.context import FitContext
+
+__all__ = ["ScoreRound", "radius_scores", "score_round"]
+
+
+def radius_scores(correct: torch.Tensor, draws: int) -> torch.Tensor:
+    """Per-image clipped radius estimates ``max(0, Phi^-1((c + 1/2) / (draws + 1)))`` (units of sigma)
+    from the counts ``correct`` (integers in ``[0, draws]``)."""
+    if draws < 1:
+        raise InvalidParameterError(f"draws must be >= 1, got {draws}")
+    c = torch.as_tensor(correct).to(torch.float64)
+    if c.numel() and (bool((c < 0).any()) or bool((c > draws).any())):
+        raise InvalidParameterError(f"counts must lie in [0, {draws}]")
+    p = ((c + 0.5) / (draws + 1)).numpy()
+    return torch.from_numpy(ndtri(p)).clamp_min(0.0)
+
+
+class ScoreRound:
+    """The outcome of one scoring round: the module's outputs, the black box's labels, the score."""
+
+    def __init__(self, outputs: torch.Tensor, labels: torch.Tensor, targets: torch.Tensor, draws: int) -> None:
+        self.outputs, self.labels, self.targets, self.draws = outputs, labels, targets, draws
+        correct = (labels == targets).view(-1, draws).sum(1)
+        self.per_image = radius_scores(correct, draws)
+        self.score = float(self.per_image.mean())
+        self.agreement = float((labels == targets).float().mean())
+
+
+def score_round(ctx: FitContext) -> ScoreRound:
+    """Query the black box on the module's outputs for the fixed scoring set: ``score_images`` images
+    of the labelled subset, ``score_draws`` noise draws each, image ``i`` at ``sigmas[i % len(sigmas)]``
+    (never clean). Costs ``score_images * score_draws`` queries (fewer if the subset is smaller)."""
+    cfg = ctx.config
+    g = ctx.generator(-1, "score-set")
+    perm = ctx.subset[torch.randperm(len(ctx.subset), generator=g)]
+    idx = perm[: cfg.score_images]
+    m, draws = len(idx), cfg.score_draws
+    clean = ctx.data.x[idx].repeat_interleave(draws, dim=0)
+    levels = torch.tensor(ctx.sigmas, dtype=torch.float32)
+    sig = levels[torch.arange(m) % len(levels)].repeat_interleave(draws)
+    z = torch.randn(clean.shape, generator=ctx.generator(-1, "score-noise"))
+    noisy = clean + sig.view(-1, 1, 1, 1) * z
+    module = ctx.module
+    was_training = module.training
+    module.eval()
+    with torch.no_grad():
+        out = torch.cat([module(noisy[i:i + 512]) for i in range(0, len(noisy), 512)]).clamp(0.0, 1.0)
+    module.train(was_training)
+    labels = ctx.query(out)
+    return ScoreRound(out, labels, ctx.targets(idx).repeat_interleave(draws), draws)
