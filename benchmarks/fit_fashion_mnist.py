@@ -7,6 +7,9 @@ through a *label-only* connector (every query through the QueryEngine, counted).
 * ``denoise``       MSE denoiser (zero queries);
 * ``surrogate``     MSE pretraining + stability through a surrogate kept faithful to the black box;
 * ``zeroth_order``  MSE pretraining + LoRA tuned by zeroth-order estimates from black-box labels;
+                    (both keep the state that query-paid scoring rounds rate best, the pretrained
+                    one included: ``--score-images`` x ``--score-draws`` queries per round;
+                    ``fits.*.scored`` in the JSON lists every round)
 * ``multi_sigma``   one surrogate-fitted module for all sigmas (fitted once, certified at each; its MSE
                     pretraining has len(sigmas) times the steps, the compute of one module per sigma,
                     and the same query budget);

@@ -145,6 +145,9 @@ class BlackBoxSmoother:
         ``strategy``: ``"denoise"`` (zero queries), ``"surrogate"``, ``"zeroth_order"`` or
         ``"passthrough"`` (differentiable connectors). ``budget`` caps the queries of this fit (an int
         or a :class:`QueryBudget`); at the cap the fit stops cleanly and keeps the best module so far.
+        "Best" is decided by query-paid scoring rounds (:mod:`blackbox_rs.fitting.selection`) in which
+        the MSE-pretrained module is a candidate, so a strategy's own steps are kept only if the black
+        box rates them higher.
         With ``checkpoint_dir`` the full fit state is saved regularly and a rerun resumes from it; an
         int budget is then persisted there too, so the cap holds across the interrupted and the
         resumed run together (raise it to continue a fit that stopped at the budget).
