@@ -68,7 +68,11 @@ class FitConfig(BaseModel):
     zo_directions: int = Field(default=4, ge=1, description="random directions per gradient estimate")
     zo_mu: float = Field(default=0.05, gt=0, description="perturbation size")
     zo_batch: int = Field(default=32, ge=1, description="images per loss evaluation")
-    zo_lr: float = Field(default=0.002, gt=0, description="step size (with momentum 0.9 the effective step is 10x); 0.02 wrecked a pretrained DnCNN-LoRA in 50 steps on Fashion-MNIST")
+    zo_lr: float = Field(
+        default=0.002, gt=0,
+        description="step size (with momentum 0.9 the effective step is 10x; 0.02 wrecked a pretrained "
+        "DnCNN-LoRA within 50 steps on Fashion-MNIST)",
+    )
     zo_momentum: float = Field(default=0.9, ge=0, lt=1)
     zo_loss: Literal["auto", "labels", "scores"] = Field(
         default="auto", description="black-box loss: label disagreement, score cross-entropy, or scores if returned"
