@@ -145,6 +145,9 @@ def test_scoring_rounds_reuse_images_and_noise(model_file, digits, tmp_path):
     b = score_round(ctx)
     assert paid == 300 + 200 and ctx.tally.queries == paid and ctx.tally.cache_hits >= 200
     assert a.score == b.score and a.per_image.shape == (40,)
+    assert sorted(a.by_sigma) == [0.25, 0.5]  # 20 images at each sigma
+    assert sum(a.by_sigma.values()) / 2 == pytest.approx(a.score)
+    assert a.by_sigma[0.25] >= a.by_sigma[0.5]  # less noise, more agreement (identity module)
     assert torch.equal(a.labels, b.labels)
 
 

@@ -49,12 +49,16 @@ def radius_scores(correct: torch.Tensor, draws: int) -> torch.Tensor:
 class ScoreRound:
     """The outcome of one scoring round: the module's outputs, the black box's labels, the score."""
 
-    def __init__(self, outputs: torch.Tensor, labels: torch.Tensor, targets: torch.Tensor, draws: int) -> None:
+    def __init__(self, outputs: torch.Tensor, labels: torch.Tensor, targets: torch.Tensor, draws: int,
+                 image_sigmas: torch.Tensor) -> None:
         self.outputs, self.labels, self.targets, self.draws = outputs, labels, targets, draws
         correct = (labels == targets).view(-1, draws).sum(1)
         self.per_image = radius_scores(correct, draws)
         self.score = float(self.per_image.mean())
         self.agreement = float((labels == targets).float().mean())
+        #: mean score of the images scored at each sigma (diagnostic: what a multi-sigma fit trades)
+        self.by_sigma = {float(sg): float(self.per_image[image_sigmas == sg].mean())
+                         for sg in torch.unique(image_sigmas)}
 
 
 def score_round(ctx: FitContext) -> ScoreRound:
@@ -68,7 +72,8 @@ def score_round(ctx: FitContext) -> ScoreRound:
     m, draws = len(idx), cfg.score_draws
     clean = ctx.data.x[idx].repeat_interleave(draws, dim=0)
     levels = torch.tensor(ctx.sigmas, dtype=torch.float32)
-    sig = levels[torch.arange(m) % len(levels)].repeat_interleave(draws)
+    image_sigmas = levels[torch.arange(m) % len(levels)]
+    sig = image_sigmas.repeat_interleave(draws)
     z = torch.randn(clean.shape, generator=ctx.generator(-1, "score-noise"))
     noisy = clean + sig.view(-1, 1, 1, 1) * z
     module = ctx.module
@@ -78,4 +83,4 @@ def score_round(ctx: FitContext) -> ScoreRound:
         out = torch.cat([module(noisy[i:i + 512]) for i in range(0, len(noisy), 512)]).clamp(0.0, 1.0)
     module.train(was_training)
     labels = ctx.query(out)
-    return ScoreRound(out, labels, ctx.targets(idx).repeat_interleave(draws), draws)
+    return ScoreRound(out, labels, ctx.targets(idx).repeat_interleave(draws), draws, image_sigmas)

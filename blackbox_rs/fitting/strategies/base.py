@@ -101,6 +101,8 @@ class Strategy(abc.ABC):
             ctx.forget_best()
         r = score_round(ctx)
         extra = self.on_scored(k, r)
+        if len(r.by_sigma) > 1:
+            extra.update({f"robust_score@{sg:g}": v for sg, v in r.by_sigma.items()})
         ctx.offer(k, r.score, robust_score=r.score, agreement=r.agreement, **extra)
 
     def on_scored(self, k: int, r: ScoreRound) -> dict[str, float]:
