@@ -139,8 +139,7 @@ def main() -> None:
             "fit_queries": rep.queries, "engine_queries": engine.stats.queries, "stopped": rep.stopped,
             "trainable_parameters": rep.trainable_parameters, "fit_seconds": round(time.perf_counter() - t, 1),
             "best_score": rep.best_score, "best_step": rep.best_step, "pretrain_steps": cfg.pretrain_steps,
-            "scored": [{k: v for k, v in h.items() if k.startswith(("step", "robust_score", "agreement", "surrogate_f"))}
-                       for h in rep.history if "robust_score" in h]}
+            "scored": [h for h in rep.history if "robust_score" in h]}
         return sm
 
     multi = fitted("surrogate", list(args.sigmas)) if "multi_sigma" in args.methods else None

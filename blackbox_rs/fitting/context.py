@@ -90,6 +90,18 @@ class FitContext:
         z = torch.randn(clean.shape, generator=g)
         return clean + sig.view(-1, 1, 1, 1) * z
 
+    def module_outputs(self, noisy: torch.Tensor, chunk: int = 512) -> torch.Tensor:
+        """The module's outputs on ``noisy`` in eval mode and without gradients, clipped to [0, 1] as
+        they are sent to the black box (in chunks; the module's training mode is restored)."""
+        was_training = self.module.training
+        self.module.eval()
+        try:
+            with torch.no_grad():
+                out = torch.cat([self.module(noisy[i:i + chunk]) for i in range(0, len(noisy), chunk)])
+        finally:
+            self.module.train(was_training)
+        return out.clamp(0.0, 1.0)
+
     # -- black box -----------------------------------------------------------------------------
     def query(self, batch: torch.Tensor) -> torch.Tensor:
         """Black-box labels of images in [0, 1] (through the engine: budgeted, cached, counted)."""
@@ -112,7 +124,7 @@ class FitContext:
     # -- best so far ------------------------------------------------------------------------------
     def offer(self, step: int, score: float, **extra: float) -> None:
         """Record a score (higher is better) of the module's *current* state; keep it if best."""
-        self.history.append({"step": float(step), "score": float(score), **{k: float(v) for k, v in extra.items()}})
+        self.record(step, score=score, **extra)
         if self.best_score is None or score > self.best_score:
             self.best_score, self.best_step = float(score), step
             self.best_state = {k: v.detach().clone() for k, v in self.module.state_dict().items()}

@@ -76,11 +76,6 @@ def score_round(ctx: FitContext) -> ScoreRound:
     sig = image_sigmas.repeat_interleave(draws)
     z = torch.randn(clean.shape, generator=ctx.generator(-1, "score-noise"))
     noisy = clean + sig.view(-1, 1, 1, 1) * z
-    module = ctx.module
-    was_training = module.training
-    module.eval()
-    with torch.no_grad():
-        out = torch.cat([module(noisy[i:i + 512]) for i in range(0, len(noisy), 512)]).clamp(0.0, 1.0)
-    module.train(was_training)
+    out = ctx.module_outputs(noisy)
     labels = ctx.query(out)
     return ScoreRound(out, labels, ctx.targets(idx).repeat_interleave(draws), draws, image_sigmas)

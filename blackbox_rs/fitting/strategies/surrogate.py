@@ -25,7 +25,9 @@ from torch import nn
 
 from blackbox_rs.errors import InvalidParameterError
 from blackbox_rs.fitting.checkpoint import optimizer_from_tensors, optimizer_to_tensors
+from blackbox_rs.fitting.selection import ScoreRound
 from blackbox_rs.fitting.strategies.base import Strategy, register_strategy
+from blackbox_rs.zoo import predict_logits
 
 __all__ = ["SurrogateStrategy", "build_surrogate"]
 
@@ -89,11 +91,10 @@ class SurrogateStrategy(Strategy):
         self.buf_y = torch.cat([self.buf_y, y])[-cap:]
 
     def _fidelity(self, out: torch.Tensor, labels: torch.Tensor) -> float:
-        with torch.no_grad():
-            mimic = torch.cat([self.surrogate(out[i:i + 512]).argmax(1) for i in range(0, len(out), 512)])
+        mimic = predict_logits(self.surrogate, out, batch_size=512).argmax(1)
         return float((mimic == labels).float().mean())
 
-    def on_scored(self, k: int, r: Any) -> dict[str, float]:
+    def on_scored(self, k: int, r: ScoreRound) -> dict[str, float]:
         fidelity = self._fidelity(r.outputs, r.labels)
         self._add(r.outputs, r.labels)
         return {"surrogate_fidelity": fidelity}
@@ -106,9 +107,7 @@ class SurrogateStrategy(Strategy):
         idx = ctx.batch_indices(k, size, labelled_only=True, salt="distill")
         clean = ctx.data.x[idx]
         noisy = ctx.noisy(clean, k, salt="distill-noise")
-        ctx.module.eval()
-        with torch.no_grad():
-            out = torch.cat([ctx.module(noisy[i:i + 512]) for i in range(0, size, 512)]).clamp(0.0, 1.0)
+        out = ctx.module_outputs(noisy)
         labels = ctx.query(out)
         target = ctx.targets(idx)
         is_noisy = (noisy - clean).flatten(1).abs().amax(1) > 0

@@ -56,9 +56,9 @@ class ZerothOrderStrategy(Strategy):
         tuned = self.tuned_parameters()
         if tuned > cap:
             raise InvalidParameterError(
-                f"zeroth_order would tune {tuned:,} parameters of module {self.ctx.module.name!r} (zo_max_parameters="
-                f"{cap:,}): use a 'dncnn' (tuned as a rank-{self.ctx.config.zo_rank} LoRA) or a prompt, the 'surrogate' strategy, "
-                "or raise zo_max_parameters"
+                f"zeroth_order would tune {tuned:,} parameters of module {self.ctx.module.name!r} "
+                f"(zo_max_parameters={cap:,}): use a 'dncnn' (tuned as a rank-{self.ctx.config.zo_rank} LoRA) "
+                "or a prompt, the 'surrogate' strategy, or raise zo_max_parameters"
             )
         if self.ctx.config.zo_loss == "scores" and not self.ctx.engine.info.returns_scores:
             raise InvalidParameterError(
@@ -71,6 +71,7 @@ class ZerothOrderStrategy(Strategy):
         if k >= self.pretrain_steps and isinstance(ctx.module, DnCNN):
             from blackbox_rs.modules.lora_denoiser import LoRADnCNN
 
+            # the MSE phase's best state (DnCNN keys) is dropped by the first scoring round (Strategy.score)
             ctx.module = LoRADnCNN.from_denoiser(ctx.module, rank=ctx.config.zo_rank)
             self.opt = torch.optim.Adam(ctx.module.trainable_parameters(), lr=ctx.config.lr)
 
