@@ -151,6 +151,37 @@ def test_scoring_rounds_reuse_images_and_noise(model_file, digits, tmp_path):
     assert torch.equal(a.labels, b.labels)
 
 
+def test_multi_sigma_selection_is_the_worst_per_sigma_gain(model_file, digits, tmp_path):
+    """A multi-sigma fit keeps the state whose worst sigma gained most over the pretrained module
+    (gain 0), so no sigma is bought with another; a resumed fit compares against the same round."""
+    xtr, ytr, _, _ = digits
+    conn = label_only(model_file)
+    cfg = small_fit(strategy="surrogate", pretrain_steps=20, steps=60, redistill_every=30, score_every=20)
+    kw = {"module": {"name": "dncnn", **SMALL}, "sigmas": [0.25, 0.5]}
+    ref = BlackBoxSmoother(conn, **kw, cache=tmp_path / "c1")
+    full = ref.fit((xtr, ytr), config=cfg, budget=20_000)
+    scored = [h for h in full.history if "robust_score" in h]
+    assert [h["step"] for h in scored] == [20, 40, 60, 80]
+    base = scored[0]
+    for h in scored:
+        gains = [h[f"robust_score@{s}"] - base[f"robust_score@{s}"] for s in (0.25, 0.5)]
+        assert h["score"] == pytest.approx(min(gains), abs=1e-12)
+        assert h["robust_score"] == pytest.approx((h["robust_score@0.25"] + h["robust_score@0.5"]) / 2)
+    best = max(scored, key=lambda h: h["score"])  # the first of equal scores
+    assert full.best_step == best["step"] and full.best_score == best["score"] >= 0.0
+    # interrupted at the budget, then resumed: the same rounds, the same choice
+    sm = BlackBoxSmoother(conn, **kw, cache=tmp_path / "c2")
+    cut = sm.fit((xtr, ytr), config=cfg, budget=3_000, checkpoint_dir=tmp_path / "ck")
+    assert cut.stopped == "budget" and sum("robust_score" in h for h in cut.history) >= 2
+    sm2 = BlackBoxSmoother(conn, **kw, cache=tmp_path / "c2")
+    resumed = sm2.fit((xtr, ytr), config=cfg, budget=20_000, checkpoint_dir=tmp_path / "ck")
+    again = [h for h in resumed.history if "robust_score" in h]
+    assert [h["step"] for h in again] == [20, 40, 60, 80]
+    for a, b in zip(again, scored, strict=True):
+        assert a["score"] == pytest.approx(b["score"], abs=1e-9)
+    assert resumed.best_step == full.best_step
+
+
 def test_fit_stops_at_the_budget_and_resumes(model_file, digits, tmp_path):
     xtr, ytr, _, _ = digits
     cfg = small_fit(strategy="surrogate", pretrain_steps=20, steps=60)

@@ -309,3 +309,15 @@ def test_selection_radius_scores_match_scipy():
         radius_scores(torch.tensor([9]), m)
     with pytest.raises(InvalidParameterError, match="draws"):
         radius_scores(torch.tensor([0]), 0)
+
+
+def test_selection_worst_gain():
+    """Multi-sigma selection: the smallest per-sigma gain over the baseline round; mismatched sigmas refused."""
+    from blackbox_rs.fitting.selection import worst_gain
+
+    base = {0.25: 1.40, 0.5: 1.20}
+    assert worst_gain(base, base) == 0.0
+    assert worst_gain({0.25: 1.50, 0.5: 1.18}, base) == pytest.approx(-0.02)  # mean up, sigma 0.5 down: refused
+    assert worst_gain({0.25: 1.43, 0.5: 1.25}, base) == pytest.approx(0.03)
+    with pytest.raises(InvalidParameterError, match="sigmas"):
+        worst_gain({0.25: 1.0}, base)

@@ -24,7 +24,8 @@ class FitConfig(BaseModel):
     * ``passthrough``: ``batch_size * noise_draws`` differentiable forwards per step (+ clean labels).
     * every strategy that queries: ``score_images * score_draws`` per scoring round, one when its
       own steps begin (the MSE-pretrained module), one every ``score_every`` steps and one after
-      the last step. The fit keeps the best-scoring module state (:mod:`blackbox_rs.fitting.selection`).
+      the last step. The fit keeps the best-scoring module state (:mod:`blackbox_rs.fitting.selection`;
+      with several sigmas: the state whose worst sigma gained most over the pretrained module).
     """
 
     model_config = ConfigDict(extra="forbid")

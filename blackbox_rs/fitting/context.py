@@ -36,7 +36,10 @@ class FitReport(BaseModel):
     cache_hits: int
     cost: float
     trainable_parameters: int
-    best_score: float | None = Field(description="best tracked score (higher is better)")
+    best_score: float | None = Field(
+        description="best tracked score (higher is better): the robustness score of the kept state; for a "
+        "multi-sigma fit its worst per-sigma gain over the MSE-pretrained module (0: the pretrained module kept)"
+    )
     best_step: int | None
     history: list[dict[str, float]] = Field(default_factory=list)
     resumed_from: int | None = None

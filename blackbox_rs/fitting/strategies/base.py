@@ -21,7 +21,7 @@ from blackbox_rs.fitting.checkpoint import (
 )
 from blackbox_rs.fitting.context import FitContext, FitReport
 from blackbox_rs.fitting.objectives import mse_loss
-from blackbox_rs.fitting.selection import ScoreRound, score_round
+from blackbox_rs.fitting.selection import ScoreRound, score_round, worst_gain
 
 __all__ = ["STRATEGIES", "Strategy", "get_strategy", "register_strategy", "run_fit"]
 
@@ -101,9 +101,20 @@ class Strategy(abc.ABC):
             ctx.forget_best()
         r = score_round(ctx)
         extra = self.on_scored(k, r)
-        if len(r.by_sigma) > 1:
-            extra.update({f"robust_score@{sg:g}": v for sg, v in r.by_sigma.items()})
-        ctx.offer(k, r.score, robust_score=r.score, agreement=r.agreement, **extra)
+        selection = r.score
+        if len(r.by_sigma) > 1:  # multi-sigma: the worst per-sigma gain over the pretrained module
+            extra.update({f"robust_score@{sg!r}": v for sg, v in r.by_sigma.items()})
+            selection = worst_gain(r.by_sigma, r.by_sigma if k == self.pretrain_steps else self._baseline())
+        ctx.offer(k, selection, robust_score=r.score, agreement=r.agreement, **extra)
+
+    def _baseline(self) -> dict[float, float]:
+        """Per-sigma scores of the first scoring round of the strategy's steps (read back from the
+        history, so a resumed fit compares against the same round)."""
+        for h in self.ctx.history:
+            if int(h["step"]) == self.pretrain_steps and "robust_score" in h:
+                return {float(key.split("@", 1)[1]): v for key, v in h.items() if key.startswith("robust_score@")}
+        raise CacheError("the fit checkpoint has no scoring round of the pretrained module (written by an older "
+                         "version?); use a new checkpoint_dir")
 
     def on_scored(self, k: int, r: ScoreRound) -> dict[str, float]:
         """Hook: use a scoring round's paid labels (e.g. as distillation data); returns extra
