@@ -31,15 +31,42 @@ class _Record(BaseModel):
     cache_hits: int = Field(default=0, ge=0)
     label: int | None = Field(default=None, description="reference label, if known")
     index: int | None = Field(default=None, description="position in the dataset, if certified as part of one")
+    reference: Literal["labels", "clean_prediction"] | None = Field(
+        default=None,
+        description="what `label` is: ground truth ('labels') or the bare model's own label on the clean "
+        "input, without any module ('clean_prediction': accuracy is then certified consistency)",
+    )
+    transform: str = Field(
+        default="unrecorded",
+        description="identity of the deterministic transform before the model: 'none' or the module's digest",
+    )
+    noise: str = Field(default="unrecorded", description="noise mode and generator device type")
+    other_index: int | None = Field(
+        default=None, description="the model's catch-all class ('other'), never counted as correct"
+    )
+    model_version: str | None = Field(
+        default=None, description="model version the endpoint reported while certifying, if it reports one"
+    )
 
     @property
     def abstained(self) -> bool:
         return self.prediction == ABSTAIN
 
     @property
+    def is_other(self) -> bool:
+        """The smoothed classifier answered the catch-all class ("none of your classes")."""
+        return self.other_index is not None and self.prediction == self.other_index
+
+    @property
     def correct(self) -> bool | None:
-        """Whether the prediction equals the reference label (None without a label)."""
-        return None if self.label is None else (self.prediction == self.label)
+        """Whether the prediction equals the reference label (None without a label). A prediction of
+        the catch-all class ``other``, or a reference that is ``other``, is never correct: "none of
+        your classes" is no evidence of robustness on your classes."""
+        if self.label is None:
+            return None
+        if self.other_index is not None and self.other_index in (self.prediction, self.label):
+            return False
+        return self.prediction == self.label
 
 
 class Certificate(_Record):

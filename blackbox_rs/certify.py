@@ -13,7 +13,13 @@ Guarantees (Cohen, Rosenfeld, Kolter 2019), for one call, over the randomness of
 * :func:`predict`: with probability >= 1 - alpha it returns either ABSTAIN or the smoothed class.
 
 Noise is counter-based (:mod:`blackbox_rs.noise`): the samples are a function of (seed, key, stream,
-index), so reruns send identical requests and hit the query cache.
+index), so reruns send identical requests and hit the query cache. The seed defaults to a fresh one
+from the OS's entropy source (:func:`blackbox_rs.binding.fresh_seed`), recorded in every certificate
+and journal: nobody can compute an input's noise draws in advance. Pass a seed for reproducible runs.
+
+Every certificate records what it is bound to (:mod:`blackbox_rs.binding`): model fingerprint,
+transform identity, noise mode, settings, seed, input key, label and what the label is. Dataset runs
+with ``output`` refuse to resume from a journal written for anything else.
 """
 
 from __future__ import annotations
@@ -22,13 +28,14 @@ import math
 import os
 import warnings
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict
 
 from blackbox_rs import stats
+from blackbox_rs.binding import fresh_seed, noise_identity, transform_identity
 from blackbox_rs.certificate import ABSTAIN, Certificate, SmoothedPrediction
 from blackbox_rs.connectors.base import Connector, ConnectorInfo
 from blackbox_rs.engine import QueryEngine, Tally, as_engine
@@ -82,6 +89,9 @@ def _positive_int(name: str, v: object) -> int:
 
 
 def _seed(seed: object) -> int:
+    """A validated seed; ``None`` draws a fresh one from the OS's entropy source."""
+    if seed is None:
+        return fresh_seed()
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or int(seed) < 0:
         raise InvalidParameterError(f"seed must be a non-negative integer, got {seed!r}")
     return int(seed)
@@ -146,8 +156,8 @@ def sample_counts(
 
 
 def _prepare(
-    connector: Connector | QueryEngine, x: object, sigma: float, alpha: float, batch_size: int | None, seed: int,
-    key: str | None,
+    connector: Connector | QueryEngine, x: object, sigma: float, alpha: float, batch_size: int | None,
+    seed: int | None, key: str | None,
 ) -> tuple[QueryEngine, torch.Tensor, float, float, int, int, str]:
     engine = as_engine(connector)
     sigma = stats.check_sigma(sigma)
@@ -168,7 +178,7 @@ def predict(
     n: int,
     alpha: float = 0.001,
     batch_size: int | None = None,
-    seed: int = 0,
+    seed: int | None = None,
     key: str | None = None,
     label: int | None = None,
     transform: Transform | None = None,
@@ -188,6 +198,7 @@ def predict(
         prediction=int(order[0]) if p_value <= alpha else ABSTAIN, counts=counts.tolist(), n=n,
         alpha=alpha, sigma=sigma, seed=seed, key=key, fingerprint=engine.info.fingerprint,
         queries=tally.queries, cache_hits=tally.cache_hits, label=label, p_value=p_value,
+        **record_binding(engine, transform, label=label),
     )
 
 
@@ -200,15 +211,19 @@ def certify(
     n: int = 100_000,
     alpha: float = 0.001,
     batch_size: int | None = None,
-    seed: int = 0,
+    seed: int | None = None,
     key: str | None = None,
     label: int | None = None,
     index: int | None = None,
     transform: Transform | None = None,
+    reference: str | None = None,
 ) -> Certificate:
     """Cohen's CERTIFY: select the top class from n0 noisy samples, bound its probability from n
     fresh samples with a one-sided (1 - alpha) Clopper-Pearson bound, and certify radius
     ``sigma * Phi^-1(p_lower)`` if ``p_lower > 1/2`` (else ABSTAIN).
+
+    ``seed=None`` draws a fresh seed (recorded in the certificate). ``reference`` says what
+    ``label`` is (default: ``"labels"`` when a label is given).
 
     Raises :class:`UncertifiableError` before any query when (n, alpha) can never certify, and
     :class:`BudgetExceeded` before any query when the budget's limit is below n0 + n.
@@ -217,7 +232,7 @@ def certify(
     n = _positive_int("n", n)
     engine, xt, sigma, alpha, bs, seed, key = _prepare(connector, x, sigma, alpha, batch_size, seed, key)
     check_certifiable(n, alpha, sigma)
-    _check_budget_limit(engine, n0 + n)
+    check_budget_limit(engine, n0 + n, "n0 + n")
     tally = Tally()
     sel = sample_counts(engine, xt, sigma=sigma, num=n0, seed=seed, key=key, stream="selection",
                         batch_size=bs, transform=transform, tally=tally)
@@ -233,30 +248,59 @@ def certify(
         p_lower=p_lower, counts=est.tolist(), selection_counts=sel.tolist(), n0=n0, n=n, alpha=alpha,
         sigma=sigma, seed=seed, key=key, fingerprint=engine.info.fingerprint, queries=tally.queries,
         cache_hits=tally.cache_hits, label=label, index=index,
+        **record_binding(engine, transform, label=label, reference=reference),
     )
 
 
-def _check_budget_limit(engine: QueryEngine, needed: int) -> None:
+def record_binding(engine: QueryEngine, transform: Transform | None, *, label: int | None = None,
+                   reference: str | None = None, lattice: bool = False) -> dict[str, Any]:
+    """The binding fields every record carries (see :mod:`blackbox_rs.binding`)."""
+    return {
+        "transform": transform_identity(transform),
+        "noise": noise_identity(lattice),
+        "other_index": engine.info.other_index,
+        "reference": reference if reference is not None else ("labels" if label is not None else None),
+    }
+
+
+def check_budget_limit(engine: QueryEngine, needed: int, what: str = "") -> None:
+    """Raise :class:`BudgetExceeded` before any query when the limits of the engine's budget (and of
+    every budget above it) allow fewer than ``needed`` queries in total: one certificate could never
+    finish. ``what`` spells out how ``needed`` is made up (e.g. "1 clean + n0 + n")."""
     b = engine.budget
-    if b is None:
-        return
-    cap = b.max_queries
-    if b.max_cost is not None and engine.info.cost_per_query > 0:
-        by_cost = math.floor(b.max_cost / engine.info.cost_per_query + 1e-9)
-        cap = by_cost if cap is None else min(cap, by_cost)
+    cap: int | None = None
+    while b is not None:
+        for c in (b.max_queries,
+                  math.floor(b.max_cost / engine.info.cost_per_query + 1e-9)
+                  if b.max_cost is not None and engine.info.cost_per_query > 0 else None):
+            if c is not None:
+                cap = c if cap is None else min(cap, c)
+        b = b.parent
     if cap is not None and cap < needed:
+        how = f"{what} = " if what else ""
         raise BudgetExceeded(
-            f"the budget allows at most {cap} queries in total, but one certificate needs n0 + n = {needed}"
+            f"the budget allows at most {cap} queries in total, but one certificate needs {how}{needed}; "
+            "nothing was sent: raise the budget"
         )
 
 
 # ---------------------------------------------------------------------------------------------
 # datasets
+REFERENCE_TEXT = {
+    "labels": "certified accuracy: agreement with the ground-truth labels",
+    "clean_prediction": "certified consistency: agreement with the bare model's own label on the clean input "
+                        "(no module)",
+}
+"""What each ``reference`` means, as every report states it."""
+
+
 class DatasetCertification(BaseModel):
     """Certificates for a dataset and certified accuracy at the requested radii.
 
-    ``reference`` says what "accuracy" means: ``"labels"`` (agreement with ground truth) or
-    ``"clean_prediction"`` (certified consistency with the base model's own clean prediction).
+    ``reference`` says what "accuracy" means (:data:`REFERENCE_TEXT`): ``"labels"`` (agreement with
+    ground truth) or ``"clean_prediction"`` (certified consistency with the bare model's own clean
+    prediction, without any module). A certificate for the catch-all class ``other`` never counts as
+    correct; ``certified_other`` is its own column: the fraction of inputs certified as ``other``.
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -268,16 +312,33 @@ class DatasetCertification(BaseModel):
     queries: int
     cache_hits: int
     cost: float
+    certified_other: dict[str, float] | None = None
 
 
-def certified_accuracy(certificates: Sequence[Certificate], radii: Sequence[float]) -> dict[str, float]:
-    """Fraction of certificates that are correct with radius >= r, for each r (keys: ``f"{r:g}"``)."""
+class _Certified(Protocol):
+    @property
+    def correct(self) -> bool | None: ...
+    @property
+    def is_other(self) -> bool: ...
+    def certified_at(self, r: float) -> bool: ...
+
+
+def certified_accuracy(certificates: Sequence[_Certified], radii: Sequence[float]) -> dict[str, float]:
+    """Fraction of certificates that are correct and certified at radius >= r, for each r (keys:
+    ``f"{r:g}"``), for any certificate type (via its ``certified_at``). ``other`` is never correct."""
     total = len(certificates)
-    out: dict[str, float] = {}
-    for r in radii:
-        ok = sum(1 for c in certificates if c.correct and c.radius >= r)
-        out[f"{float(r):g}"] = ok / total if total else 0.0
-    return out
+    return {f"{float(r):g}": (sum(1 for c in certificates if c.correct and c.certified_at(float(r))) / total
+                              if total else 0.0) for r in radii}
+
+
+def certified_other(certificates: Sequence[_Certified], radii: Sequence[float]) -> dict[str, float] | None:
+    """Fraction of certificates certified as the catch-all class at radius >= r (None when the
+    model has no catch-all class)."""
+    if not any(getattr(c, "other_index", None) is not None for c in certificates):
+        return None
+    total = len(certificates)
+    return {f"{float(r):g}": sum(1 for c in certificates if c.is_other and c.certified_at(float(r))) / total
+            for r in radii}
 
 
 def _label(y: Any) -> int | None:
@@ -314,23 +375,25 @@ def _iter_items(inputs: Any, labels: Any) -> Iterable[tuple[torch.Tensor, int | 
         yield x, _label(y)
 
 
-def _params_of(cert: Certificate) -> dict[str, Any]:
-    return {"n0": cert.n0, "n": cert.n, "alpha": cert.alpha, "sigma": cert.sigma, "seed": cert.seed,
-            "fingerprint": cert.fingerprint}
+def bare_clean_label(engine: QueryEngine, xt: torch.Tensor, tally: Tally) -> int:
+    """The bare model's label on the clean input (no module): the reference of certified consistency.
+    One query through the engine (cached, budgeted, counted in ``tally``)."""
+    return int(engine.query(xt.unsqueeze(0), tally=tally).labels[0])
 
 
 def certify_each(
     engine: QueryEngine,
     inputs: Any,
     labels: Sequence[int] | None,
-    certify_one: Callable[[int, torch.Tensor, int | None], C],
+    certify_one: Callable[[int, torch.Tensor, int | None, str], C],
     *,
     journal: CertificateJournal[C] | None = None,
     progress: Callable[[int, C], None] | None = None,
 ) -> tuple[list[C], str, Tally]:
     """The dataset loop shared by every certification method: validates labels, skips inputs the
-    journal has finished, calls ``certify_one(index, x, label)`` on the rest, journals each result
-    and totals its queries. Returns the certificates, the reference ("labels" or
+    journal has finished (after checking that each finished record is for this input: its key,
+    label and reference), calls ``certify_one(index, x, label, key)`` on the rest, journals each
+    result and totals its queries. Returns the certificates, the reference ("labels" or
     "clean_prediction") and the queries charged in this call."""
     reference = "labels" if labels is not None else None
     certs: list[C] = []
@@ -344,10 +407,16 @@ def certify_each(
             raise InvalidInputError(f"input {idx}: either every input has a label or none does")
         if y is not None and not (0 <= y < k):
             raise InvalidInputError(f"input {idx}: label {y} outside the model's classes [0, {k})")
+        xt = validate_input(x, engine.info)
+        key = input_key(xt)
         if idx in finished:
             cert = finished[idx]
+            expected: dict[str, Any] = {"key": key, "reference": reference}
+            if y is not None:
+                expected["label"] = y
+            journal.check_record(cert, expected)  # type: ignore[union-attr]
         else:
-            cert = certify_one(idx, validate_input(x, engine.info), y)
+            cert = certify_one(idx, xt, y, key)
             q, hits = int(getattr(cert, "queries", 0)), int(getattr(cert, "cache_hits", 0))
             total.add(Tally(queries=q, cache_hits=hits, cost=q * engine.info.cost_per_query))
             if journal is not None:
@@ -360,6 +429,22 @@ def certify_each(
     return certs, reference or "labels", total
 
 
+def open_journal(output: str | os.PathLike[str] | None, model: type[C], engine: QueryEngine,
+                 params: dict[str, Any], seed: int | None) -> tuple[CertificateJournal[C] | None, int]:
+    """The journal for ``output`` (None without one) and the seed to use: the given one, the
+    journal's when resuming with ``seed=None``, or a fresh one. A journal whose records carry an
+    observed model version makes the connector expect it (a model swapped behind the endpoint is
+    then a typed error, not a silent mix)."""
+    if output is None:
+        return None, _seed(seed)
+    journal = CertificateJournal(output, model, params, seed=None if seed is None else _seed(seed))
+    expect = getattr(engine.connector, "expect_model_version", None)
+    versions = {getattr(c, "model_version", None) for c in journal.finished.values()} - {None}
+    if callable(expect) and len(versions) == 1:
+        expect(versions.pop())
+    return journal, journal.seed
+
+
 def certify_dataset(
     connector: Connector | QueryEngine,
     inputs: Any,
@@ -370,7 +455,7 @@ def certify_dataset(
     n: int = 100_000,
     alpha: float = 0.001,
     batch_size: int | None = None,
-    seed: int = 0,
+    seed: int | None = None,
     radii: Sequence[float] = DEFAULT_RADII,
     output: str | os.PathLike[str] | None = None,
     transform: Transform | None = None,
@@ -379,13 +464,20 @@ def certify_dataset(
     """CERTIFY every input of ``inputs`` (an ``N x C x H x W`` tensor, an iterable of images, or of
     ``(image, label)`` pairs such as a torch Dataset).
 
-    Without labels, each input's reference is the base model's clean prediction (one extra query per
-    input, through the engine) and the accuracy reported is certified *consistency*.
+    Without labels, each input's reference is the bare model's clean prediction f(x), without the
+    transform (one extra query per input, through the engine), and the accuracy reported is certified
+    *consistency*. A certificate for the catch-all class ``other`` is never counted as correct.
 
-    With ``output``, each certificate is appended as one JSONL line as soon as it is final (flushed
-    and fsynced); a rerun with the same arguments skips finished inputs and regenerates identical
-    noise for the rest, so with a query cache it repeats no answered query. :class:`BudgetExceeded`
-    propagates after the finished certificates are written.
+    ``seed=None`` (default) draws a fresh seed from the OS's entropy source, or reads back the seed of
+    the journal it resumes; every certificate records it.
+
+    With ``output``, the journal's header is written first, then each certificate as one JSONL line
+    as soon as it is final (flushed and fsynced). A rerun with the same arguments skips finished inputs
+    and regenerates identical noise for the rest, so with a query cache it repeats no answered query;
+    a rerun with another model, transform, dataset, labels, noise mode or setting raises
+    :class:`ResumeMismatchError` before any query. :class:`BudgetExceeded` is raised before any query
+    when the budget's limit cannot pay one certificate, and otherwise propagates after the finished
+    certificates are written.
     """
     engine = as_engine(connector)
     n0 = _positive_int("n0", n0)
@@ -396,22 +488,27 @@ def certify_dataset(
     radii = [float(r) for r in radii]
     if any(r < 0 or not math.isfinite(r) for r in radii):
         raise InvalidParameterError(f"radii must be finite and >= 0, got {radii}")
-    seed = _seed(seed)
-    params = {"n0": n0, "n": n, "alpha": alpha, "sigma": sigma, "seed": seed,
-              "fingerprint": engine.info.fingerprint}
+    if batch_size is not None:
+        _positive_int("batch_size", batch_size)
+    check_budget_limit(engine, n0 + n + (1 if labels is None else 0),
+                       "n0 + n" if labels is not None else "1 clean query + n0 + n")
+    params = {"n0": n0, "n": n, "alpha": alpha, "sigma": sigma, "fingerprint": engine.info.fingerprint,
+              "transform": transform_identity(transform, require=output is not None),
+              "noise": noise_identity(), "other_index": engine.info.other_index, "method": "cohen_certify"}
+    journal, seed = open_journal(output, Certificate, engine, params, seed)
 
-    def one(idx: int, xt: torch.Tensor, y: int | None) -> Certificate:
+    def one(idx: int, xt: torch.Tensor, y: int | None, key: str) -> Certificate:
         t = Tally()
-        if y is None:  # certified consistency: the reference is the model's own clean prediction
-            y = int(engine.query(xt.unsqueeze(0), tally=t).labels[0])
+        reference = "labels" if y is not None else "clean_prediction"
+        if y is None:  # certified consistency: the reference is the bare model's own clean prediction
+            y = bare_clean_label(engine, xt, t)
         cert = certify(engine, xt, sigma=sigma, n0=n0, n=n, alpha=alpha, batch_size=batch_size, seed=seed,
-                       label=y, index=idx, transform=transform)
+                       key=key, label=y, index=idx, transform=transform, reference=reference)
+        update: dict[str, Any] = {"model_version": _observed_version(engine)}
         if t.requests or t.cache_hits:  # the clean query belongs to this certificate's cost
-            cert = cert.model_copy(update={"queries": cert.queries + t.queries,
-                                           "cache_hits": cert.cache_hits + t.cache_hits})
-        return cert
+            update.update(queries=cert.queries + t.queries, cache_hits=cert.cache_hits + t.cache_hits)
+        return cert.model_copy(update=update)
 
-    journal = CertificateJournal(output, Certificate, params, _params_of) if output is not None else None
     try:
         certs, reference, total = certify_each(engine, inputs, labels, one, journal=journal, progress=progress)
     finally:
@@ -420,5 +517,10 @@ def certify_dataset(
     return DatasetCertification(
         certificates=certs, radii=radii, certified_accuracy=certified_accuracy(certs, radii),
         reference=reference, queries=total.queries, cache_hits=total.cache_hits, cost=total.cost,
+        certified_other=certified_other(certs, radii),
     )
 
+
+def _observed_version(engine: QueryEngine) -> str | None:
+    v = getattr(engine.connector, "observed_model_version", None)
+    return v if isinstance(v, str) and v else None

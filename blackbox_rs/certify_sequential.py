@@ -35,20 +35,24 @@ import torch
 from pydantic import BaseModel, ConfigDict
 
 from blackbox_rs import stats
+from blackbox_rs.binding import noise_identity, transform_identity
 from blackbox_rs.certificate import ABSTAIN, SequentialCertificate
 from blackbox_rs.certify import (
     Transform,
-    _check_budget_limit,
     _positive_int,
     _prepare,
+    bare_clean_label,
+    certified_accuracy,
+    certified_other,
     certify_each,
+    check_budget_limit,
+    open_journal,
+    record_binding,
     sample_counts,
 )
 from blackbox_rs.connectors.base import Connector
 from blackbox_rs.engine import QueryEngine, Tally, as_engine
 from blackbox_rs.errors import InvalidParameterError
-from blackbox_rs.journal import CertificateJournal
-from blackbox_rs.noise import input_key
 from blackbox_rs.noise_lattice import LatticeNoiseStream, to_lattice
 from blackbox_rs.sequential import LookSchedule, SequentialTest, check_radii
 
@@ -82,11 +86,12 @@ def certify_radius(
     n0: int = 10,
     max_queries: int = 100_000,
     batch_size: int | None = None,
-    seed: int = 0,
+    seed: int | None = None,
     key: str | None = None,
     label: int | None = None,
     index: int | None = None,
     transform: Transform | None = None,
+    reference: str | None = None,
     lattice: bool = False,
     growth: float = 1.5,
     target_share: float = 0.5,
@@ -104,6 +109,8 @@ def certify_radius(
         growth, target_share: schedule knobs (see :meth:`LookSchedule.for_radii`).
         futility: give up (undecided, no claim) when the (1 - futility) upper bound on p says the cap
             cannot certify the smallest open radius (:meth:`SequentialTest.improbable`); None: never.
+        seed: noise seed; ``None`` draws a fresh one from the OS's entropy source (recorded).
+        reference: what ``label`` is (default ``"labels"`` when a label is given).
 
     Guarantee: with probability >= 1 - alpha, every radius marked certified is a true certificate of
     the smoothed classifier of ``x -> f(clip(T(x)))`` (see :mod:`blackbox_rs.sequential`).
@@ -125,7 +132,7 @@ def certify_radius(
         shape = engine.info.input_shape
         lat_sel = LatticeNoiseStream(seed=seed, key=key, stream=SELECTION_STREAM, shape=shape, sigma=sigma)
         lat_est = LatticeNoiseStream(seed=seed, key=key, stream=ESTIMATION_STREAM, shape=shape, sigma=sigma)
-    _check_budget_limit(engine, 1 + n0 + schedule.sizes[0])
+    check_budget_limit(engine, 1 + n0 + schedule.sizes[0], "1 clean + n0 + the first look")
     tally = Tally()
 
     def counts(stream: str, start: int, num: int) -> np.ndarray:
@@ -178,6 +185,7 @@ def certify_radius(
         look_alphas=list(schedule.alphas[:looks_used]), p_lower=min(1.0, max(0.0, res.p_lower)),
         stop_reason=res.stop_reason, lattice=bool(lattice), growth=float(growth),
         target_share=float(target_share), futility=futility,
+        **record_binding(engine, transform, label=label, reference=reference, lattice=bool(lattice)),
     )
 
 
@@ -187,7 +195,9 @@ class SequentialDatasetCertification(BaseModel):
     """Sequential certificates for a dataset and certified accuracy at each target radius.
 
     ``reference``: ``"labels"`` (ground truth) or ``"clean_prediction"`` (certified consistency with
-    the base classifier's own clean label, taken from each certificate's clean query: no extra query).
+    the bare model's own clean label f(x), without any module: taken from each certificate's clean query
+    when there is no transform, else one extra query). ``other`` is never correct; ``certified_other``
+    is its own column.
     ``mean_queries``: queries needed per input (charged + answered from the cache).
     """
 
@@ -201,20 +211,13 @@ class SequentialDatasetCertification(BaseModel):
     cache_hits: int
     cost: float
     mean_queries: float
+    certified_other: dict[str, float] | None = None
 
 
 def sequential_certified_accuracy(certificates: Sequence[SequentialCertificate],
                                   radii: Sequence[float]) -> dict[str, float]:
     """Fraction of certificates that are correct and certified at >= r, for each r (keys ``f"{r:g}"``)."""
-    total = len(certificates)
-    return {f"{float(r):g}": (sum(1 for c in certificates if c.correct and c.certified_at(float(r))) / total
-                              if total else 0.0) for r in radii}
-
-
-def _params(cert: SequentialCertificate) -> dict[str, Any]:
-    return {"radii": list(cert.radii), "n0": cert.n0, "max_queries": cert.max_queries, "alpha": cert.alpha,
-            "sigma": cert.sigma, "seed": cert.seed, "fingerprint": cert.fingerprint, "lattice": cert.lattice,
-            "growth": cert.growth, "target_share": cert.target_share, "futility": cert.futility}
+    return certified_accuracy(certificates, radii)
 
 
 def certify_radius_dataset(
@@ -228,7 +231,7 @@ def certify_radius_dataset(
     n0: int = 10,
     max_queries: int = 100_000,
     batch_size: int | None = None,
-    seed: int = 0,
+    seed: int | None = None,
     output: str | os.PathLike[str] | None = None,
     transform: Transform | None = None,
     lattice: bool = False,
@@ -241,9 +244,11 @@ def certify_radius_dataset(
     :func:`blackbox_rs.certify.certify_dataset`), with certified accuracy at each target radius.
 
     Without labels the reference is each input's clean prediction (from the certificate's own clean
-    query). With ``output`` every certificate is appended as a JSONL line once final (flushed and
-    fsynced); a rerun with the same settings skips finished inputs and, with a query cache, repeats
-    no answered query. Parameter errors are raised before any query.
+    query; one extra bare query when there is a transform). With ``output`` every certificate is
+    appended as a JSONL line once final (flushed and fsynced); a rerun with the same settings (the
+    journal's seed is read back when ``seed=None``) skips finished inputs and, with a query cache,
+    repeats no answered query; a rerun for another model, transform, dataset, labels or setting raises
+    :class:`ResumeMismatchError`. Parameter and budget-limit errors are raised before any query.
     """
     engine = as_engine(connector)
     radii = check_radii(radius)
@@ -251,30 +256,52 @@ def certify_radius_dataset(
     cap = _check_cap(max_queries, n0)
     sigma = stats.check_sigma(sigma)
     alpha = stats.check_alpha(alpha)
-    LookSchedule.for_radii(radii, sigma, alpha, cap - 1 - n0, target_share=target_share, growth=growth)
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or int(seed) < 0:
+    schedule = LookSchedule.for_radii(radii, sigma, alpha, cap - 1 - n0, target_share=target_share,
+                                      growth=growth)
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or int(seed) < 0):
         raise InvalidParameterError(f"seed must be a non-negative integer, got {seed!r}")
-    params = {"radii": list(radii), "n0": n0, "max_queries": cap, "alpha": alpha, "sigma": sigma,
-              "seed": int(seed), "fingerprint": engine.info.fingerprint, "lattice": bool(lattice),
-              "growth": float(growth), "target_share": float(target_share), "futility": futility}
+    extra = 1 if (labels is None and transform is not None) else 0
+    check_budget_limit(engine, 1 + extra + n0 + schedule.sizes[0],
+                       "1 clean" + (" + 1 bare clean" if extra else "") + " + n0 + the first look")
+    params = {"radii": [float(r) for r in radii], "n0": n0, "max_queries": cap, "alpha": alpha, "sigma": sigma,
+              "fingerprint": engine.info.fingerprint, "lattice": bool(lattice), "growth": float(growth),
+              "target_share": float(target_share), "futility": futility,
+              "transform": transform_identity(transform, require=output is not None),
+              "noise": noise_identity(bool(lattice)), "other_index": engine.info.other_index,
+              "method": "sequential_certify"}
+    journal, run_seed = open_journal(output, SequentialCertificate, engine, params, seed)
 
-    def one(idx: int, xt: torch.Tensor, y: int | None) -> SequentialCertificate:
+    def one(idx: int, xt: torch.Tensor, y: int | None, key: str) -> SequentialCertificate:
+        reference = "labels" if y is not None else "clean_prediction"
         cert = certify_radius(engine, xt, radius=radii, sigma=sigma, alpha=alpha, n0=n0, max_queries=cap,
-                              batch_size=batch_size, seed=int(seed), key=input_key(xt), label=y, index=idx,
-                              transform=transform, lattice=lattice, growth=growth, target_share=target_share,
-                              futility=futility)
-        # without labels the reference is the certificate's own clean query: no extra query
-        return cert if y is not None else cert.model_copy(update={"label": cert.clean_prediction})
+                              batch_size=batch_size, seed=run_seed, key=key, label=y, index=idx,
+                              transform=transform, reference=reference, lattice=lattice, growth=growth,
+                              target_share=target_share, futility=futility)
+        update: dict[str, Any] = {"model_version": _observed_version(engine)}
+        if y is None:
+            # the reference is the bare model's clean label f(x): the certificate's own clean query when
+            # there is no transform, else one more (bare) query, charged to this certificate
+            if transform is None:
+                update["label"] = cert.clean_prediction
+            else:
+                t = Tally()
+                update["label"] = bare_clean_label(engine, xt, t)
+                update.update(queries=cert.queries + t.queries, cache_hits=cert.cache_hits + t.cache_hits)
+        return cert.model_copy(update=update)
 
-    journal = (CertificateJournal(output, SequentialCertificate, params, _params) if output is not None
-               else None)
     try:
         certs, reference, total = certify_each(engine, inputs, labels, one, journal=journal, progress=progress)
     finally:
         if journal is not None:
             journal.close()
     return SequentialDatasetCertification(
-        certificates=certs, radii=list(radii), certified_accuracy=sequential_certified_accuracy(certs, radii),
+        certificates=certs, radii=list(radii), certified_accuracy=certified_accuracy(certs, radii),
         reference=reference, queries=total.queries, cache_hits=total.cache_hits, cost=total.cost,
         mean_queries=(sum(c.queries + c.cache_hits for c in certs) / len(certs)) if certs else math.nan,
+        certified_other=certified_other(certs, radii),
     )
+
+
+def _observed_version(engine: QueryEngine) -> str | None:
+    v = getattr(engine.connector, "observed_model_version", None)
+    return v if isinstance(v, str) and v else None

@@ -74,7 +74,8 @@ class CertifySection(BaseModel):
     n: int = Field(default=10_000, ge=1)
     alpha: float = Field(default=0.001, gt=0, lt=1)
     radii: list[float] = Field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])
-    seed: int = Field(default=0, ge=0)
+    seed: int | None = Field(default=None, ge=0, description="noise seed; default: a fresh one from OS entropy, "
+                             "recorded in the journal and read back on resume")
     batch_size: int | None = Field(default=None, ge=1)
     budget: int | None = Field(default=None, ge=0)
 
@@ -154,6 +155,19 @@ def _engine(cfg: RunConfig, budget: int | None) -> Any:
     cache = cfg.run.cache_dir or (out / "cache")
     b = QueryBudget(max_queries=budget, ledger=out / "budget_ledger.json") if budget is not None else None
     return QueryEngine(_connector(cfg), cache=cache / "queries", budget=b)
+
+
+def journal_tag(transform: Any) -> str:
+    """File tag of the classifier a journal certifies: ``bare`` (no module) or ``module-<12 hex of its
+    digest>``, so two classifiers never share a journal or a report."""
+    from blackbox_rs.binding import transform_identity
+
+    ident = transform_identity(transform, require=True)
+    if ident == "none":
+        return "bare"
+    import hashlib
+
+    return "module-" + hashlib.sha256(ident.encode()).hexdigest()[:12]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -281,7 +295,9 @@ def certify(
     cache_dir: Annotated[Path | None, typer.Option()] = None,
     dry_run: Annotated[bool, typer.Option(help="print the queries and cost, spend nothing")] = False,
 ) -> None:
-    """Certify the configured data set; resumable (OUT_DIR/certificates.jsonl) and budgeted."""
+    """Certify the configured data set; resumable and budgeted. Each classifier (the bare model, or one
+    fitted module, by its digest) gets its own journal OUT_DIR/certificates-<tag>.jsonl and report
+    OUT_DIR/report-<tag>, so runs with and without a module never share a file."""
 
     def go() -> None:
         from blackbox_rs.data_files import load_images
@@ -306,15 +322,18 @@ def certify(
         else:
             smoother = BlackBoxSmoother(engine, module=None, sigma=c.sigma)
         bar = ProgressBar(budget=c.budget)
+        tag = journal_tag(smoother.transform)
+        journal = cfg.run.out_dir / f"certificates-{tag}.jsonl"
         res = smoother.certify_dataset(
             x, None if y is None else y.tolist(), n0=c.n0, n=c.n, alpha=c.alpha, sigma=c.sigma, seed=c.seed,
-            batch_size=c.batch_size, radii=c.radii, output=cfg.run.out_dir / "certificates.jsonl",
+            batch_size=c.batch_size, radii=c.radii, output=journal,
             progress=lambda i, cert: bar("certify", i + 1, len(x), {"queries": engine.stats.queries}),
         )
         name = "fitted module" if module_dir is not None else "no module"
-        files = write_report({name: res}, cfg.run.out_dir / "report",
+        files = write_report({name: res}, cfg.run.out_dir / f"report-{tag}",
                              cost_per_query=engine.info.cost_per_query)
         typer.echo(accuracy_table({name: res}))
+        typer.echo(f"certificates: {journal}")
         typer.echo(f"report: {files.summary}")
 
     _run(go)
@@ -329,7 +348,8 @@ def report(
     """Rebuild the report (JSON, CSV, table, PNG, markdown) from certificate files, no queries."""
 
     def go() -> None:
-        from blackbox_rs.certify import DatasetCertification, certified_accuracy
+        from blackbox_rs.certify import DatasetCertification, certified_accuracy, certified_other
+        from blackbox_rs.certify_sequential import SequentialDatasetCertification
         from blackbox_rs.reports import accuracy_table, load_certificates, write_report
 
         try:
@@ -339,10 +359,23 @@ def report(
         runs = {}
         for path in certificates:
             certs = load_certificates(path)
-            ref = "labels" if all(ce.label is not None for ce in certs) else "clean_prediction"
-            runs[path.stem] = DatasetCertification(
-                certificates=certs, radii=rs, certified_accuracy=certified_accuracy(certs, rs), reference=ref,
-                queries=sum(ce.queries for ce in certs), cache_hits=sum(ce.cache_hits for ce in certs), cost=0.0)
+            refs = {ce.reference for ce in certs} - {None}
+            if len(refs) > 1:
+                raise ConfigError(f"{path} mixes certificates with references {sorted(refs)}")
+            ref = refs.pop() if refs else ("labels" if all(ce.label is not None for ce in certs)
+                                           else "clean_prediction")
+            common = {"certificates": certs, "radii": rs, "certified_accuracy": certified_accuracy(certs, rs),
+                      "reference": ref, "queries": sum(ce.queries for ce in certs),
+                      "cache_hits": sum(ce.cache_hits for ce in certs), "cost": 0.0,
+                      "certified_other": certified_other(certs, rs)}
+            methods = {ce.method for ce in certs}
+            if methods == {"sequential_certify"}:
+                runs[path.stem] = SequentialDatasetCertification(
+                    **common, mean_queries=sum(ce.queries + ce.cache_hits for ce in certs) / len(certs))
+            elif len(methods) > 1:
+                raise ConfigError(f"{path} mixes certification methods {sorted(methods)}")
+            else:
+                runs[path.stem] = DatasetCertification(**common)
         files = write_report(runs, _out_dir(out_dir))
         typer.echo(accuracy_table(runs, rs))
         typer.echo(f"report: {files.summary}")

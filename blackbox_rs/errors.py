@@ -57,6 +57,22 @@ class ConfigError(BlackBoxRSError, ValueError):
     """A configuration file or object is invalid (unknown key, wrong type, missing credential)."""
 
 
+class ResumeMismatchError(CacheError):
+    """Saved state (a certificate journal, a query cache, a budget ledger, a fit checkpoint) was
+    written for something other than what this run describes: another module, input, label, noise
+    mode, setting or model version. ``differences`` maps each differing field to ``(saved, now)``.
+    Nothing is mixed: use another output path, or the original settings."""
+
+    def __init__(self, message: str, differences: dict[str, tuple[object, object]] | None = None) -> None:
+        super().__init__(message)
+        self.differences = dict(differences or {})
+
+
+class BudgetSpentError(BudgetExceeded):
+    """A persisted budget ledger is already spent: rerunning the same command can never progress;
+    raise the limit (or use a new ledger) to continue."""
+
+
 # --- HTTP connectors (connectors/http.py, connectors/kserve_v2.py) ---------------------------------
 
 
@@ -158,6 +174,40 @@ class DatasetNotFoundError(DatasetError):
 class DatasetCorruptedError(DatasetError):
     """A dataset file is present but malformed: wrong IDX magic number, wrong dimensions, truncated
     or oversized payload, unreadable gzip stream, or image and label files that disagree in count."""
+
+
+class ModelVersionChangedError(InvalidResponseError):
+    """The model behind an endpoint answered with another version than the one this run (or the
+    run it resumes, as persisted in its cache) observed: answers of two models are never mixed."""
+
+
+class UnsafeModelFileError(ConnectorError):
+    """A local model file would make its loader run arbitrary Python (a pickled payload, a compiled
+    native library, a symbolic expression or graph call outside the safe set): it is refused before
+    anything in it is loaded. ``path`` names the file, ``reason`` what was found."""
+
+    def __init__(self, message: str, *, path: str = "", reason: str = "") -> None:
+        super().__init__(message)
+        self.path = path
+        self.reason = reason
+
+
+class RateLimitedError(HTTPStatusError):
+    """The endpoint kept throttling (HTTP 429, or a vendor's throttle answer) on every allowed attempt,
+    or asked to wait longer than the connector may (``retry_after`` seconds, ``None`` if it did not
+    say). Throttling, not an exhausted quota (that is :class:`QuotaExhausted`): retry later, or lower
+    ``max_in_flight`` / the rate limit. ``throttled`` counts the throttled attempts; not billed."""
+
+    def __init__(self, message: str, *, retry_after: float | None = None, throttled: int = 0,
+                 **kwargs: object) -> None:
+        super().__init__(message, **kwargs)  # type: ignore[arg-type]
+        self.retry_after = retry_after
+        self.throttled = throttled
+
+
+class SplitOverlapError(ConfigError):
+    """An image given for fitting is also a certification image (same file content): accuracy
+    measured on images the module was fitted on would be optimistic. The message names the files."""
 
 
 class UnmappedLabelError(InvalidResponseError):

@@ -2,8 +2,10 @@
 
 A report compares one or more *runs* (e.g. "no module" and "fitted module"), each a
 :class:`~blackbox_rs.certify.DatasetCertification`. The summary states sigma, n0, n, alpha, the number
-of inputs, queries and cost, and what "accuracy" means: agreement with ground-truth labels, or
-certified *consistency* with the base model's own clean predictions.
+of inputs, queries and cost, what exactly was certified (model fingerprint, transform identity, noise
+mode), and what "accuracy" means: agreement with ground-truth labels, or certified *consistency* with the
+bare model's own clean predictions (no module). Certificates for the catch-all class ``other`` are never
+counted as correct: they have their own column.
 """
 
 from __future__ import annotations
@@ -13,18 +15,20 @@ import json
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 from pydantic import BaseModel
 
-from blackbox_rs.certificate import Certificate
-from blackbox_rs.certify import DatasetCertification, certified_accuracy
-from blackbox_rs.errors import ConfigError
+from blackbox_rs.certificate import Certificate, SequentialCertificate
+from blackbox_rs.certify import REFERENCE_TEXT, DatasetCertification, certified_accuracy, certified_other
+from blackbox_rs.errors import CacheError, ConfigError
+from blackbox_rs.journal import read_journal
 from blackbox_rs.paths import ensure_writable_dir
 
 __all__ = ["ReportFiles", "accuracy_table", "load_certificates", "plot_curves", "write_report"]
 
-_CSV_FIELDS = ["index", "label", "prediction", "correct", "radius", "p_lower", "n0", "n", "alpha", "sigma",
-               "seed", "queries", "cache_hits", "key", "fingerprint"]
+_CSV_FIELDS = ["index", "label", "reference", "prediction", "correct", "is_other", "radius", "p_lower", "n0", "n",
+               "alpha", "sigma", "seed", "queries", "cache_hits", "method", "key", "fingerprint", "transform", "noise"]
 
 
 class ReportFiles(BaseModel):
@@ -38,24 +42,25 @@ class ReportFiles(BaseModel):
     plot: str | None
 
 
-def load_certificates(path: str | os.PathLike[str]) -> list[Certificate]:
-    """Certificates from a JSONL output of ``certify_dataset`` (a torn last line is skipped)."""
+class _AnyCertificate:
+    """Validates a journal line as the certificate class its ``method`` names."""
+
+    @staticmethod
+    def model_validate(obj: Any) -> Certificate | SequentialCertificate:
+        if isinstance(obj, dict) and obj.get("method") == "sequential_certify":
+            return SequentialCertificate.model_validate(obj)
+        return Certificate.model_validate(obj)
+
+
+def load_certificates(path: str | os.PathLike[str]) -> list[Any]:
+    """Certificates (Cohen or sequential) from a JSONL journal of ``certify_dataset`` /
+    ``certify_radius_dataset``: the header is skipped, a torn last line is skipped."""
     p = Path(path)
     try:
-        lines = p.read_text().splitlines()
-    except OSError as exc:
+        _, certs = read_journal(p, _AnyCertificate)  # type: ignore[type-var]
+    except CacheError as exc:
         raise ConfigError(f"cannot read certificates from {p}: {exc}") from exc
-    out = []
-    for i, line in enumerate(lines):
-        if not line.strip():
-            continue
-        try:
-            out.append(Certificate.model_validate_json(line))
-        except ValueError as exc:
-            if i == len(lines) - 1:
-                break
-            raise ConfigError(f"{p} line {i + 1} is not a certificate: {exc}") from exc
-    return out
+    return certs
 
 
 def accuracy_table(runs: Mapping[str, DatasetCertification], radii: Sequence[float] | None = None) -> str:
@@ -69,6 +74,10 @@ def accuracy_table(runs: Mapping[str, DatasetCertification], radii: Sequence[flo
     for name, res in runs.items():
         acc = certified_accuracy(res.certificates, radii)
         rows.append(f"| {name} | " + " | ".join(f"{acc[f'{r:g}']:.3f}" for r in radii) + " |")
+        other = certified_other(res.certificates, radii)
+        if other is not None:
+            rows.append(f"| {name}: certified `other` (not counted) | "
+                        + " | ".join(f"{other[f'{r:g}']:.3f}" for r in radii) + " |")
     return "\n".join([head, sep, *rows])
 
 
@@ -108,7 +117,10 @@ def plot_curves(runs: Mapping[str, DatasetCertification], path: str | os.PathLik
 
 def _settings(res: DatasetCertification) -> dict[str, object]:
     c = res.certificates[0] if res.certificates else None
-    return {} if c is None else {"sigma": c.sigma, "n0": c.n0, "n": c.n, "alpha": c.alpha, "seed": c.seed}
+    if c is None:
+        return {}
+    return {"sigma": c.sigma, "n0": c.n0, "n": c.n, "alpha": c.alpha, "seed": c.seed, "method": c.method,
+            "fingerprint": c.fingerprint, "transform": c.transform, "noise": c.noise}
 
 
 def write_report(runs: Mapping[str, DatasetCertification], directory: str | os.PathLike[str], *,
@@ -127,7 +139,7 @@ def write_report(runs: Mapping[str, DatasetCertification], directory: str | os.P
         for name, res in runs.items():
             for c in res.certificates:
                 row = c.model_dump()
-                row["correct"] = c.correct
+                row.update(correct=c.correct, is_other=c.is_other, radius=c.radius)
                 w.writerow([name, *[row.get(k) for k in _CSV_FIELDS]])
     with open(d / "certified_accuracy.csv", "w", newline="") as f:
         w = csv.writer(f)
@@ -139,15 +151,21 @@ def write_report(runs: Mapping[str, DatasetCertification], directory: str | os.P
     lines = [f"# {title}", ""]
     for name, res in runs.items():
         s = _settings(res)
-        meaning = ("agreement with ground-truth labels" if res.reference == "labels"
-                   else "certified consistency with the base model's own clean predictions")
+        meaning = REFERENCE_TEXT.get(res.reference, res.reference)
         cost = res.cost if cost_per_query is None else res.queries * cost_per_query
+        other = certified_other(res.certificates, radii)
         lines += [f"## {name}", "",
-                  f"- inputs: {len(res.certificates)}; sigma = {s.get('sigma')}, n0 = {s.get('n0')}, "
-                  f"n = {s.get('n')}, alpha = {s.get('alpha')}, seed = {s.get('seed')}",
+                  f"- inputs: {len(res.certificates)}; method = {s.get('method')}, sigma = {s.get('sigma')}, "
+                  f"n0 = {s.get('n0')}, n = {s.get('n')}, alpha = {s.get('alpha')}, seed = {s.get('seed')}",
+                  f"- certified classifier: model `{s.get('fingerprint')}`, transform `{s.get('transform')}`, "
+                  f"noise `{s.get('noise')}`",
                   f"- accuracy means: {meaning}",
                   f"- queries charged: {res.queries:,} (cache hits: {res.cache_hits:,}); cost: {cost:.4g}",
-                  f"- abstained: {sum(c.abstained for c in res.certificates)}", ""]
+                  f"- abstained: {sum(c.abstained for c in res.certificates)}"]
+        if other is not None:
+            lines.append("- certified as the catch-all class `other` (never counted as correct): "
+                         + ", ".join(f"r = {r:g}: {other[f'{r:g}']:.3f}" for r in radii))
+        lines.append("")
     lines += ["## Certified accuracy", "", accuracy_table(runs, radii), ""]
     lines += [f"- {n}" for n in notes]
     if plot:

@@ -116,16 +116,12 @@ class BlackBoxSmoother:
 
     @property
     def transform(self) -> Callable[[torch.Tensor], torch.Tensor] | None:
-        """The deterministic map applied to noisy inputs before the (clipping and the) model."""
+        """The deterministic map applied to noisy inputs before the (clipping and the) model. Its
+        ``identity`` is the module's digest (config + weights) at the time of the call, which binds
+        certificates and resume files to exactly this module."""
         if self.module is None:
             return None
-        module = self.module.eval()
-
-        def apply(batch: torch.Tensor) -> torch.Tensor:
-            with torch.no_grad():
-                return module(batch)
-
-        return apply
+        return _ModuleTransform(self.module.eval())
 
     # ------------------------------------------------------------------------------------------
     def fit(
@@ -144,7 +140,8 @@ class BlackBoxSmoother:
 
         ``strategy``: ``"denoise"`` (zero queries), ``"surrogate"``, ``"zeroth_order"`` or
         ``"passthrough"`` (differentiable connectors). ``budget`` caps the queries of this fit (an int
-        or a :class:`QueryBudget`); at the cap the fit stops cleanly and keeps the best module so far.
+        or a :class:`QueryBudget`, which is placed under the engine's budget so the engine's hard cap
+        holds too); at the cap the fit stops cleanly and keeps the best module so far.
         "Best" is decided by query-paid scoring rounds (:mod:`blackbox_rs.fitting.selection`) in which
         the MSE-pretrained module is a candidate, so a strategy's own steps are kept only if the black
         box rates them higher.
@@ -168,8 +165,10 @@ class BlackBoxSmoother:
         if budget is not None and cls.needs_queries:
             # with a checkpoint the fit budget's ledger lives beside it: a resumed fit keeps counting
             ledger = Path(checkpoint_dir) / "fit_budget.json" if checkpoint_dir is not None else None
-            fit_budget = (budget if isinstance(budget, QueryBudget)
-                          else QueryBudget(max_queries=int(budget), parent=self.engine.budget, ledger=ledger))
+            if isinstance(budget, QueryBudget):
+                fit_budget = _under(budget, self.engine.budget)
+            else:
+                fit_budget = QueryBudget(max_queries=int(budget), parent=self.engine.budget, ledger=ledger)
             engine = self.engine.with_budget(fit_budget)
         ctx = FitContext(engine, self.module, data, self.sigmas, cfg, progress)
         if surrogate is not None:
@@ -185,20 +184,20 @@ class BlackBoxSmoother:
 
     # ------------------------------------------------------------------------------------------
     def predict(self, x: torch.Tensor, *, n: int = 1000, alpha: float = 0.001, sigma: float | None = None,
-                seed: int = 0, batch_size: int | None = None) -> SmoothedPrediction:
+                seed: int | None = None, batch_size: int | None = None) -> SmoothedPrediction:
         """Cohen's PREDICT for the smoothed classifier (see :func:`blackbox_rs.certify.predict`)."""
         return predict(self.engine, x, sigma=self._sigma(sigma), n=n, alpha=alpha, seed=seed,
                        batch_size=batch_size, transform=self.transform)
 
     def certify(self, x: torch.Tensor, *, n0: int = 100, n: int = 10_000, alpha: float = 0.001,
-                sigma: float | None = None, seed: int = 0, batch_size: int | None = None,
+                sigma: float | None = None, seed: int | None = None, batch_size: int | None = None,
                 label: int | None = None) -> Certificate:
         """Cohen's CERTIFY for the smoothed classifier (see :func:`blackbox_rs.certify.certify`)."""
         return certify(self.engine, x, sigma=self._sigma(sigma), n0=n0, n=n, alpha=alpha, seed=seed,
                        batch_size=batch_size, label=label, transform=self.transform)
 
     def certify_dataset(self, inputs: Any, labels: Sequence[int] | None = None, *, n0: int = 100,
-                        n: int = 10_000, alpha: float = 0.001, sigma: float | None = None, seed: int = 0,
+                        n: int = 10_000, alpha: float = 0.001, sigma: float | None = None, seed: int | None = None,
                         batch_size: int | None = None, radii: Sequence[float] = DEFAULT_RADII,
                         output: str | os.PathLike[str] | None = None,
                         progress: Callable[[int, Certificate], None] | None = None) -> DatasetCertification:
@@ -261,3 +260,37 @@ class BlackBoxSmoother:
         mod = "none" if self.module is None else f"{self.module.name}({self.module.num_trainable()} params)"
         return f"BlackBoxSmoother(engine={self.engine!r}, module={mod}, sigmas={self.sigmas})"
 
+
+
+class _ModuleTransform:
+    """A fitted module as the certification transform: ``no_grad`` forward plus an ``identity``."""
+
+    def __init__(self, module: InputModule) -> None:
+        self.module = module
+        self.identity = module.digest()
+
+    def __call__(self, batch: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return self.module(batch)
+
+
+def _under(budget: QueryBudget, cap: QueryBudget | None) -> QueryBudget:
+    """``budget`` placed under the engine's budget ``cap``, so the hard cap holds for every fit: when
+    ``cap`` is not already above it, the top of ``budget``'s parent chain gets ``cap`` as its parent
+    (a budget is charged together with all its parents)."""
+    if cap is None:
+        return budget
+    top, seen = budget, set()
+    while True:
+        if top is cap:
+            return budget
+        if id(top) in seen:  # pragma: no cover - a cycle cannot be built through the public API
+            raise InvalidParameterError("the fit budget's parent chain is circular")
+        seen.add(id(top))
+        if top.parent is None:
+            break
+        top = top.parent
+    if budget is cap:
+        return budget
+    top.parent = cap
+    return budget

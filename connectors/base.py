@@ -86,6 +86,11 @@ class ConnectorInfo(BaseModel):
     cost_per_query: float = Field(default=0.0, ge=0.0, description="price of one image query (any currency)")
     fingerprint: str = Field(min_length=1)
     differentiable: bool = False
+    other_index: int | None = Field(
+        default=None,
+        description="index of the catch-all class ('none of your classes', e.g. a label map's `other`), if "
+        "any: certification never counts it as correct or consistent and reports it in its own column",
+    )
 
     @field_validator("input_shape")
     @classmethod
@@ -100,6 +105,8 @@ class ConnectorInfo(BaseModel):
             raise ValueError("a classifier needs at least 2 classes")
         if len(set(self.class_names)) != len(self.class_names):
             raise ValueError("class_names must be unique")
+        if self.other_index is not None and not (0 <= self.other_index < len(self.class_names)):
+            raise ValueError(f"other_index {self.other_index} is outside the {len(self.class_names)} classes")
         return self
 
     @property

@@ -238,8 +238,8 @@ def test_bad_inputs_raise_before_any_query(case):
 
 def test_float64_input_is_accepted_as_float32():
     conn, _ = make()
-    a = certify(conn, image().double(), sigma=SIGMA, n0=10, n=100, alpha=0.01)
-    b = certify(conn, image(), sigma=SIGMA, n0=10, n=100, alpha=0.01)
+    a = certify(conn, image().double(), sigma=SIGMA, n0=10, n=100, alpha=0.01, seed=0)
+    b = certify(conn, image(), sigma=SIGMA, n0=10, n=100, alpha=0.01, seed=0)
     assert a == b
 
 
@@ -299,8 +299,9 @@ def test_certify_dataset_tensor_with_labels():
 def test_certify_dataset_pairs_match_tensor_and_labels():
     xs, ys = _dataset()
     conn, _ = make()
-    a = certify_dataset(conn, xs, ys, sigma=SIGMA, n0=20, n=300, alpha=0.01, radii=RADII)
-    b = certify_dataset(conn, list(zip(xs, ys, strict=True)), sigma=SIGMA, n0=20, n=300, alpha=0.01, radii=RADII)
+    a = certify_dataset(conn, xs, ys, sigma=SIGMA, n0=20, n=300, alpha=0.01, radii=RADII, seed=0)
+    b = certify_dataset(conn, list(zip(xs, ys, strict=True)), sigma=SIGMA, n0=20, n=300, alpha=0.01, radii=RADII,
+                        seed=0)
     assert b.reference == "labels"
     assert a.certificates == b.certificates and a.certified_accuracy == b.certified_accuracy
 
@@ -308,14 +309,14 @@ def test_certify_dataset_pairs_match_tensor_and_labels():
 def test_certify_dataset_unlabeled_uses_clean_prediction():
     xs, _ = _dataset()
     conn, rec = make()
-    res = certify_dataset(conn, xs, sigma=SIGMA, n0=20, n=300, alpha=0.01, radii=RADII)
+    res = certify_dataset(conn, xs, sigma=SIGMA, n0=20, n=300, alpha=0.01, radii=RADII, seed=0)
     assert res.reference == "clean_prediction"
     clean = threshold_model(xs).tolist()
     assert [c.label for c in res.certificates] == clean
     assert res.queries == 5 * (20 + 300) + 5 == sum(rec.sizes)  # one extra query per input
     _check_accuracy(res)
     # an unlabeled list of images is the same
-    res2 = certify_dataset(conn, list(xs), sigma=SIGMA, n0=20, n=300, alpha=0.01, radii=RADII)
+    res2 = certify_dataset(conn, list(xs), sigma=SIGMA, n0=20, n=300, alpha=0.01, radii=RADII, seed=0)
     assert res2.certificates == res.certificates
 
 

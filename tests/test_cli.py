@@ -110,19 +110,42 @@ def test_fit_certify_report_from_a_config_file(run_files):
     d = run_files
     r = runner.invoke(app, ["certify", str(d / "run.toml"), "--dry-run"])
     assert r.exit_code == 0 and "660 queries" in r.output and "nothing was sent" in r.output
-    assert not (d / "out" / "certificates.jsonl").exists()
+    assert not list((d / "out").glob("certificates*.jsonl"))
     r = runner.invoke(app, ["fit", str(d / "run.toml")])
     assert r.exit_code == 0, r.output
     assert (d / "out" / "smoother" / "smoother.json").is_file()
     r = runner.invoke(app, ["certify", str(d / "run.toml"), "--module-dir", str(d / "out" / "smoother")])
     assert r.exit_code == 0, r.output
-    lines = (d / "out" / "certificates.jsonl").read_text().splitlines()
-    assert len(lines) == 6
+    (journal,) = (d / "out").glob("certificates-module-*.jsonl")
+    lines = journal.read_text().splitlines()
+    assert len(lines) == 7 and json.loads(lines[0])["blackbox_rs_journal"] == 2  # header + 6 certificates
     # the same command again resumes: nothing new is appended, nothing is re-queried
     r = runner.invoke(app, ["certify", str(d / "run.toml"), "--module-dir", str(d / "out" / "smoother")])
-    assert r.exit_code == 0 and len((d / "out" / "certificates.jsonl").read_text().splitlines()) == 6
-    r = runner.invoke(app, ["report", str(d / "out" / "certificates.jsonl"), "--out-dir", str(d / "rep")])
+    assert r.exit_code == 0 and len(journal.read_text().splitlines()) == 7
+    r = runner.invoke(app, ["report", str(journal), "--out-dir", str(d / "rep")])
     assert r.exit_code == 0 and (d / "rep" / "summary.md").is_file()
+
+
+def test_bare_and_module_runs_never_share_a_journal(run_files, tmp_path):
+    """Regression (#16 item 1): `certify run.toml` then `certify run.toml --module-dir ...` wrote both into
+    one certificates.jsonl, and the second run returned the bare model's certificates, labelled as the
+    fitted module's, with 0 queries."""
+    d = run_files
+    out = tmp_path / "out"
+    r = runner.invoke(app, ["fit", str(d / "run.toml"), "--out-dir", str(out)])
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(app, ["certify", str(d / "run.toml"), "--out-dir", str(out)])
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(app, ["certify", str(d / "run.toml"), "--out-dir", str(out), "--module-dir",
+                            str(out / "smoother")])
+    assert r.exit_code == 0, r.output
+    bare = [json.loads(x) for x in (out / "certificates-bare.jsonl").read_text().splitlines()[1:]]
+    (mod_path,) = out.glob("certificates-module-*.jsonl")
+    mod = [json.loads(x) for x in mod_path.read_text().splitlines()[1:]]
+    assert len(bare) == len(mod) == 6
+    assert {c["transform"] for c in bare} == {"none"}
+    assert all(c["transform"].startswith("module:dncnn:sha256:") for c in mod)
+    assert sum(c["queries"] for c in mod) > 0  # the module's certificates were computed, not copied
 
 
 def test_user_errors_are_one_line(run_files, tmp_path, monkeypatch):

@@ -236,8 +236,8 @@ def test_save_load_round_trip_without_pickle(model_file, digits, tmp_path, monke
     loaded = BlackBoxSmoother.load(tmp_path / "s", conn)
     assert loaded.sigmas == [0.25, 0.5]
     for sigma in (0.25, 0.5):
-        a = sm.certify(xte[0], n0=20, n=200, sigma=sigma)
-        b = loaded.certify(xte[0], n0=20, n=200, sigma=sigma)
+        a = sm.certify(xte[0], n0=20, n=200, sigma=sigma, seed=0)
+        b = loaded.certify(xte[0], n0=20, n=200, sigma=sigma, seed=0)
         assert a.counts == b.counts and a.radius == b.radius
     other = CallableConnector(lambda b: torch.zeros(len(b), dtype=torch.long), input_shape=(1, 16, 16),
                               num_classes=10, fingerprint="another-model")
@@ -252,8 +252,8 @@ def test_save_load_round_trip_without_pickle(model_file, digits, tmp_path, monke
 def test_unfitted_module_certifies_exactly_like_no_module(model_file, digits):
     _, _, xte, _ = digits
     conn = label_only(model_file)
-    a = BlackBoxSmoother(conn, module=None, sigma=SIGMA).certify(xte[3], n0=20, n=300)
-    b = BlackBoxSmoother(conn, module="dncnn", sigma=SIGMA).certify(xte[3], n0=20, n=300)
+    a = BlackBoxSmoother(conn, module=None, sigma=SIGMA).certify(xte[3], n0=20, n=300, seed=0)
+    b = BlackBoxSmoother(conn, module="dncnn", sigma=SIGMA).certify(xte[3], n0=20, n=300, seed=0)
     assert a.counts == b.counts and a.selection_counts == b.selection_counts
 
 

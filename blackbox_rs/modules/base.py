@@ -28,6 +28,7 @@ raises :class:`~blackbox_rs.errors.ModuleCheckpointError` naming the tensor.
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import os
 import tempfile
@@ -41,6 +42,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from torch import nn
 
 from blackbox_rs._version import __version__
+from blackbox_rs.binding import hash_state
 from blackbox_rs.errors import (
     CompatibilityWarning,
     ConfigError,
@@ -261,6 +263,18 @@ class InputModule(nn.Module):
             g = vec[offset : offset + k].view_as(p).to(device=p.device, dtype=p.dtype).clone()
             p.grad = g
             offset += k
+
+    # ------------------------------------------------------------------ identity
+    @torch.no_grad()
+    def digest(self) -> str:
+        """Identity of exactly this module: ``"module:<name>:sha256:<hex>"`` over its config (canonical
+        JSON, SDK version excluded) and every state-dict tensor (name, dtype, shape, bytes, in name
+        order). Two modules with the same digest compute the same function; any changed weight,
+        buffer or setting changes it. Certificates and resume files are bound to it."""
+        h = hashlib.sha256(b"blackbox-rs/module-digest/v1\0")
+        h.update(json.dumps(self.config.model_dump(mode="json"), sort_keys=True).encode())
+        hash_state(h, self.state_dict())
+        return f"module:{self.name}:sha256:{h.hexdigest()}"
 
     # ------------------------------------------------------------------ save / load
     def save(self, directory: str | os.PathLike[str]) -> Path:

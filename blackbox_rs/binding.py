@@ -1,0 +1,94 @@
+"""What a certificate is bound to: the identity of the transform, of the noise, and of the seed.
+
+Every persisted certificate records everything that determined it (model fingerprint, transform
+digest, input key, label and its reference, noise mode, certification settings, seed). A resumed run
+compares each of them with what it is about to do (:func:`differences`) and refuses a mismatch with a
+:class:`~blackbox_rs.errors.ResumeMismatchError` that names every differing field; it never mixes.
+
+* :func:`transform_identity`: ``"none"`` (the bare model), an :class:`~blackbox_rs.modules.base.InputModule`'s
+  :meth:`digest`, a digest of any other ``nn.Module``'s class and state, or the ``identity``
+  attribute of a callable that declares one. A plain callable has no identity: it can be certified,
+  but not bound to a resume file (``require=True`` raises).
+* :func:`fresh_seed`: a 63-bit seed from the OS's entropy source. The default noise seed of every
+  certification call, so nobody can compute the noise draws for an input in advance (the guarantee
+  assumes noise independent of the input); a journal records it and a resumed run reads it back.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+
+from blackbox_rs.errors import InvalidParameterError
+
+__all__ = ["NOISE_GAUSSIAN", "NOISE_LATTICE", "differences", "fresh_seed", "noise_identity",
+           "hash_state", "transform_identity"]
+
+NOISE_GAUSSIAN = "gaussian-v1"
+"""Counter-based Gaussian noise of :mod:`blackbox_rs.noise` (float32, drawn on the CPU)."""
+NOISE_LATTICE = "lattice-v1"
+"""Exact discrete Gaussian noise on the 1/255 lattice (:mod:`blackbox_rs.noise_lattice`)."""
+
+
+def noise_identity(lattice: bool = False, device_type: str = "cpu") -> str:
+    """Noise mode and the device type its generator runs on (generators differ across device types)."""
+    return f"{NOISE_LATTICE if lattice else NOISE_GAUSSIAN}:{device_type}"
+
+
+def fresh_seed() -> int:
+    """A non-negative 63-bit seed from the OS's cryptographic entropy source."""
+    return secrets.randbits(63)
+
+
+def transform_identity(transform: Callable[..., Any] | None, *, require: bool = False) -> str:
+    """The identity string of a transform (see the module docstring).
+
+    Raises :class:`InvalidParameterError` for a callable without identity when ``require`` is set
+    (a resume file could not tell it from another callable)."""
+    if transform is None:
+        return "none"
+    ident = getattr(transform, "identity", None)
+    if isinstance(ident, str) and ident:
+        return ident
+    digest = getattr(transform, "digest", None)
+    if callable(digest):
+        value = digest()
+        if isinstance(value, str) and value:
+            return value
+    if isinstance(transform, torch.nn.Module):
+        return module_state_digest(transform)
+    if require:
+        raise InvalidParameterError(
+            f"the transform {getattr(transform, '__qualname__', type(transform).__name__)!r} has no identity, so "
+            "its certificates cannot be bound to a resume file: pass an InputModule or nn.Module, or give the "
+            "callable an `identity` string attribute that changes whenever its function does"
+        )
+    return f"unidentified:{getattr(transform, '__qualname__', type(transform).__name__)}"
+
+
+@torch.no_grad()
+def module_state_digest(module: torch.nn.Module) -> str:
+    """``"nn:<class>:sha256:<hex>"`` over the module's class and every state-dict tensor."""
+    h = hashlib.sha256(b"blackbox-rs/nn-digest/v1\0")
+    h.update(f"{type(module).__module__}.{type(module).__qualname__}".encode())
+    hash_state(h, module.state_dict())
+    return f"nn:{type(module).__qualname__}:sha256:{h.hexdigest()}"
+
+
+@torch.no_grad()
+def hash_state(h: Any, state: Mapping[str, torch.Tensor]) -> None:
+    """Feed every tensor of a state dict (name, dtype, shape, raw bytes; in name order) into ``h``."""
+    for name, t in sorted(state.items()):
+        v = t.detach().to("cpu").contiguous().reshape(-1)
+        h.update(f"\0{name}|{v.dtype}|{tuple(t.shape)}\0".encode())
+        if v.numel():
+            h.update(v.view(torch.uint8).numpy().tobytes())
+
+
+def differences(saved: Mapping[str, Any], now: Mapping[str, Any]) -> dict[str, tuple[Any, Any]]:
+    """``{field: (saved, now)}`` for every field of ``now`` whose saved value differs (missing: None)."""
+    return {k: (saved.get(k), v) for k, v in now.items() if saved.get(k) != v}
