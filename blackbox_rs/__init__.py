@@ -13,12 +13,14 @@ from blackbox_rs.engine import QueryEngine, QueryStats
 from blackbox_rs.errors import (
     BlackBoxRSError,
     BudgetExceeded,
+    BudgetSpentError,
     CacheError,
     ConfigError,
     ConnectorError,
     InvalidInputError,
     InvalidParameterError,
     InvalidResponseError,
+    ResumeMismatchError,
     UncertifiableError,
 )
 from blackbox_rs.fitting.config import FitConfig
@@ -30,6 +32,7 @@ __all__ = [
     "BlackBoxRSError",
     "BlackBoxSmoother",
     "BudgetExceeded",
+    "BudgetSpentError",
     "CacheError",
     "Certificate",
     "ConfigError",
@@ -44,6 +47,7 @@ __all__ = [
     "QueryCache",
     "QueryEngine",
     "QueryStats",
+    "ResumeMismatchError",
     "SequentialCertificate",
     "SmoothedPrediction",
     "UncertifiableError",

@@ -6,6 +6,10 @@ gets stale hits. Values are JSON (labels and optional scores); float scores surv
 trip bit for bit. The granularity is the request: a rerun with the same arguments sends the same
 requests and hits; changing the batch size misses.
 
+A few metadata values bound to the cache live beside the answers (:meth:`QueryCache.get_meta` /
+:meth:`QueryCache.set_meta`), e.g. the model version observed for a connector fingerprint, so a
+resumed run can refuse a model that changed behind the same endpoint.
+
 diskcache's stock ``Disk`` unpickles rows stored in "pickle" mode; :class:`_SafeJSONDisk` refuses any
 row that is not raw bytes, so a tampered cache raises :class:`CacheError` instead of running code.
 """
@@ -27,6 +31,7 @@ from blackbox_rs.paths import ensure_writable_dir
 __all__ = ["QueryCache", "request_key"]
 
 _FORMAT = "blackbox-rs/cache/v1"
+_META = "__meta__"  # one row: {name: JSON value}, metadata bound to this cache (model versions, ...)
 
 
 def request_key(fingerprint: str, batch: torch.Tensor) -> str:
@@ -96,8 +101,35 @@ class QueryCache:
         except (sqlite3.DatabaseError, OSError, ValueError, TypeError) as exc:
             raise CacheError(f"cannot write cache {self.directory}: {exc}") from exc
 
+    def get_meta(self, name: str) -> Any:
+        """The metadata value stored under ``name`` (``None`` if absent)."""
+        try:
+            meta = self._cache.get(_META)
+        except (sqlite3.DatabaseError, OSError, ValueError) as exc:
+            raise CacheError(f"cannot read cache {self.directory}: {exc}") from exc
+        if meta is not None and not isinstance(meta, dict):
+            raise CacheError(f"cache {self.directory} holds malformed metadata (a {type(meta).__name__})")
+        return None if meta is None else meta.get(name)
+
+    def set_meta(self, name: str, value: Any, *, keep_existing: bool = False) -> Any:
+        """Store a JSON value under ``name`` (one transaction, durable before return, safe against
+        concurrent threads and processes) and return the value now stored: with ``keep_existing``,
+        an existing value is kept and returned instead (first writer wins)."""
+        try:
+            with self._cache.transact():
+                meta = self._cache.get(_META) or {}
+                if not isinstance(meta, dict):
+                    raise CacheError(f"cache {self.directory} holds malformed metadata (a {type(meta).__name__})")
+                if keep_existing and meta.get(name) is not None:
+                    return meta[name]
+                self._cache.set(_META, {**meta, name: value})
+                return value
+        except (sqlite3.DatabaseError, OSError, ValueError, TypeError) as exc:
+            raise CacheError(f"cannot write cache {self.directory}: {exc}") from exc
+
     def __len__(self) -> int:
-        return len(self._cache) - 1
+        """Number of cached answers (the format and metadata rows are not answers)."""
+        return len(self._cache) - 1 - (_META in self._cache)
 
     def close(self) -> None:
         self._cache.close()

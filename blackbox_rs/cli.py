@@ -26,8 +26,10 @@ A run is described by a TOML file validated by pydantic (unknown keys are errors
     out_dir = "runs/exp1"
     cache_dir = ".cache/blackbox-rs"
 
-Flags override the file. User errors print one line and exit with code 2 (no traceback); Ctrl-C
-stops cleanly (exit 130) and the same command resumes without repeating queries.
+Flags override the file. Errors print one line (no traceback) and exit with the codes of
+:mod:`blackbox_rs.exit_codes`, the same as every recipe's: 2 a user error, 3 the budget is spent (rerun
+with a larger budget), 4 the vendor's quota, 5 a service failure after retries, 130 Ctrl-C; the same
+command resumes without repeating queries.
 """
 
 from __future__ import annotations
@@ -173,15 +175,19 @@ def journal_tag(transform: Any) -> str:
 # ----------------------------------------------------------------------------------------------
 # error handling
 def _run(fn: Any) -> None:
+    """Run a command body; map its errors to the exit codes of :mod:`blackbox_rs.exit_codes` (the same
+    as every recipe's) with one redacted line on stderr."""
+    from blackbox_rs.exit_codes import USER_ERROR, classify, one_line
+
     try:
         fn()
-    except KeyboardInterrupt:
-        typer.echo("\ninterrupted: progress is saved; run the same command again to resume "
-                   "(queries already answered come from the cache)", err=True)
-        raise typer.Exit(130) from None
-    except (BlackBoxRSError, ValidationError) as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(2) from None
+    except (KeyboardInterrupt, BlackBoxRSError) as exc:
+        code, line = classify(exc)
+        typer.echo(("\n" if isinstance(exc, KeyboardInterrupt) else "") + line, err=True)
+        raise typer.Exit(code) from None
+    except ValidationError as exc:
+        typer.echo(f"error: {one_line(exc)}", err=True)
+        raise typer.Exit(USER_ERROR) from None
 
 
 # ----------------------------------------------------------------------------------------------

@@ -13,20 +13,39 @@ Every query made by certification or fitting goes through :meth:`QueryEngine.que
    predictions in input order.
 
 A crash, Ctrl-C or :class:`BudgetExceeded` loses at most the requests in flight at that moment:
-every answered request is already in the cache, so a rerun repeats no answered query.
+every answered request is already in the cache, so a rerun repeats no answered query. When one
+request of a call fails, the call's requests that have not started are cancelled (never reserved,
+never sent); those already running finish (answers cached, counted) before the error is raised.
+
+**Every attempt that may be billed is charged.** A remote connector's transport may send one request
+several times (read timeouts, 5xx). Each engine request installs an :class:`AttemptMeter` (a context
+variable of the thread that runs it) that the transport charges *before* each attempt leaves: the
+first attempt of each image is covered by the reservation made above, every further one is reserved
+in the budget first, and a re-send that does not fit raises :class:`BudgetExceeded` unsent. Attempts
+that provably never reached the model (never sent, connection refused, 401/403, throttled) are
+credited, and at the end of the request the reservation is settled to exactly the images that may
+have been billed (conservative: never under-counted). Local connectors (no transport) never touch
+the meter and are charged once per request, as the budget docstring says.
+
+**Model version.** With a cache and a connector that reports the model version it observes
+(``observed_model_version``) and accepts a pin (``expect_model_version(v)``), the version is stored
+in the cache under the connector fingerprint as soon as an answer shows it (before that answer is
+cached), and a later engine over the same cache pins the connector to it: a model upgraded behind
+the endpoint raises :class:`ModelVersionChangedError` instead of mixing answers of two models.
 """
 
 from __future__ import annotations
 
 import copy
 import threading
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
 
-from blackbox_rs.budget import QueryBudget
+from blackbox_rs.budget import QueryBudget, Reservation
 from blackbox_rs.cache import QueryCache, request_key
 from blackbox_rs.connectors.base import (
     Connector,
@@ -35,28 +54,41 @@ from blackbox_rs.connectors.base import (
     validate_batch,
     validate_prediction,
 )
-from blackbox_rs.errors import ConnectorError, InvalidParameterError
+from blackbox_rs.errors import BudgetExceeded, ConnectorError, InvalidParameterError, ModelVersionChangedError
 
 if TYPE_CHECKING:
     import os
 
-__all__ = ["QueryEngine", "QueryStats", "Tally"]
+__all__ = ["AttemptMeter", "QueryEngine", "QueryStats", "Tally", "current_meter"]
 
 
 @dataclass
 class Tally:
-    """Per-caller counters: pass one to :meth:`QueryEngine.query` to learn what *that* call cost."""
+    """Per-caller counters: pass one to :meth:`QueryEngine.query` to learn what *that* call cost.
+
+    ``queries``/``cost``: images (money) charged to the budget, i.e. that may have been billed:
+    answered requests, plus every charged attempt of a failed request to a remote connector.
+    ``answered``: images answered by the model (cache hits excluded). ``attempted``: images sent,
+    every attempt counted (throttled and refused ones included). ``retried``: the part of
+    ``attempted`` that re-sent images already sent once. ``requests``: answered engine requests.
+    """
 
     queries: int = 0
     cost: float = 0.0
     cache_hits: int = 0
     requests: int = 0
+    answered: int = 0
+    attempted: int = 0
+    retried: int = 0
 
     def add(self, other: Tally) -> None:
         self.queries += other.queries
         self.cost += other.cost
         self.cache_hits += other.cache_hits
         self.requests += other.requests
+        self.answered += other.answered
+        self.attempted += other.attempted
+        self.retried += other.retried
 
 
 @dataclass
@@ -65,6 +97,84 @@ class QueryStats(Tally):
 
     failed_requests: int = 0
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+
+
+class AttemptMeter:
+    """What one engine request has sent and charged, attempt by attempt (thread-safe).
+
+    The engine reserves ``prepaid`` images before the request starts. A transport calls
+    :meth:`attempt` before each HTTP attempt (images in that HTTP request) and :meth:`not_billed` when
+    that attempt provably never reached the model. Invariant: ``reserved >= billable`` where
+    ``billable = attempted - unbilled``; an attempt that would break it reserves the difference in
+    the budget first, or raises :class:`BudgetExceeded` (the attempt is then not sent).
+    """
+
+    def __init__(self, budget: QueryBudget | None, cost_per_query: float, prepaid: int) -> None:
+        self.budget = budget
+        self.cost_per_query = float(cost_per_query)
+        self.prepaid = int(prepaid)
+        self.reserved = int(prepaid)
+        self.attempted = 0
+        self.retried = 0
+        self.unbilled = 0
+        self.metered = False
+        self._lock = threading.Lock()
+
+    @property
+    def billable(self) -> int:
+        """Images that may have been billed so far."""
+        return self.attempted - self.unbilled
+
+    def begin(self) -> None:
+        """Called by a remote connector or transport: this request is charged per attempt."""
+        self.metered = True
+
+    def attempt(self, images: int, *, retry: bool = False) -> None:
+        """Charge an attempt of ``images`` images before it is sent (raises :class:`BudgetExceeded`,
+        charging nothing, if it does not fit the budget)."""
+        images = max(0, int(images))
+        with self._lock:
+            self.metered = True
+            extra = self.billable + images - self.reserved
+            if extra > 0:
+                if self.budget is not None:
+                    refused: BudgetExceeded | None = None
+                    try:
+                        self.budget.reserve(extra, extra * self.cost_per_query)
+                    except BudgetExceeded as exc:
+                        refused = exc
+                    if refused is not None:  # same type (BudgetSpentError stays one), says why
+                        refused.args = (
+                            f"not sending {'a re-send' if retry else 'another attempt'} of {images} image(s) "
+                            f"(every attempt that may be billed is charged): {refused}",
+                        )
+                        raise refused
+                self.reserved += extra
+            self.attempted += images
+            if retry:
+                self.retried += images
+
+    def not_billed(self, images: int) -> None:
+        """The last attempt of ``images`` images provably never reached the model."""
+        with self._lock:
+            self.unbilled += min(max(0, int(images)), self.billable)
+
+    def settle(self) -> int:
+        """Refund what was reserved beyond :attr:`billable`; return the images charged in the end."""
+        with self._lock:
+            excess = self.reserved - self.billable
+            if excess > 0 and self.budget is not None:
+                self.budget.refund(Reservation(queries=excess, cost=excess * self.cost_per_query))
+            self.reserved -= max(0, excess)
+            return self.reserved
+
+
+_METER: ContextVar[AttemptMeter | None] = ContextVar("bbrs_attempt_meter", default=None)
+
+
+def current_meter() -> AttemptMeter | None:
+    """The :class:`AttemptMeter` of the engine request running in this thread (``None`` outside one)."""
+    return _METER.get()
 
 
 class QueryEngine:
@@ -100,6 +210,9 @@ class QueryEngine:
         self.validate_inputs = validate_inputs
         self.stats = QueryStats()
         self._pool: ThreadPoolExecutor | None = None
+        self._version_key = f"model_version|{connector.info.fingerprint}"
+        self._version_saved = False
+        self._pin_saved_version()
 
     @property
     def info(self) -> ConnectorInfo:
@@ -134,7 +247,14 @@ class QueryEngine:
                 if self._pool is None:
                     self._pool = ThreadPoolExecutor(self.max_in_flight, thread_name_prefix="bbrs-query")
                 futures = [self._pool.submit(self._request, batch[s:e], local) for s, e in bounds]
-                parts = [f.result() for f in futures]
+                try:
+                    parts = [f.result() for f in futures]
+                except BaseException as exc:
+                    for f in futures:  # not started: never reserved, never sent
+                        f.cancel()
+                    if not isinstance(exc, KeyboardInterrupt):
+                        wait(futures)  # running ones finish, so the counts below are complete
+                    raise
             else:
                 parts = [self._request(batch[s:e], local) for s, e in bounds]
         finally:
@@ -152,20 +272,67 @@ class QueryEngine:
                 pred = _decode(hit, m, info)
                 self._count(tally, cache_hits=m)
                 return pred
-        cost = m * info.cost_per_query
-        reservation = self.budget.reserve(m, cost) if self.budget is not None else None
+        cpq = info.cost_per_query
+        reservation = self.budget.reserve(m, m * cpq) if self.budget is not None else None
+        meter = AttemptMeter(self.budget, cpq, m)
+        token = _METER.set(meter)
         try:
             pred = validate_prediction(self.connector.query(sub), m, info)
+            self._save_version()
         except BaseException as exc:
+            _METER.reset(token)
             with self.stats._lock:
                 self.stats.failed_requests += 1
-            if reservation is not None and isinstance(exc, ConnectorError) and exc.billed is False:
-                self.budget.refund(reservation)  # type: ignore[union-attr]
+            if meter.metered:  # charged attempt by attempt: keep what may have been billed, refund the rest
+                charged = meter.settle()
+                self._count(tally, queries=charged, cost=charged * cpq, attempted=meter.attempted,
+                            retried=meter.retried)
+            else:
+                self._count(tally, attempted=m)
+                if reservation is not None and isinstance(exc, ConnectorError) and exc.billed is False:
+                    self.budget.refund(reservation)  # type: ignore[union-attr]
             raise
+        _METER.reset(token)
+        if meter.metered:
+            charged, attempted, retried = meter.settle(), meter.attempted, meter.retried
+        else:
+            charged, attempted, retried = m, m, 0
         if key is not None:
             self.cache.set(key, _encode(pred))  # type: ignore[union-attr]
-        self._count(tally, queries=m, cost=cost, requests=1)
+        self._count(tally, queries=charged, cost=charged * cpq, requests=1, answered=m, attempted=attempted,
+                    retried=retried)
         return pred
+
+    # ---- model version persistence -------------------------------------------------------------
+    def _versioned(self) -> bool:
+        c = self.connector
+        return (self.cache is not None and hasattr(c, "observed_model_version")
+                and callable(getattr(c, "expect_model_version", None)))
+
+    def _pin_saved_version(self) -> None:
+        if not self._versioned():
+            return
+        saved = self.cache.get_meta(self._version_key)  # type: ignore[union-attr]
+        if saved is not None:
+            self.connector.expect_model_version(str(saved))  # type: ignore[attr-defined]
+            self._version_saved = True
+
+    def _save_version(self) -> None:
+        """Store the connector's observed model version in the cache, once, before the first answer
+        that shows it is cached; a different version already stored there is refused."""
+        if self._version_saved or not self._versioned():
+            return
+        seen = getattr(self.connector, "observed_model_version", None)
+        if not seen:
+            return
+        stored = self.cache.set_meta(self._version_key, str(seen), keep_existing=True)  # type: ignore[union-attr]
+        if stored != str(seen):
+            raise ModelVersionChangedError(
+                f"the model behind {self.connector.info.fingerprint!r} answered with version {seen!r}, but the "
+                f"cache {self.cache!r} holds answers of version {stored!r}; use another cache directory for "
+                f"the new model version"
+            )
+        self._version_saved = True
 
     def forward_logits(self, batch: torch.Tensor, *, tally: Tally | None = None) -> torch.Tensor:
         """Differentiable logits from a connector that allows it (``info.differentiable``), for
@@ -185,17 +352,21 @@ class QueryEngine:
         if self.budget is not None:
             self.budget.reserve(m, cost)
         logits = fwd(batch)
-        self._count(tally if tally is not None else Tally(), queries=m, cost=cost, requests=1)
+        self._count(tally if tally is not None else Tally(), queries=m, cost=cost, requests=1, answered=m,
+                    attempted=m)
         return logits
 
     def _count(self, tally: Tally, *, queries: int = 0, cost: float = 0.0, cache_hits: int = 0,
-               requests: int = 0) -> None:
+               requests: int = 0, answered: int = 0, attempted: int = 0, retried: int = 0) -> None:
         with self.stats._lock:
             for t in (self.stats, tally):
                 t.queries += queries
                 t.cost += cost
                 t.cache_hits += cache_hits
                 t.requests += requests
+                t.answered += answered
+                t.attempted += attempted
+                t.retried += retried
 
     def close(self) -> None:
         """Shut the worker pool down and close the cache (the connector stays open)."""

@@ -9,23 +9,42 @@ Two mechanisms, applied together by :func:`redact`:
   (``https://user:pass@host``) and query parameters with secret-looking names (``key``, ``token``,
   ``api_key``, ``sig``, ...) are masked even when the value was never registered.
 
-Guarantee: ``redact(s)`` contains no registered secret value as a substring. The pattern rules are
-best effort for secrets the SDK never saw. Registered values shorter than 4 characters are refused
-(they would mask ordinary text and are not credentials anyway).
+Guarantee: ``redact(s)`` contains no registered secret value as a substring, in any of the encodings
+a secret travels in: raw, percent-encoded (``quote`` and ``quote_plus`` forms, upper- or lower-case
+hex), base64 and urlsafe base64 (alone, or inside a longer base64 string at any byte alignment, as
+in ``Authorization: Basic base64(user:secret)``). The pattern rules are best effort for secrets the
+SDK never saw. Registered values shorter than 4 characters are refused (they would mask ordinary
+text and are not credentials anyway).
+
+**Logs.** From the first :func:`register_secret` on, every log record the process creates is
+redacted the same way (message *and* arguments, exception and stack text), whatever its logger
+(urllib3, requests, ours, the user's) and whatever handler later sees it: :func:`register_secret`
+installs a wrapper around the process's log-record factory (``logging.setLogRecordFactory``). A
+record factory is used for every record a ``Logger`` creates, before any filter or handler runs, so
+it also covers handlers added later (pytest's ``caplog``, error reporters, a recipe's file handler);
+a filter would only cover the handlers or loggers it was attached to (a logger's filters do not even
+see records propagated from child loggers such as ``urllib3.connectionpool``).
 """
 
 from __future__ import annotations
 
+import base64
+import functools
+import logging
 import re
 import threading
+import traceback
 from collections.abc import Iterable, Mapping
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+from typing import Any
+from urllib.parse import parse_qsl, quote, quote_plus, urlencode, urlsplit, urlunsplit
 
 __all__ = [
     "MASK",
     "SENSITIVE_HEADERS",
     "SENSITIVE_QUERY_KEYS",
+    "encodings",
     "excerpt",
+    "install_log_redaction",
     "redact",
     "redact_headers",
     "redact_url",
@@ -76,6 +95,7 @@ SENSITIVE_QUERY_KEYS = frozenset(
 _MIN_SECRET_LEN = 4
 _lock = threading.Lock()
 _secrets: set[str] = set()
+_masks: tuple[str, ...] = ()  # every encoding of every registered secret, longest first
 
 _HEADER_NAMES_RE = "|".join(sorted((re.escape(h) for h in SENSITIVE_HEADERS), key=len, reverse=True))
 _QUERY_NAMES_RE = "|".join(sorted((re.escape(k) for k in SENSITIVE_QUERY_KEYS), key=len, reverse=True))
@@ -104,24 +124,103 @@ def register_secret(value: str | None) -> None:
         return
     if len(value) < _MIN_SECRET_LEN:
         raise ValueError(f"a secret must be at least {_MIN_SECRET_LEN} characters long to be redactable")
+    global _masks
     with _lock:
-        _secrets.add(value)
+        if value not in _secrets:
+            _secrets.add(value)
+            _masks = tuple(sorted({m for v in _secrets for m in encodings(v)}, key=len, reverse=True))
+    install_log_redaction()
+
+
+@functools.lru_cache(maxsize=256)
+def encodings(value: str) -> tuple[str, ...]:
+    """Every form in which ``value`` may appear in a URL, header, log line or exception text: itself,
+    its percent-encodings (``quote`` with and without ``/`` kept, ``quote_plus``; upper- and lower-case
+    hex), its base64 and urlsafe base64 (padded and not), and the base64 cores that appear whatever
+    the byte alignment of ``value`` inside a longer base64 payload (``user:secret``). Forms shorter
+    than 4 characters are left out (they would mask ordinary text)."""
+    forms = {value}
+    for q in (quote(value, safe=""), quote(value), quote_plus(value, safe=""), quote_plus(value)):
+        forms.add(q)
+        forms.add(re.sub(r"%[0-9A-F]{2}", lambda m: m.group(0).lower(), q))
+    raw = value.encode("utf-8")
+    for enc in (base64.b64encode, base64.urlsafe_b64encode):
+        full = enc(raw).decode("ascii")
+        forms.update((full, full.rstrip("=")))
+        for k in range(3):  # value starting at byte offset = -k (mod 3) inside a longer payload
+            whole = (len(raw) - k) // 3 * 3
+            if whole > 0:
+                forms.add(enc(raw[k : k + whole]).decode("ascii"))
+    return tuple(f for f in forms if len(f) >= _MIN_SECRET_LEN)
 
 
 def redact(text: object, secrets: Iterable[str | None] = ()) -> str:
-    """``str(text)`` with every registered secret, every value in ``secrets`` and every
-    credential-looking pattern replaced by ``***``."""
+    """``str(text)`` with every registered secret, every value in ``secrets`` (each in every form
+    :func:`encodings` lists) and every credential-looking pattern replaced by ``***``."""
     s = str(text)
     with _lock:
-        known = set(_secrets)
-    known.update(v for v in secrets if v and len(v) >= _MIN_SECRET_LEN)
+        masks = _masks
+    extra = [v for v in secrets if v and len(v) >= _MIN_SECRET_LEN and v not in _secrets]
+    if extra:
+        masks = tuple(sorted({*masks, *(m for v in extra for m in encodings(v))}, key=len, reverse=True))
     # longest first, so a secret that contains another is masked whole
-    for value in sorted(known, key=len, reverse=True):
+    for value in masks:
         if value in s:
             s = s.replace(value, MASK)
     for pattern, repl in _PATTERNS:
         s = pattern.sub(repl, s)
     return s
+
+
+# --------------------------------------------------------------------------------------------------
+# log records
+
+
+def _redact_record(record: logging.LogRecord) -> None:
+    """Redact one record in place: the formatted message (then ``args`` are dropped, so no handler
+    can re-format or ship the raw arguments), exception and stack text."""
+    try:
+        text = record.getMessage()
+    except Exception:  # a malformed record: logging reports it when it is formatted; hide the args
+        text = redact(f"{record.msg} {record.args!r}")
+        record.msg, record.args = text, ()
+        return
+    clean = redact(text)
+    if clean != text or (record.args and redact(repr(record.args)) != repr(record.args)):
+        record.msg, record.args = clean, ()
+    if record.exc_info and record.exc_info[0] is not None:
+        exc_text = record.exc_text or "".join(traceback.format_exception(*record.exc_info))
+        clean_exc = redact(exc_text)
+        if clean_exc != exc_text:  # keep the (redacted) text, drop the exception objects that hold the secret
+            record.exc_text, record.exc_info = clean_exc.rstrip("\n"), None
+    elif record.exc_text:
+        record.exc_text = redact(record.exc_text)
+    if record.stack_info:
+        record.stack_info = redact(record.stack_info)
+
+
+_factory_lock = threading.Lock()
+_installed_factory: Any = None
+
+
+def install_log_redaction() -> None:
+    """Make every log record created from now on redacted (see the module docstring); idempotent.
+    Called by :func:`register_secret`. If other code later replaces the record factory without
+    chaining to the previous one, the next :func:`register_secret` installs the wrapper again."""
+    global _installed_factory
+    with _factory_lock:
+        current = logging.getLogRecordFactory()
+        if current is _installed_factory:
+            return
+
+        def factory(*args: Any, **kwargs: Any) -> logging.LogRecord:
+            record = current(*args, **kwargs)
+            if _masks:
+                _redact_record(record)
+            return record
+
+        _installed_factory = factory
+        logging.setLogRecordFactory(factory)
 
 
 def redact_url(url: str) -> str:

@@ -16,11 +16,18 @@ or quota apart in the body, :meth:`VendorConnector._classify`. Everything else i
   backoff, at most ``retry.max_attempts`` rounds; a non-retryable per-image error raises.
 * **Label mapping**: each answer is a list of ``(names, score)``; ``names`` are alternatives in
   preference order (a stable id, a parent label); the first alternative the
-  :class:`~blackbox_rs.connectors.labelmap.LabelMap` knows is used, and the ranked list is mapped
-  with :meth:`LabelMap.map_ranked` (no task label -> ``other``).
-* **Identity**: the fingerprint is ``<spec name>:<url>|<identity>|enc=..|labels=<map hash>``;
-  the model version the server reports is pinned on first sight (a change is an error, because it
-  would mix two models in one cache). No credential ever enters it.
+  :class:`~blackbox_rs.connectors.labelmap.LabelMap` knows is used. The labels are ranked by score
+  (ties keep the vendor's order) and only the first ``label_depth`` of them are searched for a task
+  class (:meth:`LabelMap.map_ranked` with ``depth``). The default ``label_depth=1`` certifies the
+  vendor's own answer, its top label: an answer whose top label maps to no task class is
+  ``other``. A deeper search ("the first of my labels anywhere in the vendor's top k") is another
+  classifier, with other answers and another fingerprint.
+* **Identity**: the fingerprint is ``<spec name>:<url>|<identity>|enc=..|min_side=..|labels=<map
+  hash>|depth=<label_depth>``: every setting that can change an answer, and none that cannot
+  (timeouts, retries, rate limits, concurrency, headers, credentials). The model version the server
+  reports is pinned on first sight and enforced: a change raises
+  :class:`~blackbox_rs.errors.ModelVersionChangedError`, because it would mix two models in one
+  cache. A resumed run restores the pin with :meth:`VendorConnector.expect_model_version`.
 """
 
 from __future__ import annotations
@@ -42,7 +49,8 @@ from blackbox_rs.errors import (
     ConnectorError,
     InvalidParameterError,
     InvalidResponseError,
-    QuotaExhausted,
+    ModelVersionChangedError,
+    RateLimitedError,
 )
 
 from ._encoding import ImageEncoding, encode_images
@@ -60,7 +68,10 @@ from .http import (
 )
 from .labelmap import LabelMap
 
-__all__ = ["Item", "ItemError", "Label", "VendorConnector", "VendorSpec", "WireRequest", "json_error_text"]
+__all__ = [
+    "Item", "ItemError", "Label", "VendorConnector", "VendorSpec", "WireRequest", "check_label_depth",
+    "json_error_text",
+]
 
 #: one vendor label: alternative names (preferred first) and a score (any scale; only the order counts)
 Label = tuple[tuple[str, ...], float]
@@ -132,6 +143,11 @@ class VendorConnector(HTTPConnector):
         max_batch, max_in_flight, rate_limit: override the vendor defaults (``rate_limit=None``:
             no client-side limit); price_per_1k / cost_per_query: override the list price.
         encoding (``"jpeg"``/``"png"``), jpeg_quality: how images travel.
+        label_depth: how many of the vendor's ranked labels are searched for a task label; 1 (the
+            default) = the vendor's top answer only; deeper matching certifies a different
+            classifier (it is part of the fingerprint). How many labels are *requested*
+            (``max_results``, ``max_labels``, ...) is a separate, vendor-specific setting and must be
+            at least ``label_depth``.
         timeout_s, connect_timeout_s, retry (a :class:`RetryPolicy` or its fields), headers, verify,
         sleep: see :class:`HTTPTransport`.
     """
@@ -153,6 +169,7 @@ class VendorConnector(HTTPConnector):
         cost_per_query: float | None = None,
         encoding: str | None = None,
         jpeg_quality: int | None = None,
+        label_depth: int = 1,
         timeout_s: float = 30.0,
         connect_timeout_s: float | None = None,
         retry: RetryPolicy | Mapping[str, Any] | None = None,
@@ -162,6 +179,7 @@ class VendorConnector(HTTPConnector):
     ) -> None:
         spec = self.spec
         self.label_map = _as_label_map(label_map)
+        self.label_depth = check_label_depth(label_depth)
         if isinstance(retry, Mapping):
             try:
                 retry = RetryPolicy(**{k: (frozenset(v) if k == "retry_statuses" else v) for k, v in retry.items()})
@@ -200,6 +218,8 @@ class VendorConnector(HTTPConnector):
             classify=self._classify,
         )
         enc = self.encoding.value + (f"{self.jpeg_quality}" if self.encoding is ImageEncoding.JPEG else "")
+        # a Host header routes to another model behind one address; other headers never change answers
+        host = next((v for k, v in (headers or {}).items() if k.lower() == "host"), None)
         self._info = ConnectorInfo(
             input_shape=shape,  # type: ignore[arg-type]
             class_names=self.label_map.class_names,
@@ -207,8 +227,10 @@ class VendorConnector(HTTPConnector):
             max_batch=batch,
             max_concurrency=self.transport.max_in_flight,
             cost_per_query=float(cost_per_query),
-            fingerprint=endpoint_fingerprint(spec.name, self.transport.base_url, **identity, enc=enc,
-                                             min_side=spec.min_side, labels=self.label_map.fingerprint),
+            fingerprint=endpoint_fingerprint(spec.name, self.transport.base_url, **identity, host=host, enc=enc,
+                                             min_side=spec.min_side, labels=self.label_map.fingerprint,
+                                             depth=self.label_depth),
+            other_index=self.label_map.other_index,
         )
 
     # ---- hooks -----------------------------------------------------------------------------------
@@ -261,7 +283,8 @@ class VendorConnector(HTTPConnector):
         for attempt in range(1, policy.max_attempts + 1):
             req = self._request([images[i] for i in pending])
             resp = self.transport.request("POST", req.path, json_body=req.json_body, data=req.data,
-                                          content_type=req.content_type, headers=req.headers)
+                                          content_type=req.content_type, headers=req.headers,
+                                          images=len(pending))  # each retry round bills only what it re-sends
             body = self._decode(resp)
             self._pin_version(self._model_version(body))
             items = self._parse(body, len(pending))
@@ -284,8 +307,9 @@ class VendorConnector(HTTPConnector):
                 i, err = failed[0]
                 msg = (f"{self.spec.vendor}: {len(failed)} image(s) still failing after {attempt} attempts "
                        f"(image {i}: {self.transport.redact(err.message)})")
-                if err.kind == "throttle":
-                    raise QuotaExhausted(msg, status=200, url=self.transport.base_url, attempts=attempt)
+                if err.kind == "throttle":  # throttling, not an exhausted quota (as the transport says)
+                    raise RateLimitedError(msg, status=200, url=self.transport.base_url, attempts=attempt,
+                                           throttled=attempt)
                 raise ConnectorError(msg)
             pending = [i for i, _ in failed]
             self.item_retries += len(pending)
@@ -294,27 +318,69 @@ class VendorConnector(HTTPConnector):
         return Prediction(labels=torch.tensor(labels, dtype=torch.int64))
 
     def map_labels(self, item: list[Label]) -> int:
-        """Task class of one answer: labels ranked by score, first mapped alternative per label."""
+        """Task class of one answer: labels ranked by descending score (ties keep the vendor's order),
+        first mapped alternative per label; only the first ``label_depth`` labels are searched, so
+        by default the answer is the vendor's top label's class, or ``other``."""
         lm = self.label_map
         ranked = sorted(item, key=lambda p: -float(p[1]))
         names = [next((a for a in alts if lm.lookup(a) is not None), alts[0]) for alts, _ in ranked if alts]
-        return lm.map_ranked(names)
+        return lm.map_ranked(names, depth=self.label_depth)
 
     def _pin_version(self, version: str | None) -> None:
         if not version:
             return
+        version = str(version)
         with self._version_lock:
             pinned = self._version = self._version or version
         if version != pinned:
-            raise InvalidResponseError(
-                f"{self.spec.vendor} answered with model version {version!r} after {pinned!r}; pin a model "
-                f"version so one cache never mixes two models"
+            raise ModelVersionChangedError(
+                f"{self.spec.vendor} answered with model version {version!r}, but this run is bound to "
+                f"{pinned!r}; answers of two model versions are never mixed in one cache (pin a model "
+                f"version, or start a fresh cache for the new one)"
+            )
+
+    @property
+    def observed_model_version(self) -> str | None:
+        """The model version this connector is bound to: the first one an answer reported, or the one
+        given to :meth:`expect_model_version`; None until known (or if the vendor reports none)."""
+        return self._version
+
+    def expect_model_version(self, version: str) -> None:
+        """Bind this connector to ``version`` (e.g. the one a resumed run's cache observed): any answer
+        with another version raises :class:`ModelVersionChangedError`, naming both. Raises at once if
+        this connector already observed a different version."""
+        if not isinstance(version, str) or not version:
+            raise InvalidParameterError(f"expect_model_version needs a non-empty version string, got {version!r}")
+        with self._version_lock:
+            seen = self._version
+            if seen is None:
+                self._version = version
+                return
+        if seen != version:
+            raise ModelVersionChangedError(
+                f"{self.spec.vendor} answered with model version {seen!r}, but the run being resumed observed "
+                f"{version!r}; answers of two model versions are never mixed in one cache"
             )
 
     @property
     def model_version(self) -> str | None:
-        """The model version the server reported (None until an answer said)."""
+        """Alias of :attr:`observed_model_version` (kept for compatibility)."""
         return self._version
+
+
+def check_label_depth(label_depth: object, requested: int | None = None, what: str = "max_results") -> int:
+    """``label_depth`` as an int >= 1 (and <= ``requested``, the number of labels asked for, if given);
+    :class:`InvalidParameterError` otherwise."""
+    if isinstance(label_depth, bool) or not isinstance(label_depth, int) or label_depth < 1:
+        raise InvalidParameterError(
+            f"label_depth must be an integer >= 1 (1 = the vendor's top answer only), got {label_depth!r}"
+        )
+    if requested is not None and label_depth > requested:
+        raise InvalidParameterError(
+            f"label_depth={label_depth} searches more labels than {what}={requested} requests; raise {what} or "
+            f"lower label_depth"
+        )
+    return label_depth
 
 
 def _as_label_map(label_map: LabelMap | Mapping[str, Any] | Sequence[str]) -> LabelMap:

@@ -30,7 +30,7 @@ from blackbox_rs.errors import InvalidResponseError
 
 from ._encoding import b64encode
 from ._sigv4 import sign
-from ._vendor import Item, VendorConnector, VendorSpec, WireRequest, json_error_text
+from ._vendor import Item, VendorConnector, VendorSpec, WireRequest, check_label_depth, json_error_text
 from .http import Credential, ErrorClass
 
 __all__ = ["RekognitionConnector"]
@@ -48,7 +48,9 @@ class RekognitionConnector(VendorConnector):
         region: AWS region (default ``$AWS_REGION``, ``$AWS_DEFAULT_REGION``, else us-east-1).
         base_url: override the regional endpoint (tests, FIPS, VPC endpoints).
         max_labels, min_confidence (0-100; the server's default is 55), inclusion_filters
-            (``LabelInclusionFilters``: restrict the answer to these label names).
+            (``LabelInclusionFilters``: restrict the answer to these label names). All three change
+            answers and are in the fingerprint; ``max_labels`` must be >= ``label_depth`` (default 1:
+            the label Rekognition is most confident of, which may be a parent such as "Animal").
         access_key_env, secret_key_env, session_token_env: where the credentials are read.
         Other keyword arguments: see :class:`~blackbox_rs.connectors._vendor.VendorConnector`.
     """
@@ -70,6 +72,7 @@ class RekognitionConnector(VendorConnector):
         session_token_env: str = "AWS_SESSION_TOKEN",
         **common: Any,
     ) -> None:
+        check_label_depth(common.get("label_depth", 1), int(max_labels), "max_labels")
         self.region = region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
         self._access_key = Credential(env=access_key_env)
         self._secret_key = Credential(env=secret_key_env)

@@ -23,7 +23,15 @@ from urllib.parse import quote
 from blackbox_rs.errors import InvalidResponseError
 
 from ._encoding import b64encode
-from ._vendor import Item, ItemError, VendorConnector, VendorSpec, WireRequest, json_error_text
+from ._vendor import (
+    Item,
+    ItemError,
+    VendorConnector,
+    VendorSpec,
+    WireRequest,
+    check_label_depth,
+    json_error_text,
+)
 from .http import ErrorClass
 
 __all__ = ["ClarifaiConnector"]
@@ -52,7 +60,8 @@ class ClarifaiConnector(VendorConnector):
     Args:
         user_id, app_id, model_id, version_id: the model (default: Clarifai's public general model).
         max_concepts, min_value, select_concepts: ``output_config`` (``select_concepts`` restricts
-            scoring to the named concepts; an unknown name is an error on Clarifai's side).
+            scoring to the named concepts; an unknown name is an error on Clarifai's side); all are in
+            the fingerprint, and ``max_concepts`` must be >= ``label_depth``.
         Other keyword arguments: see :class:`~blackbox_rs.connectors._vendor.VendorConnector`.
     """
 
@@ -72,6 +81,7 @@ class ClarifaiConnector(VendorConnector):
         select_concepts: Sequence[str] | None = None,
         **common: Any,
     ) -> None:
+        check_label_depth(common.get("label_depth", 1), int(max_concepts), "max_concepts")
         path = f"/v2/users/{quote(user_id, safe='')}/apps/{quote(app_id, safe='')}/models/{quote(model_id, safe='')}"
         if version_id:
             path += f"/versions/{quote(version_id, safe='')}"

@@ -24,7 +24,15 @@ from typing import Any
 from blackbox_rs.errors import InvalidParameterError, InvalidResponseError
 
 from ._encoding import b64encode
-from ._vendor import Item, ItemError, VendorConnector, VendorSpec, WireRequest, json_error_text
+from ._vendor import (
+    Item,
+    ItemError,
+    VendorConnector,
+    VendorSpec,
+    WireRequest,
+    check_label_depth,
+    json_error_text,
+)
 from .http import DEFAULT_RETRY_STATUSES, ErrorClass
 
 __all__ = ["GoogleVisionConnector"]
@@ -36,7 +44,10 @@ class GoogleVisionConnector(VendorConnector):
     """Google Cloud Vision label detection (see the module docstring).
 
     Args:
-        max_results: labels per image (``maxResults``; the server's default is 10).
+        max_results: labels requested per image (``maxResults``; the server's default is 10). Only the
+            first ``label_depth`` (default 1: Google's top label) are searched for a task class, so
+            it must be >= ``label_depth``. It stays in the fingerprint even with ``label_depth=1``:
+            it is part of the request, and Google does not promise a top label independent of it.
         quota_project: billing/quota project for user credentials (``x-goog-user-project``).
         Other keyword arguments: see :class:`~blackbox_rs.connectors._vendor.VendorConnector`.
     """
@@ -55,6 +66,7 @@ class GoogleVisionConnector(VendorConnector):
     ) -> None:
         if int(max_results) < 1:
             raise InvalidParameterError(f"max_results must be >= 1, got {max_results!r}")
+        check_label_depth(common.get("label_depth", 1), int(max_results), "max_results")
         self._feature = [{"type": "LABEL_DETECTION", "maxResults": int(max_results)}]
         headers = dict(common.pop("headers", None) or {})
         if quota_project:

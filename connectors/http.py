@@ -6,14 +6,26 @@
   retried with exponential backoff and full jitter (``uniform(0, min(backoff_max_s, backoff_base_s *
   2**attempt))``), at most ``max_attempts`` requests in all. A ``Retry-After`` header (seconds or an
   HTTP date) is honoured exactly instead of the backoff; if it asks for more than
-  ``max_retry_after_s`` the transport gives up at once with :class:`QuotaExhausted` /
+  ``max_retry_after_s`` the transport gives up at once with :class:`RateLimitedError` /
   :class:`ServiceUnavailableError`. Any other status (400, 401, 403, 404, 422, 500, ...) and TLS
   failures are never retried. All requests here are idempotent model queries, so a retry cannot
   change the answer.
-* **Typed errors**: :class:`AuthenticationError` (401/403), :class:`HTTPStatusError` (other
-  non-retried statuses, with ``status`` and a short redacted ``body_excerpt``),
-  :class:`QuotaExhausted` (429 to the end), :class:`ServiceUnavailableError` (502/503/504 to the
-  end), :class:`RequestTimeoutError`, :class:`EndpointUnreachableError`, :class:`TLSError`.
+* **Every attempt that may be billed is charged.** Inside a :class:`~blackbox_rs.engine.QueryEngine`
+  request, each attempt (the first and every retry) is charged to the engine's
+  :class:`~blackbox_rs.engine.AttemptMeter` *before* it is sent, for the images it carries; a retry
+  that does not fit the budget is not sent (:class:`BudgetExceeded`). An attempt is credited back
+  only when it provably never reached the model: never sent (connection refused, unknown host,
+  connect timeout, TLS handshake), refused before the model ran (401, 403, 429, a vendor's
+  throttle/quota answer). Read timeouts, resets after sending and 5xx answers stay charged.
+  ``stats()`` shows ``images`` (all attempts) and ``retried_images``.
+* **Typed errors**: :class:`AuthenticationError` (401/403, not billed), :class:`HTTPStatusError`
+  (other non-retried statuses, with ``status`` and a short redacted ``body_excerpt``),
+  :class:`RateLimitedError` (throttled to the end: not an exhausted quota), :class:`QuotaExhausted`
+  (a quota/billing limit, as the vendor's classifier tells), :class:`ServiceUnavailableError`
+  (502/503/504 to the end), :class:`RequestTimeoutError` (no answer in time to the end),
+  :class:`EndpointUnreachableError`, :class:`TLSError`. No error raised here carries another
+  exception in ``__cause__`` or ``__context__`` (the raw ``requests`` exceptions hold the full URL,
+  query-string credentials included).
 * **Timeouts**: ``(connect_timeout_s, timeout_s)`` on every request; ``timeout_s`` bounds each wait
   for the server's bytes (requests' read timeout), not the total transfer time.
 * **Bounded concurrency**: at most ``max_in_flight`` requests on the wire at once, whatever the
@@ -24,7 +36,8 @@
   before sending, so a request never goes out later than the moment it was granted.
 * **Secrets**: credentials come from a named environment variable or a pydantic ``SecretStr``
   (:class:`Credential`), are registered with :mod:`blackbox_rs.redact`, and never appear in a
-  ``repr``, an exception message, a log line or a fingerprint. Redirects are not followed (a 3xx is
+  ``repr``, an exception message, a log line (any logger, in any encoding: see
+  :mod:`blackbox_rs.redact`) or a fingerprint. Redirects are not followed (a 3xx is
   an :class:`HTTPStatusError`), so credentials are only ever sent to the configured host.
 
 :class:`HTTPConnector` is the base class of remote connectors: it splits a batch into chunks of at
@@ -45,6 +58,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any, Literal
 from urllib.parse import urlsplit, urlunsplit
@@ -56,6 +70,7 @@ from pydantic import SecretStr
 from requests.adapters import HTTPAdapter
 from tenacity import RetryCallState, Retrying, retry_if_exception_type, stop_after_attempt
 
+from blackbox_rs.engine import AttemptMeter, current_meter
 from blackbox_rs.errors import (
     AuthenticationError,
     ConfigError,
@@ -65,6 +80,7 @@ from blackbox_rs.errors import (
     InvalidParameterError,
     InvalidResponseError,
     QuotaExhausted,
+    RateLimitedError,
     RequestTimeoutError,
     ServiceUnavailableError,
     TLSError,
@@ -86,6 +102,9 @@ __all__ = [
 ]
 
 DEFAULT_RETRY_STATUSES = frozenset({429, 502, 503, 504})
+
+#: images in the chunk :class:`HTTPConnector` is sending in this thread (None: not inside a chunk)
+_CHUNK_IMAGES: ContextVar[int | None] = ContextVar("bbrs_http_chunk_images", default=None)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -219,7 +238,7 @@ class ErrorClass:
     """What a vendor's non-2xx answer means, as told by a transport's ``classify`` hook.
 
     * ``throttle``: rate-limited, refused before the model ran (not billed): retried with backoff;
-      still throttled after every attempt -> :class:`QuotaExhausted`.
+      still throttled after every attempt -> :class:`RateLimitedError`.
     * ``quota``: a hard quota or billing limit (monthly credits, ``insufficient_quota``): never
       retried, :class:`QuotaExhausted` at once (not billed).
     * ``transient``: a retryable server-side failure (model loading, internal error).
@@ -362,7 +381,8 @@ class HTTPTransport:
         self._session.mount("http://", adapter)
         self._session.mount("https://", adapter)
         self._stats_lock = threading.Lock()
-        self._stats = {"calls": 0, "requests": 0, "retries": 0, "throttled": 0, "failures": 0}
+        self._stats = {"calls": 0, "requests": 0, "retries": 0, "throttled": 0, "failures": 0, "images": 0,
+                       "retried_images": 0}
         self._closed = False
         self._shown_urls: dict[str, str] = {}
 
@@ -382,15 +402,23 @@ class HTTPTransport:
         headers: Mapping[str, str] | None = None,
         request_id: str | None = None,
         retry: bool = True,
+        images: int | None = None,
     ) -> requests.Response:
         """Send one logical request (retried as the policy says) and return a 2xx response.
 
         ``json_body`` is serialised once (compact, ``allow_nan=False``) so every attempt sends the same
         bytes. ``request_id`` (default: a fresh UUID) is sent as ``X-Request-ID`` on every attempt.
-        Raises the typed errors listed in the module docstring.
+        ``images`` is the number of images in the request (default: the chunk that
+        :class:`HTTPConnector` is sending, else the whole engine request): inside a
+        :class:`~blackbox_rs.engine.QueryEngine` request, every attempt is charged to the engine's
+        :class:`~blackbox_rs.engine.AttemptMeter` (hence the budget) *before* it is sent, and every
+        attempt that provably never reached the model (connection refused, 401/403, throttled) is
+        credited back. A re-send that does not fit the budget is not sent: :class:`BudgetExceeded`.
+        Raises the typed errors listed in the module docstring; none of them carries another
+        exception in ``__cause__`` or ``__context__``.
         """
         if self._closed:
-            raise ConnectorError("this HTTP transport is closed")
+            raise ConnectorError("this HTTP transport is closed", billed=False)
         if json_body is not None:
             if data is not None:
                 raise InvalidParameterError("give json_body or data, not both")
@@ -407,8 +435,14 @@ class HTTPTransport:
         if shown_url is None:  # redacting costs regex passes: once per URL, not per request
             shown_url = self._shown_urls.setdefault(url, redact_url(url))
         self._count("calls")
-        attempts = 0
-        delivered = [False]  # set once any attempt may have reached the model (and may be billed)
+        meter = current_meter()
+        if images is None:
+            images = _CHUNK_IMAGES.get()
+        if images is None:  # a request of unknown size inside an engine request: charge all of it
+            images = meter.prepaid if meter is not None else 0
+        if meter is not None:
+            meter.begin()
+        state = _RequestState(images=int(images), meter=meter)
 
         # prepared once, outside the in-flight slot: every attempt sends these exact bytes
         prepared = self._session.prepare_request(
@@ -416,11 +450,16 @@ class HTTPTransport:
         )
 
         def attempt() -> requests.Response:
-            nonlocal attempts
-            attempts += 1
-            if attempts > 1:
+            state.attempts += 1
+            retried = state.attempts > 1
+            if state.meter is not None:
+                # charged before it leaves: a re-send that does not fit the budget is never sent
+                state.meter.attempt(state.images, retry=retried)
+            if retried:
                 self._count("retries")
-            return self._send_once(prepared, method, shown_url, rid, attempts, delivered)
+                self._count("retried_images", state.images)
+            self._count("images", state.images)
+            return self._send_once(prepared, method, shown_url, rid, state)
 
         policy = self.retry
         retrying = Retrying(
@@ -430,16 +469,23 @@ class HTTPTransport:
             sleep=self._sleep,
             reraise=True,
         )
+        error: BaseException | None = None
         try:
             return retrying(attempt)
         except _Transient as t:
-            self._count("failures")
-            raise self._final_error(t, method, shown_url, attempts, rid, billed=delivered[0]) from None
+            error = self._final_error(t, method, shown_url, state, rid, billed=state.delivered)
         except ConnectorError as e:
-            self._count("failures")
-            if not delivered[0] and e.billed is None:
+            if not state.delivered and e.billed is None:
                 e.billed = False
-            raise
+            error = e
+        except BaseException as e:  # BudgetExceeded from the meter, KeyboardInterrupt, ...
+            error = e
+        # raised here, outside every except block, with the chain cut: the raw requests/urllib3
+        # exceptions (their text holds the full URL, query-string credentials included) must not ride
+        # along in __context__, where error reporters that walk the chain would print them
+        if isinstance(error, ConnectorError):
+            self._count("failures")
+        raise _detached(error)
 
     def get_json(self, path: str, *, request_id: str | None = None, retry: bool = True) -> Any:
         """GET ``path`` and parse a JSON body (:class:`InvalidResponseError` if it is not JSON)."""
@@ -448,7 +494,9 @@ class HTTPTransport:
 
     def stats(self) -> dict[str, int]:
         """Counters since creation: ``calls`` (logical requests), ``requests`` (HTTP requests sent,
-        retries included), ``retries``, ``throttled`` (429/503 answers), ``failures``."""
+        retries included), ``retries``, ``throttled`` (429/503 answers), ``failures``, ``images``
+        (images in the HTTP requests sent, retries included: what a vendor may bill) and
+        ``retried_images`` (the part of ``images`` that re-sent a request)."""
         with self._stats_lock:
             return dict(self._stats)
 
@@ -493,10 +541,11 @@ class HTTPTransport:
         method: str,
         shown_url: str,
         rid: str,
-        attempts: int,
-        delivered: list[bool],
+        state: _RequestState,
     ) -> requests.Response:
         policy = self.retry
+        attempts = state.attempts
+        error: BaseException | None = None
         with self._slots:
             if self.limiter is not None:
                 self.limiter.acquire()
@@ -510,36 +559,46 @@ class HTTPTransport:
                     proxies={},
                 )
             except requests.exceptions.SSLError as e:
-                raise TLSError(
+                state.not_billed()
+                error = TLSError(
                     f"TLS handshake with {shown_url} failed (is it really https, and is the certificate "
                     f"trusted?): {self.redact(e)}"
-                ) from None
+                )
             except requests.exceptions.Timeout as e:
-                if not isinstance(e, requests.exceptions.ConnectTimeout):
-                    delivered[0] = True
+                if isinstance(e, requests.exceptions.ConnectTimeout):
+                    state.not_billed()
+                else:
+                    state.delivered = True
                 if not policy.retry_timeouts:
-                    raise RequestTimeoutError(
+                    error = RequestTimeoutError(
                         f"{method} {shown_url} timed out after {self.timeout_s:g} s: {self.redact(e)}"
-                    ) from None
-                raise _Transient("timeout", self.redact(e)) from None
+                    )
+                else:
+                    error = _Transient("timeout", self.redact(e))
             except requests.exceptions.ConnectionError as e:
-                if not _never_sent(e):
-                    delivered[0] = True
+                if _never_sent(e):
+                    state.not_billed()
+                else:
+                    state.delivered = True
                 if _is_read_timeout(e):
-                    raise _Transient("timeout", self.redact(e)) from None
-                if not policy.retry_connection_errors:
-                    raise EndpointUnreachableError(
-                        f"cannot connect to {shown_url}: {self.redact(e)}"
-                    ) from None
-                raise _Transient("connection", self.redact(e)) from None
+                    error = _Transient("timeout", self.redact(e))
+                elif not policy.retry_connection_errors:
+                    error = EndpointUnreachableError(f"cannot connect to {shown_url}: {self.redact(e)}")
+                else:
+                    error = _Transient("connection", self.redact(e))
             except requests.exceptions.RequestException as e:
-                delivered[0] = True
-                raise ConnectorError(f"{method} {shown_url} failed: {self.redact(e)}") from None
+                state.delivered = True
+                error = ConnectorError(f"{method} {shown_url} failed: {self.redact(e)}")
+        if error is not None:  # raised outside the except blocks: no raw exception in the chain
+            raise error
         status = resp.status_code
         verdict = self.classify(status, resp.headers, resp.content) if self.classify and status >= 300 else None
-        refused = status == 429 or (verdict is not None and verdict.kind in ("throttle", "quota"))
-        if not refused:  # a throttled request was refused before the model ran; anything else may be billed
-            delivered[0] = True
+        # refused before the model ran: throttled, out of quota, or the credentials were rejected
+        refused = status in (401, 403, 429) or (verdict is not None and verdict.kind in ("throttle", "quota"))
+        if refused:
+            state.not_billed()
+        else:  # anything else may have been billed
+            state.delivered = True
         if 200 <= status < 300:
             return resp
         body = excerpt(resp.content, secrets=self._secret_list())
@@ -548,20 +607,22 @@ class HTTPTransport:
             raise QuotaExhausted(
                 f"{method} {shown_url} -> HTTP {status}: quota exhausted{why} (not retried); body: {body!r}",
                 status=status, url=shown_url, body_excerpt=body, attempts=attempts, request_id=rid,
-                billed=None if delivered[0] else False,
+                billed=None if state.delivered else False,
             )
         retryable = status in policy.retry_statuses if verdict is None else verdict.kind in ("throttle", "transient")
         if retryable:
             throttled = status == 429 or (verdict is not None and verdict.kind == "throttle")
             if throttled or status == 503:
                 self._count("throttled")
+            if throttled:
+                state.throttled += 1
             retry_after = parse_retry_after(resp.headers.get("Retry-After"))
             if verdict is not None and verdict.retry_after is not None:
                 retry_after = verdict.retry_after
             t = _Transient("status", f"HTTP {status}", status=status, retry_after=retry_after, body=body,
                            throttled=throttled)
             if retry_after is not None and retry_after > policy.max_retry_after_s:
-                raise self._final_error(t, method, shown_url, attempts, rid, too_long=True, billed=delivered[0])
+                raise self._final_error(t, method, shown_url, state, rid, too_long=True, billed=state.delivered)
             raise t
         kwargs: dict[str, Any] = dict(status=status, url=shown_url, body_excerpt=body, attempts=attempts,
                                       request_id=rid)
@@ -570,6 +631,7 @@ class HTTPTransport:
                 f"{method} {shown_url} -> HTTP {status}: the endpoint refused the credentials "
                 f"({self.auth.kind} auth{', ' + self.auth.credential.source if self.auth.credential else ''}); "
                 f"body: {body!r}",
+                billed=None if state.delivered else False,
                 **kwargs,
             )
         if 300 <= status < 400:
@@ -590,20 +652,21 @@ class HTTPTransport:
         t: _Transient,
         method: str,
         shown_url: str,
-        attempts: int,
+        state: _RequestState,
         rid: str,
         too_long: bool = False,
         billed: bool = True,
     ) -> ConnectorError:
         """The typed error for a retryable failure that is final. ``billed=False`` (no attempt can
         have reached the model: refused connections, 429s) lets the engine refund the budget."""
-        err = self._final_error_inner(t, method, shown_url, attempts, rid, too_long)
+        err = self._final_error_inner(t, method, shown_url, state, rid, too_long)
         err.billed = None if billed else False
         return err
 
     def _final_error_inner(
-        self, t: _Transient, method: str, shown_url: str, attempts: int, rid: str, too_long: bool
+        self, t: _Transient, method: str, shown_url: str, state: _RequestState, rid: str, too_long: bool
     ) -> ConnectorError:
+        attempts = state.attempts
         what = f"{method} {shown_url}"
         tries = f"{attempts} attempt{'s' if attempts != 1 else ''}"
         if t.kind == "timeout":
@@ -620,9 +683,39 @@ class HTTPTransport:
         else:
             reason = f"still HTTP {t.status} after {tries}"
         if t.status == 429 or t.throttled:
-            return QuotaExhausted(f"{what}: rate-limited (HTTP {t.status}): {reason}; body: {t.body!r}",
-                                  retry_after=t.retry_after, **kwargs)
+            n = state.throttled
+            return RateLimitedError(
+                f"{what}: rate-limited (HTTP {t.status}): {reason}, {n} of {tries} throttled; this is "
+                f"throttling, not an exhausted quota: retry later, or lower max_in_flight or rate_limit "
+                f"(not billed); body: {t.body!r}",
+                retry_after=t.retry_after, throttled=n, **kwargs,
+            )
         return ServiceUnavailableError(f"{what}: HTTP {t.status}: {reason}; body: {t.body!r}", **kwargs)
+
+
+def _detached(error: BaseException) -> BaseException:
+    """``error`` with its exception chain cut (``__cause__`` and ``__context__`` cleared)."""
+    error.__cause__ = None
+    error.__context__ = None
+    error.__suppress_context__ = False
+    return error
+
+
+@dataclass
+class _RequestState:
+    """One logical request's attempts: how many were sent, whether one may have reached the model,
+    how many were throttled, and the engine meter (if any) charged for each."""
+
+    images: int
+    meter: AttemptMeter | None = None
+    attempts: int = 0
+    delivered: bool = False
+    throttled: int = 0
+
+    def not_billed(self) -> None:
+        """The current attempt provably never reached the model: credit it back."""
+        if self.meter is not None:
+            self.meter.not_billed(self.images)
 
 
 def _never_sent(e: requests.exceptions.ConnectionError) -> bool:
@@ -646,12 +739,13 @@ def parse_json(resp: requests.Response, redact_fn: Callable[[object], str] = red
     try:
         return json.loads(resp.content)
     except (ValueError, UnicodeDecodeError):
-        ctype = resp.headers.get("Content-Type", "?")
-        raise InvalidResponseError(
-            f"{resp.request.method if resp.request else ''} {redact_url(resp.url)} answered HTTP "
-            f"{resp.status_code} with a body that is not JSON (Content-Type {ctype!r}): "
-            f"{excerpt(redact_fn(resp.content.decode('utf-8', 'replace')))!r}"
-        ) from None
+        pass  # raised below, outside the except block: the decode error (it holds the body) stays out of the chain
+    ctype = resp.headers.get("Content-Type", "?")
+    raise InvalidResponseError(
+        f"{resp.request.method if resp.request else ''} {redact_url(resp.url)} answered HTTP "
+        f"{resp.status_code} with a body that is not JSON (Content-Type {ctype!r}): "
+        f"{excerpt(redact_fn(resp.content.decode('utf-8', 'replace')))!r}"
+    )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -676,7 +770,17 @@ class HTTPConnector(BaseConnector):
                 labels=torch.zeros(0, dtype=torch.int64),
                 scores=torch.zeros(0, k) if self._info.returns_scores else None,
             )
-        return Prediction.concat([self._query_chunk(chunk) for chunk in _chunks(batch, self._info.max_batch)])
+        meter = current_meter()
+        if meter is not None:
+            meter.begin()  # an HTTP request: charged per attempt, refunded for what never left
+        parts = []
+        for chunk in _chunks(batch, self._info.max_batch):
+            token = _CHUNK_IMAGES.set(int(chunk.shape[0]))
+            try:
+                parts.append(self._query_chunk(chunk))
+            finally:
+                _CHUNK_IMAGES.reset(token)
+        return Prediction.concat(parts)
 
     @abc.abstractmethod
     def _query_chunk(self, batch: torch.Tensor) -> Prediction:

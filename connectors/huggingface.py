@@ -26,7 +26,7 @@ from urllib.parse import quote, urlsplit, urlunsplit
 from blackbox_rs.errors import InvalidParameterError, InvalidResponseError
 
 from ._encoding import b64encode
-from ._vendor import Item, VendorConnector, VendorSpec, WireRequest, json_error_text
+from ._vendor import Item, VendorConnector, VendorSpec, WireRequest, check_label_depth, json_error_text
 from .http import ErrorClass
 
 __all__ = ["HuggingFaceConnector"]
@@ -38,7 +38,8 @@ class HuggingFaceConnector(VendorConnector):
     Args:
         model_id: e.g. ``"google/vit-base-patch16-224"`` (serverless); or ``endpoint_url`` for a
             dedicated Inference Endpoint.
-        top_k, function_to_apply: task parameters sent with every image (omitted when None).
+        top_k, function_to_apply: task parameters sent with every image (omitted when None; both in
+            the fingerprint); ``top_k`` must be >= ``label_depth``.
         wait_for_model: ask the server to block until a cold model is loaded.
         Other keyword arguments: see :class:`~blackbox_rs.connectors._vendor.VendorConnector`.
     """
@@ -66,6 +67,8 @@ class HuggingFaceConnector(VendorConnector):
             base_url, self._path = urlunsplit((u.scheme, u.netloc, "", "", "")), (u.path or "/")
         else:
             self._path = f"/hf-inference/models/{quote(str(model_id), safe='/')}"
+        if top_k is not None:
+            check_label_depth(common.get("label_depth", 1), int(top_k), "top_k")
         params = {"top_k": top_k, "function_to_apply": function_to_apply}
         self._params = {k: v for k, v in params.items() if v is not None}
         self._headers = {"x-wait-for-model": "true"} if wait_for_model else {}

@@ -22,14 +22,22 @@ The answer is one output tensor, read as (``output="auto"`` picks from the decla
 * ``"label"``: BYTES ``[N]`` label strings, or ``[N, k]`` top-k lists in rank order, mapped through a
   :class:`~blackbox_rs.connectors.labelmap.LabelMap` (an unmapped label is the map's ``other``
   class). Without ``label_map`` the labels must be the class names exactly (case-insensitive);
-  anything else raises :class:`UnmappedLabelError`.
+  anything else raises :class:`UnmappedLabelError`. ``label_depth=k`` searches only the first k
+  labels of a ranked list (1 = the model's top answer); the default ``None`` searches the whole
+  list the server returns (the server decides its length).
 
 Every answer is checked: a JSON body (an HTML page is :class:`InvalidResponseError`), the same
 ``id`` as sent (if echoed), exactly N predictions, the expected width, and the same model version
-throughout (a model swapped behind the URL would poison the query cache, so it is an error).
+throughout: a model swapped behind the URL would poison the query cache, so another version than
+the pinned one (``model_version=``), the one the metadata declares, or the first one an answer
+reported raises :class:`~blackbox_rs.errors.ModelVersionChangedError` naming both. A resumed run
+restores the binding with :meth:`KServeV2Connector.expect_model_version`.
 
 The fingerprint is ``kserve-v2:<url>|model=..|version=..|host=..|input=..|output=..|encoding=..``
-(+ the label map's hash): identity and version, never a credential or a query string.
+``|read=<scores|index|label>`` (+ ``content_type=`` for png/jpeg, and for label outputs the label map's
+hash, which covers the class order, and ``depth=``): identity, version (``unpinned`` when neither pinned
+nor declared: the version first observed is then enforced, and persisted by the engine) and every
+setting that changes answers; never a credential, a query string, a timeout or a retry setting.
 """
 
 from __future__ import annotations
@@ -51,6 +59,7 @@ from blackbox_rs.errors import (
     InvalidParameterError,
     InvalidResponseError,
     ModelNotReadyError,
+    ModelVersionChangedError,
 )
 
 from ._encoding import ImageEncoding, Layout, b64encode, encode_images, to_float32_array, to_uint8_array
@@ -79,7 +88,8 @@ class KServeV2Connector(HTTPConnector):
             else ``K`` from a declared ``[-1, K]`` score output (classes named ``"0".."K-1"``).
         input_name, output_name: tensor names; default from metadata.
         encoding, layout, jpeg_quality, bytes_content_type: how images travel (module docstring).
-        output: how to read the answer (module docstring).
+        output: how to read the answer (module docstring); label_depth: labels of a ranked label
+            output searched for a task class (None: all of them; 1: the top answer only).
         max_batch: most images per request; max_in_flight: concurrent requests (= the connector's
             ``info.max_concurrency``); rate_limit: requests/s or a shared :class:`RateLimiter`.
         timeout_s, connect_timeout_s, retry, auth, headers, verify: see :class:`HTTPTransport`
@@ -110,6 +120,7 @@ class KServeV2Connector(HTTPConnector):
         jpeg_quality: int = 95,
         bytes_content_type: str | None = "base64",
         output: OutputKind = "auto",
+        label_depth: int | None = None,
         max_batch: int = 32,
         max_in_flight: int = 4,
         rate_limit: float | RateLimiter | None = None,
@@ -132,6 +143,11 @@ class KServeV2Connector(HTTPConnector):
             raise InvalidParameterError(f"output must be auto, scores, index or label, got {output!r}")
         if layout not in ("NCHW", "NHWC"):
             raise InvalidParameterError(f"layout must be 'NCHW' or 'NHWC', got {layout!r}")
+        if label_depth is not None and (isinstance(label_depth, bool) or not isinstance(label_depth, int)
+                                        or label_depth < 1):
+            raise InvalidParameterError(f"label_depth must be an integer >= 1 or None, got {label_depth!r}")
+        self.label_depth = label_depth
+        self._version_lock = threading.Lock()
         if isinstance(label_map, Mapping):  # from a config file: LabelMap.to_dict() form
             label_map = LabelMap.from_dict(label_map)
         if isinstance(retry, Mapping):
@@ -171,7 +187,6 @@ class KServeV2Connector(HTTPConnector):
         except BaseException:
             self.transport.close()
             raise
-        self._version_lock = threading.Lock()
 
     # ---- discovery -------------------------------------------------------------------------------
 
@@ -314,6 +329,7 @@ class KServeV2Connector(HTTPConnector):
         self._expected_version = seen_version
         host = next((v for k, v in (headers or {}).items() if k.lower() == "host"), None)
         enc = self.encoding.value + (f"-q{self.jpeg_quality}" if self.encoding is ImageEncoding.JPEG else "")
+        labels_read = self.label_map is not None  # a label output: class order and label map decide answers
         fingerprint = endpoint_fingerprint(
             "kserve-v2",
             self._identity if self._identity is not None else self.transport.base_url,
@@ -323,7 +339,10 @@ class KServeV2Connector(HTTPConnector):
             input=self.input_name,
             output=self.output_name,
             encoding=f"{enc}-{self.layout}",
-            labelmap=self.label_map.fingerprint if (self.label_map is not None and label_map is not None) else None,
+            labelmap=self.label_map.fingerprint if labels_read else None,  # type: ignore[union-attr]
+            read=output,
+            content_type=(self.bytes_content_type or "none") if self.encoding.is_bytes else None,
+            depth=(self.label_depth or "all") if labels_read else None,
         )
         self._info = ConnectorInfo(
             input_shape=shape,  # type: ignore[arg-type]
@@ -334,6 +353,7 @@ class KServeV2Connector(HTTPConnector):
             cost_per_query=float(cost_per_query),
             fingerprint=fingerprint,
             differentiable=False,
+            other_index=self.label_map.other_index if self.label_map is not None else None,
         )
 
     # ---- inference -------------------------------------------------------------------------------
@@ -424,7 +444,8 @@ class KServeV2Connector(HTTPConnector):
             raise InvalidResponseError(f"{where}: a label output must contain strings")
         per = math.prod(shape[1:]) if len(shape) > 1 else 1
         rows = [data[i * per : (i + 1) * per] for i in range(n)]
-        return Prediction(labels=torch.tensor([self.label_map.map_ranked(r) for r in rows], dtype=torch.int64))
+        lm, depth = self.label_map, self.label_depth
+        return Prediction(labels=torch.tensor([lm.map_ranked(r, depth=depth) for r in rows], dtype=torch.int64))
 
     def _check_version(self, version: Any, where: str) -> None:
         if version in (None, ""):
@@ -436,9 +457,33 @@ class KServeV2Connector(HTTPConnector):
                 return
             expected = self._expected_version
         if version != expected:
-            raise InvalidResponseError(
+            raise ModelVersionChangedError(
                 f"{where}: the server answered with model version {version!r}, expected {expected!r}; a model "
                 f"swapped behind the URL would mix answers of two models in one cache (pin model_version=)"
+            )
+
+    @property
+    def observed_model_version(self) -> str | None:
+        """The model version this connector is bound to: the pinned ``model_version``, else the only
+        version the metadata declares, else the first one an answer reported (or the one given to
+        :meth:`expect_model_version`); None until known."""
+        return self._expected_version
+
+    def expect_model_version(self, version: str) -> None:
+        """Bind this connector to ``version`` (e.g. the one a resumed run's cache observed): any answer
+        with another version raises :class:`ModelVersionChangedError`, naming both. Raises at once if
+        the connector is already bound to a different one (pinned, declared or observed)."""
+        if not isinstance(version, str) or not version:
+            raise InvalidParameterError(f"expect_model_version needs a non-empty version string, got {version!r}")
+        with self._version_lock:
+            bound = self._expected_version
+            if bound is None:
+                self._expected_version = version
+                return
+        if bound != version:
+            raise ModelVersionChangedError(
+                f"model {self.model_name!r} is bound to version {bound!r}, but the run being resumed observed "
+                f"{version!r}; answers of two model versions are never mixed in one cache"
             )
 
 

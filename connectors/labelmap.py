@@ -12,9 +12,11 @@ synonym list for the ``other`` class is a stop-list ("Photograph", "Rectangle"):
 ``other`` on purpose and do not count as unmapped. Two classes claiming the same (normalised) label
 is a :class:`ConfigError` at construction.
 
-Top-k rule (:meth:`LabelMap.map_ranked`): the first label *in rank order* that maps to a task class
-other than ``other`` wins; if none does, the answer is ``other``. With scores
-(:meth:`LabelMap.map_topk`), rank order is descending score (ties keep the given order).
+Top-k rule (:meth:`LabelMap.map_ranked`): the first label *in rank order* among the first ``depth``
+labels that maps to a task class other than ``other`` wins; if none does, the answer is ``other``.
+``depth=1`` is the ranked list's top answer only; ``depth=None`` searches the whole list (another
+classifier: "the first of my labels anywhere in the list"). With scores (:meth:`LabelMap.map_topk`),
+rank order is descending score (ties keep the given order).
 
 The map is immutable after construction and safe to share between threads; its
 :attr:`LabelMap.fingerprint` is part of a connector's fingerprint, because a different map is a
@@ -208,10 +210,16 @@ class LabelMap:
         """Class name of one label (see :meth:`index`)."""
         return self._names[self.index(label)]
 
-    def map_ranked(self, labels: Sequence[str]) -> int:
-        """Class index for a ranked list (best first): the first label that maps to a task class other
-        than ``other``; ``other`` if none does (an empty list is ``other`` too). Unmapped labels in the
-        list are counted. Strict maps raise :class:`UnmappedLabelError` if no label maps."""
+    def map_ranked(self, labels: Sequence[str], *, depth: int | None = None) -> int:
+        """Class index for a ranked list (best first): the first of its first ``depth`` labels (all of
+        them if ``depth`` is None) that maps to a task class other than ``other``; ``other`` if none
+        does (an empty list is ``other`` too). Labels beyond ``depth`` are never looked at. Unmapped
+        labels among those searched are counted. Strict maps raise :class:`UnmappedLabelError` if no
+        label maps."""
+        if depth is not None:
+            if isinstance(depth, bool) or not isinstance(depth, int) or depth < 1:
+                raise ConfigError(f"depth must be an integer >= 1 or None, got {depth!r}")
+            labels = list(labels)[:depth]
         unmapped: list[str] = []
         for label in labels:
             idx = self.lookup(label)
@@ -225,11 +233,11 @@ class LabelMap:
             raise UnmappedLabelError(f"none of the labels {list(labels)[:10]!r} maps to a class of {self._names}")
         return self._other_index
 
-    def map_topk(self, pairs: Iterable[tuple[str, float]]) -> int:
+    def map_topk(self, pairs: Iterable[tuple[str, float]], *, depth: int | None = None) -> int:
         """Like :meth:`map_ranked` for ``(label, score)`` pairs in any order: ranked by descending
         score, ties in the given order."""
         ranked = sorted(pairs, key=lambda p: -float(p[1]))
-        return self.map_ranked([p[0] for p in ranked])
+        return self.map_ranked([p[0] for p in ranked], depth=depth)
 
     def class_scores(
         self,

@@ -23,6 +23,7 @@ retried); any other 429 is throttling: ``Retry-After``, else ``x-ratelimit-reset
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from collections.abc import Mapping
@@ -83,8 +84,14 @@ class OpenAIChatConnector(VendorConnector):
         extra_body: Mapping[str, Any] | None = None,
         **common: Any,
     ) -> None:
+        # every field of the request body can change the reply: the prompt (hashed: it may be long),
+        # max_tokens (a cut reply is `other`) and any provider extension in extra_body
+        extra = None if not extra_body else hashlib.sha256(
+            json.dumps(extra_body, sort_keys=True, default=str).encode()).hexdigest()[:16]
         super().__init__(base_url, identity={"model": model, "path": path, "detail": detail, "structured": structured,
-                                             "guided": guided_choice, "prompt": prompt, "seed": seed}, **common)
+                                             "guided": guided_choice,
+                                             "prompt": hashlib.sha256(prompt.encode()).hexdigest()[:16],
+                                             "seed": seed, "max_tokens": int(max_tokens), "extra": extra}, **common)
         labels = list(self.label_map.class_names)
         if self.label_map.other is None:
             raise ConfigError("a chat classifier needs a label map with an 'other' class for non-answers")

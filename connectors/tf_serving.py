@@ -16,6 +16,8 @@ with ``{"error": ...}``; 503 is retried. Self-hosted: no per-image price.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -45,8 +47,10 @@ class TFServingConnector(VendorConnector):
         self._input_key = input_key
         self._vocab = [str(v) for v in vocabulary] if vocabulary is not None else None
         self._output_key = output_key
+        # the vocabulary names the score columns: another order is another classifier
+        vocab = None if self._vocab is None else hashlib.sha256(json.dumps(self._vocab).encode()).hexdigest()[:16]
         super().__init__(base_url, identity={"path": self._path, "signature": signature_name, "input": input_key,
-                                             "output": output_key}, **common)
+                                             "output": output_key, "vocabulary": vocab}, **common)
 
     def _request(self, images: list[bytes]) -> WireRequest:
         rows = [{"b64": b64encode(b)} for b in images]

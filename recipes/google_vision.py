@@ -19,7 +19,9 @@ from blackbox_rs.connectors.http import Auth
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--max-results", type=int, default=20, help="labels per image (maxResults)")
+    p.add_argument("--max-results", type=int, default=20,
+                   help="labels per image (maxResults); only matters with --label-depth > 1, since by default only "
+                        "the top label is used")
 
 
 def build(args: argparse.Namespace, kw: dict[str, Any]) -> GoogleVisionConnector:

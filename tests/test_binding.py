@@ -14,7 +14,6 @@ from blackbox_rs.certify_sequential import certify_radius_dataset
 from blackbox_rs.connectors import CallableConnector
 from blackbox_rs.connectors.base import BaseConnector, ConnectorInfo, Prediction
 from blackbox_rs.errors import BudgetExceeded, InvalidParameterError, ResumeMismatchError
-from blackbox_rs.modules.registry import create_module
 from blackbox_rs.reports import load_certificates
 
 SHAPE = (1, 4, 4)

@@ -173,6 +173,26 @@ def test_user_errors_are_one_line(run_files, tmp_path, monkeypatch):
     assert "does not exist" in run_with(base.replace(str(d / "test.npz"), str(d / "missing.npz")))
 
 
+def test_exit_codes_match_the_recipes(run_files, tmp_path, monkeypatch):
+    """Regression (#16 item 15): a spent budget and a service failure are not user errors (code 2)."""
+    from blackbox_rs import exit_codes
+
+    d = run_files
+    r = runner.invoke(app, ["certify", str(d / "run.toml"), "--out-dir", str(tmp_path / "o"), "--budget", "50"])
+    assert r.exit_code == exit_codes.BUDGET_SPENT == 3, r.output
+    assert "larger budget" in r.output and "nothing was sent" in r.output
+    monkeypatch.setenv("BBRS_TEST_TOKEN", "s3cret-token")
+    base = (d / "run.toml").read_text()
+    v2 = base.replace('name = "torchscript"', 'name = "kserve_v2"\nbase_url = "http://127.0.0.1:9"\n'
+                      'model_name = "m"\nbearer_token_env = "BBRS_TEST_TOKEN"')
+    v2 = "\n".join(line for line in v2.splitlines() if not line.startswith(("path", "label_only")))
+    p = tmp_path / "v2.toml"
+    p.write_text(v2)
+    r = runner.invoke(app, ["certify", str(p), "--out-dir", str(tmp_path / "o2")])
+    assert r.exit_code == exit_codes.SERVICE_FAILURE == 5, r.output
+    assert "s3cret-token" not in r.output
+
+
 def test_console_script_entry_point(tmp_path):
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     r = subprocess.run([sys.executable, "-m", "blackbox_rs.cli", "certify", str(tmp_path / "none.toml")],

@@ -278,16 +278,26 @@ def test_certify_dataset_resume_repeats_no_query(tmp_path):
     with pytest.raises(BudgetExceeded):
         certify_dataset(eng, x, y, sigma=0.25, n0=10, n=100, output=out)
     # 3 certificates (110 queries each) are final; 60 queries of the 4th are paid for and cached
-    assert len(out.read_text().splitlines()) == 3 and fn.images == 390
+    assert len(_journal_records(out)) == 3 and fn.images == 390
     eng2 = QueryEngine(make(fn, max_batch=50), cache=tmp_path / "cache")
     res = certify_dataset(eng2, x, y, sigma=0.25, n0=10, n=100, output=out)
     assert fn.images == 6 * 110  # exactly one uninterrupted run's worth
     assert eng2.stats.cache_hits == 60
-    fresh = certify_dataset(make(Counting(), max_batch=50), x, y, sigma=0.25, n0=10, n=100)
+    seed = res.certificates[0].seed  # the resumed run kept the seed of the run it resumed
+    fresh = certify_dataset(make(Counting(), max_batch=50), x, y, sigma=0.25, n0=10, n=100, seed=seed)
     strip = {"queries", "cache_hits"}
     assert [c.model_dump(exclude=strip) for c in res.certificates] == [
         c.model_dump(exclude=strip) for c in fresh.certificates
     ]
+
+
+_HEADER = '"blackbox_rs_journal"'
+
+
+def _journal_records(path) -> list[dict]:
+    """The complete certificate lines of a journal (its header line, if any, left out)."""
+    lines = path.read_text().splitlines()
+    return [json.loads(s) for s in lines if s.strip().endswith("}") and _HEADER not in s]
 
 
 def test_resume_with_other_settings_or_model_is_refused(tmp_path):
@@ -301,10 +311,12 @@ def test_resume_with_other_settings_or_model_is_refused(tmp_path):
         certify_dataset(other, x, [0, 1], sigma=0.25, n0=10, n=100, output=out)
     # a torn final line (crash mid-write) is recomputed, not fatal
     text = out.read_text().splitlines()
-    out.write_text(text[0] + "\n" + text[1][:40])
+    head = [s for s in text if _HEADER in s]  # the journal's header line (if the format has one)
+    body = [s for s in text if _HEADER not in s]
+    out.write_text("\n".join([*head, body[0], body[1][:40]]))
     res = certify_dataset(make(Counting()), x, [0, 1], sigma=0.25, n0=10, n=100, output=out)
     assert [c.index for c in res.certificates] == [0, 1]
-    assert [json.loads(s)["index"] for s in out.read_text().splitlines() if s.strip().endswith("}")] == [0, 1]
+    assert [r["index"] for r in _journal_records(out)] == [0, 1]
 
 
 def test_engine_is_fast_enough_for_cache_lookups(tmp_path):
@@ -321,3 +333,71 @@ def test_engine_is_fast_enough_for_cache_lookups(tmp_path):
 def test_non_integral_labels_are_rejected_not_truncated():
     with pytest.raises(InvalidInputError, match="labels must be integers"):
         certify_dataset(make(Counting()), torch.rand(2, *SHAPE), [0.7, 1], sigma=0.25, n0=10, n=100)
+
+
+class VersionedModel:
+    """A tiny remote-like connector that reports the model version its answers carry and can be
+    pinned to one (the two attributes the engine looks for)."""
+
+    def __init__(self, version: str) -> None:
+        from blackbox_rs.connectors import ConnectorInfo
+
+        self.version = version
+        self.calls = 0
+        self.info = ConnectorInfo(input_shape=SHAPE, class_names=("a", "b", "c"), fingerprint="versioned:toy",
+                                  max_batch=4)
+        self._seen: str | None = None
+        self._expected: str | None = None
+
+    @property
+    def observed_model_version(self) -> str | None:
+        return self._seen
+
+    def expect_model_version(self, version: str) -> None:
+        self._expected = version
+
+    def query(self, batch: torch.Tensor) -> Prediction:
+        self.calls += 1
+        if self._expected is not None and self.version != self._expected:
+            raise _version_error()(f"answered by model version {self.version!r}, expected {self._expected!r}")
+        self._seen = self.version
+        return Prediction(labels=torch.bucketize(batch.mean(dim=(1, 2, 3)), torch.tensor([0.45, 0.55])))
+
+
+def _version_error() -> type[InvalidResponseError]:
+    import blackbox_rs.errors
+
+    return getattr(blackbox_rs.errors, "ModelVersionChangedError", InvalidResponseError)
+
+
+def test_model_version_is_persisted_and_a_changed_model_is_refused(tmp_path):
+    x = torch.rand(4, *SHAPE, generator=torch.Generator().manual_seed(1))
+    y = torch.rand(4, *SHAPE, generator=torch.Generator().manual_seed(2))
+    first = VersionedModel("v1")
+    engine = QueryEngine(first, cache=tmp_path / "cache")
+    expected = engine.query(x).labels
+    engine.close()
+    # the same model again: its answers are served from the cache, and new ones are fine
+    same = VersionedModel("v1")
+    engine = QueryEngine(same, cache=tmp_path / "cache")
+    assert torch.equal(engine.query(x).labels, expected) and same.calls == 0
+    engine.query(y)
+    engine.close()
+    # the vendor upgraded the model: a resumed run must not mix v1 answers from the cache with v2 ones
+    upgraded = VersionedModel("v2")
+    engine = QueryEngine(upgraded, cache=tmp_path / "cache")
+    z = torch.rand(4, *SHAPE, generator=torch.Generator().manual_seed(3))
+    with pytest.raises(_version_error(), match="v2") as ei:
+        engine.query(torch.cat([x, z]))
+    assert type(ei.value).__name__ == "ModelVersionChangedError"
+    assert len(engine.cache) == 2  # nothing of v2 was cached
+    engine.close()
+
+
+def test_connectors_without_versions_and_engines_without_cache_are_unaffected(tmp_path):
+    engine = QueryEngine(make(Counting()), cache=tmp_path / "cache")
+    engine.query(torch.rand(2, *SHAPE))
+    assert engine.cache.get_meta("model_version|counting:v1") is None and len(engine.cache) == 1
+    model = VersionedModel("v1")
+    QueryEngine(model).query(torch.rand(2, *SHAPE))  # no cache: nothing stored, nothing pinned
+    assert model._expected is None

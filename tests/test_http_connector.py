@@ -31,6 +31,7 @@ from blackbox_rs.errors import (
     InvalidResponseError,
     ModelNotReadyError,
     QuotaExhausted,
+    RateLimitedError,
     RequestTimeoutError,
     ServiceUnavailableError,
     TLSError,
@@ -206,19 +207,23 @@ def test_503_forever_raises_service_unavailable(server: FaultServer) -> None:
         assert len(server.infer_records()) == 3
 
 
-def test_429_forever_is_quota_exhausted_and_not_billed(server: FaultServer) -> None:
+def test_429_forever_is_rate_limited_not_quota_and_not_billed(server: FaultServer) -> None:
     with make(server, retry=RetryPolicy(max_attempts=2, backoff_base_s=0.0)) as c:
         server.push(Fault("429", retry_after=0.01), Fault("429", retry_after=0.01))
-        with pytest.raises(QuotaExhausted) as ei:
+        with pytest.raises(RateLimitedError) as ei:
             c.query(batch(1))
-        assert ei.value.status == 429 and ei.value.billed is False and ei.value.retry_after == 0.01
+        err = ei.value
+        assert not isinstance(err, QuotaExhausted) and isinstance(err, HTTPStatusError)
+        assert err.status == 429 and err.billed is False and err.retry_after == 0.01 and err.throttled == 2
+        assert "2 of 2 attempts throttled" in str(err) and "retry later" in str(err)
+        assert "max_in_flight" in str(err) and "quota exhausted" not in str(err)
 
 
 def test_retry_after_beyond_limit_gives_up_at_once(server: FaultServer) -> None:
     sleep = SleepRecorder()
     with make(server, sleep, retry=RetryPolicy(max_retry_after_s=5.0)) as c:
         server.push(Fault("429", retry_after=3600))
-        with pytest.raises(QuotaExhausted, match="retry after 3600 s") as ei:
+        with pytest.raises(RateLimitedError, match="retry after 3600 s") as ei:
             c.query(batch(1))
         assert ei.value.retry_after == 3600 and sleep.waits == []
         assert len(server.infer_records()) == 1
@@ -504,7 +509,7 @@ def test_uint8_rounding_and_encoding_errors() -> None:
 # ---- through the engine: faults change nothing ------------------------------------------------------
 
 
-def test_certify_through_faults_equals_clean_run_and_charges_once() -> None:
+def test_certify_through_faults_equals_clean_run_and_charges_every_billable_attempt() -> None:
     certify_mod = pytest.importorskip("blackbox_rs.certify")
     from blackbox_rs.budget import QueryBudget
     from blackbox_rs.engine import QueryEngine
@@ -521,24 +526,30 @@ def test_certify_through_faults_equals_clean_run_and_charges_once() -> None:
     # all of them may hit one request: it still has an attempt left
     faults = [Fault("429", retry_after=0.01), "503", "503", "502", "504", Fault("slow", delay=0.6),
               Fault("429", retry_after=0.02), "503"]
+    billable_faults = 6  # 5xx and the timed-out answer may be billed; the two 429s were refused unbilled
     with FaultServer(input_shape=SHAPE, num_classes=3, model=proto_model) as srv, \
             make(srv, max_batch=16, max_in_flight=3, timeout_s=0.3,
                  retry=RetryPolicy(max_attempts=len(faults) + 1, backoff_base_s=0.01, backoff_max_s=0.02)) as conn:
 
-        def run() -> tuple[list[object], QueryEngine, QueryBudget]:
-            budget = QueryBudget(max_queries=len(xs) * per_input)  # exact: a double charge would raise
+        def run(extra: int = 0) -> tuple[list[object], QueryEngine, QueryBudget]:
+            budget = QueryBudget(max_queries=len(xs) * per_input + extra)  # exact: one more charge would raise
             engine = QueryEngine(conn, budget=budget, max_in_flight=3)
             return [certify_mod.certify(engine, x, **kw) for x in xs], engine, budget
 
         clean, clean_engine, _ = run()
         n_clean = len(srv.infer_records())
         srv.push(*faults)
-        faulty, engine, budget = run()
+        faulty, engine, budget = run(extra=16 * billable_faults)
         assert srv.pending_faults() == 0, "every fault was served"
         assert len(srv.infer_records()) == 2 * n_clean + len(faults)  # each fault cost exactly one retry
-    assert [c.model_dump() for c in faulty] == [c.model_dump() for c in clean]
+    same = [{k: v for k, v in c.model_dump().items() if k != "queries"} for c in faulty]
+    assert same == [{k: v for k, v in c.model_dump().items() if k != "queries"} for c in clean]
     assert [c.prediction for c in clean] == [0, 1, 2] and all(c.radius > 0 for c in clean)
-    assert engine.stats.queries == clean_engine.stats.queries == len(xs) * per_input
-    assert engine.stats.failed_requests == 0
-    assert budget.spent_queries == len(xs) * per_input
-    assert all(c.queries == per_input for c in faulty)
+    assert clean_engine.stats.queries == len(xs) * per_input
+    # every attempt that may have been billed is charged (16 images a request), throttled ones are not
+    assert engine.stats.queries == budget.spent_queries == len(xs) * per_input + 16 * billable_faults
+    assert engine.stats.answered == len(xs) * per_input and engine.stats.failed_requests == 0
+    assert engine.stats.attempted == len(xs) * per_input + 16 * len(faults)
+    assert engine.stats.retried == 16 * len(faults)
+    assert conn.transport_stats()["retried_images"] == 16 * len(faults)
+    assert sum(c.queries for c in faulty) == budget.spent_queries  # each certificate carries its retries

@@ -28,6 +28,8 @@ def certs(work: Path) -> list[dict]:
     out = []
     for line in (work / "certs.jsonl").read_text().splitlines():
         d = json.loads(line)
+        if "blackbox_rs_journal" in d:  # the journal's header line, not a certificate
+            continue
         out.append({k: v for k, v in d.items() if k not in ACCOUNTING})
     return out
 

@@ -64,6 +64,20 @@ def test_ranked_first_mapped_task_class_wins(lm: LabelMap) -> None:
     assert lm.unmapped_counts()["Sports car"] == 2
 
 
+def test_ranked_depth_searches_only_the_first_labels(lm: LabelMap) -> None:
+    ranked = ["Photograph", "Sports car", "tabby", "Labrador"]
+    assert lm.map_ranked(ranked, depth=1) == lm.other_index  # the top answer is not a task class
+    assert lm.map_ranked(ranked, depth=2) == lm.other_index
+    assert lm.map_ranked(ranked, depth=3) == 0
+    assert lm.map_ranked(["Labrador", "tabby"], depth=1) == 1
+    assert lm.unmapped_counts() == {"Sports car": 2}  # labels past the depth are never looked at
+    assert lm.map_topk([("tabby", 0.3), ("Photograph", 0.9)], depth=1) == lm.other_index
+    assert lm.map_topk([("tabby", 0.3), ("Photograph", 0.9)], depth=2) == 0
+    for bad in (0, -1, True, 1.5):
+        with pytest.raises(ConfigError, match="depth"):
+            lm.map_ranked(ranked, depth=bad)  # type: ignore[arg-type]
+
+
 def test_topk_ranks_by_score(lm: LabelMap) -> None:
     assert lm.map_topk([("tabby", 0.3), ("Labrador", 0.6), ("Photograph", 0.9)]) == 1
     # ties keep the given order

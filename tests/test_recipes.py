@@ -36,6 +36,12 @@ CASES: dict[str, tuple[str, str | None, list[str]]] = {
 TINY = ["--size", "32", "--n0", "5", "--n", "20", "--alpha", "0.01", "--rate-limit", "0"]
 
 
+def n_certificates(out: Path) -> int:
+    """Certificates in OUT/certificates.jsonl (a journal header line does not count)."""
+    lines = (out / "certificates.jsonl").read_text().splitlines()
+    return sum(1 for line in lines if line.strip() and "blackbox_rs_journal" not in json.loads(line))
+
+
 def load(name: str) -> ModuleType:
     if str(RECIPES) not in sys.path:
         sys.path.insert(0, str(RECIPES))
@@ -87,7 +93,7 @@ def test_recipe_writes_a_report_and_never_writes_the_key(
     out = folder / "out"
     for f in ("summary.md", "certificates.json", "certificates.csv", "certified_accuracy.csv", "run.log"):
         assert (out / f).is_file(), f
-    assert len((out / "certificates.jsonl").read_text().splitlines()) == 3
+    assert n_certificates(out) == 3
     certs = json.loads((out / "certificates.json").read_text())
     assert [c["prediction"] for c in next(iter(certs.values()))] == [0, 0, 1]  # cat, cat, dog
     captured = capsys.readouterr()
@@ -104,15 +110,15 @@ def test_quota_stops_keeps_progress_and_resumes(folder: Path, planted: None, cap
     with FAKES["google_vision"]() as fake:
         # first image: selection (5) + estimation (16 + 4) in 3 requests; the quota runs out on the next image
         fake.push("ok", "ok", "ok", "quota")
-        assert mod.main(argv(folder, fake, "google_vision")) == 3
+        assert mod.main(argv(folder, fake, "google_vision")) == 4  # exit_codes.QUOTA_EXHAUSTED
         err = capsys.readouterr().err.strip().splitlines()
         assert err[-1].startswith("stopped: the vendor's quota is exhausted") and "resume" in err[-1]
         assert "Traceback" not in "".join(err) and SECRET not in "".join(err)
-        assert len((folder / "out" / "certificates.jsonl").read_text().splitlines()) == 1
+        assert n_certificates(folder / "out") == 1
         before = len(fake.log)
         assert mod.main(argv(folder, fake, "google_vision")) == 0
         assert len(fake.log) - before == 6  # the two images left: 3 requests each, nothing repeated
-    assert len((folder / "out" / "certificates.jsonl").read_text().splitlines()) == 3
+    assert n_certificates(folder / "out") == 3
 
 
 def test_dry_run_sends_nothing_and_needs_no_credentials(
@@ -153,3 +159,187 @@ def test_recipe_runs_as_a_script(folder: Path) -> None:
     bad = subprocess.run([sys.executable, str(RECIPES / "clarifai.py"), str(folder / "nowhere")],
                          capture_output=True, text=True, timeout=60, cwd=folder)
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "Traceback" not in bad.stderr
+
+
+# ---- exit codes (blackbox_rs.exit_codes), shared with the blackbox-rs command line ------------------
+def _exit_cases() -> list[tuple[BaseException, int, tuple[str, ...]]]:
+    from blackbox_rs import errors as e
+
+    return [
+        (e.BudgetSpentError("ledger out/budget_ledger.json: 30 of 30 spent"), 3, ("larger budget", "persisted")),
+        (e.BudgetExceeded("query budget exhausted: 20 of 20"), 3, ("larger budget", "from the cache")),
+        (e.QuotaExhausted("429 daily quota", status=429, retry_after=60), 4, ("quota is exhausted", "wait", "60")),
+        (e.RateLimitedError("still 429", status=429), 5, ("rate-limited", "resume")),
+        (e.RequestTimeoutError("no answer within 0.3 s"), 5, ("service failure", "resume")),
+        (e.ServiceUnavailableError("503", status=503), 5, ("service failure",)),
+        (e.EndpointUnreachableError("connection refused"), 5, ("service failure",)),
+        (e.ModelVersionChangedError("v1 -> v2"), 5, ("service failure",)),
+        (e.ConnectorError("odd answer"), 5, ("service failure",)),
+        (e.AuthenticationError("401 bad key", status=401), 2, ("error: ",)),
+        (e.ConfigError("missing environment variable 'X'"), 2, ("error: ",)),
+        (e.InvalidParameterError("n0 must be >= 1"), 2, ("error: ",)),
+        (e.ResumeMismatchError("another seed", {"seed": (1, 2)}), 2, ("error: ",)),
+        (e.SplitOverlapError("cat/0.png is also a certification image"), 2, ("error: ",)),
+        (KeyboardInterrupt(), 130, ("interrupted", "resume")),
+        (RuntimeError("bug"), 1, ("internal error", "RuntimeError")),
+    ]
+
+
+@pytest.mark.parametrize("case", range(16))
+def test_each_exception_family_has_its_exit_code_and_hint(case: int) -> None:
+    from blackbox_rs.exit_codes import classify
+
+    exc, code, hints = _exit_cases()[case]
+    got, line = classify(exc)
+    assert got == code, (exc, line)
+    assert "\n" not in line and all(h in line for h in hints), line
+
+
+def test_exit_code_constants_and_redacted_one_line() -> None:
+    from blackbox_rs import exit_codes as ec
+    from blackbox_rs.errors import RequestTimeoutError
+    from blackbox_rs.redact import register_secret
+
+    assert (ec.OK, ec.USER_ERROR, ec.BUDGET_SPENT, ec.QUOTA_EXHAUSTED, ec.SERVICE_FAILURE, ec.INTERRUPTED) == \
+        (0, 2, 3, 4, 5, 130)
+    register_secret(SECRET)
+    code, line = ec.classify(RequestTimeoutError(f"POST https://x/?key={SECRET}\n  timed out\n"))
+    assert code == ec.SERVICE_FAILURE and SECRET not in line and "\n" not in line and "timed out" in line
+    assert len(_exit_cases()) == 16
+
+
+class _Silent:
+    """A loopback TCP server that accepts connections and never answers."""
+
+    def __enter__(self) -> _Silent:
+        import socket
+        import threading
+
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(16)
+        self.conns: list[Any] = []
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+
+        def accept() -> None:
+            while True:
+                try:
+                    self.conns.append(self.sock.accept()[0])
+                except OSError:
+                    return
+
+        threading.Thread(target=accept, daemon=True).start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.sock.close()
+        for c in self.conns:
+            c.close()
+
+
+@pytest.mark.parametrize("via", ["flags", "build"])
+def test_a_timeout_exits_with_the_service_code_not_the_user_error_code(
+    folder: Path, planted: None, capsys: pytest.CaptureFixture[str], via: str
+) -> None:
+    mod = load("google_vision")
+    import _common
+
+    common = [str(folder / "images"), "--out", str(folder / "out"), "--label-map", str(folder / "map.json"), *TINY]
+    with _Silent() as server:
+        if via == "flags":  # the shared --timeout / --max-attempts flags
+            rc = mod.main([*common, "--base-url", server.url, "--timeout", "0.3", "--max-attempts", "1"])
+        else:  # the same settings given by a recipe's own build function
+            def build(args: Any, kw: dict[str, Any]) -> Any:
+                return mod.build(args, {**kw, "timeout_s": 0.3, "retry": {"max_attempts": 1}})
+
+            recipe = _common.Recipe(name="gv", connector=mod.RECIPE.connector, build=build, env=mod.RECIPE.env,
+                                    add_arguments=mod.RECIPE.add_arguments)
+            rc = _common.run(recipe, [*common, "--base-url", server.url])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 5, err
+    assert len(err) == 1 and err[0].startswith("service failure:") and "resume" in err[0]
+    assert "0 certificate(s) kept" in err[0] and "Traceback" not in err[0] and SECRET not in err[0]
+
+
+def test_a_spent_budget_ledger_says_raise_the_limit_not_resume(
+    folder: Path, planted: None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    mod = load("google_vision")
+    with FAKES["google_vision"]() as fake:
+        # 25 queries per labelled image: the second image's estimation (16 more) does not fit in 30
+        assert mod.main(argv(folder, fake, "google_vision", "--max-queries", "30")) == 3
+        err = capsys.readouterr().err.strip().splitlines()
+        ledger = folder / "out" / "budget_ledger.json"
+        assert len(err) == 1 and err[0].startswith("stopped: the query budget is spent")
+        assert str(ledger) in err[0] and "30 of 30" in err[0] and "larger --max-queries" in err[0]
+        assert "run the same command again to resume" not in err[0] and "1 certificate(s) kept" in err[0]
+        sent = len(fake.log)
+        assert mod.main(argv(folder, fake, "google_vision", "--max-queries", "30")) == 3  # cannot progress
+        assert len(fake.log) == sent
+        assert mod.main(argv(folder, fake, "google_vision", "--max-queries", "100")) == 0  # a larger budget can
+    assert json.loads(ledger.read_text())["spent_queries"] == 75
+    assert n_certificates(folder / "out") == 3
+
+
+# ---- label depth and seeds ------------------------------------------------------------------------------
+def test_label_depth_flag_reaches_every_vendor_connector(folder: Path, planted: None) -> None:
+    mod = load("google_vision")  # puts recipes/ on sys.path
+    import _common
+
+    recipe = mod.RECIPE
+    helps = {a.dest: a.help for a in _common._parser(recipe)._actions}
+    assert "--label-depth" in helps["max_results"] and "> 1" in helps["max_results"]
+    assert _common._parser(recipe).parse_args(["imgs"]).label_depth == 1  # the vendor's top answer
+    for name in CASES:  # every recipe builds its connector with the shared flag
+        rec = load(name).RECIPE
+        ns = _common._parser(rec).parse_args([str(folder / "images"), "--label-depth", "3", "--base-url",
+                                              "http://127.0.0.1:9", *CASES[name][2]])
+        kw = _common._kwargs(ns, ["cat", "dog"])
+        assert kw["label_depth"] == 3
+        conn = rec.build(ns, {**kw, "input_shape": (3, 32, 32)})
+        try:
+            assert conn.label_depth == 3, name
+        finally:
+            conn.close()
+    built: list[Any] = []
+
+    def spy(args: Any, kw: dict[str, Any]) -> Any:
+        built.append(mod.build(args, kw))
+        return built[-1]
+
+    with FAKES["google_vision"]() as fake:
+        spied = _common.Recipe(name="gv", connector=recipe.connector, build=spy, env=recipe.env,
+                               add_arguments=recipe.add_arguments)
+        assert _common.run(spied, argv(folder, fake, "google_vision", "--label-depth", "2")) == 0
+    assert built[0].label_depth == 2
+    with pytest.raises(SystemExit):
+        _common._parser(recipe).parse_args(["imgs", "--label-depth", "x"])
+
+
+@pytest.mark.parametrize("flags, expected", [([], None), (["--seed", "7"], 7)])
+def test_seed_defaults_to_none_and_is_passed_through(
+    folder: Path, planted: None, monkeypatch: pytest.MonkeyPatch, flags: list[str], expected: int | None
+) -> None:
+    from blackbox_rs.smoother import BlackBoxSmoother
+
+    seeds: list[Any] = []
+    real = BlackBoxSmoother.certify_dataset
+
+    def spy(self: Any, *a: Any, **kw: Any) -> Any:
+        seeds.append(kw.get("seed"))
+        return real(self, *a, **kw)
+
+    monkeypatch.setattr(BlackBoxSmoother, "certify_dataset", spy)
+    mod = load("google_vision")
+    assert _common_parser_seed(mod) is None
+    with FAKES["google_vision"]() as fake:
+        assert mod.main(argv(folder, fake, "google_vision", *flags)) == 0
+    assert seeds == [expected]
+
+
+def _common_parser_seed(mod: ModuleType) -> Any:
+    import _common
+
+    action = next(a for a in _common._parser(mod.RECIPE)._actions if a.dest == "seed")
+    assert "random" in (action.help or "") and "reproducible" in (action.help or "")
+    return action.default

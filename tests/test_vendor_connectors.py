@@ -9,7 +9,14 @@ from typing import Any
 
 import pytest
 import torch
-from helpers.vendor_fakes import FAKES, OpenAIChatFake, RekognitionFake, VendorFake
+from helpers.vendor_fakes import (
+    FAKES,
+    GoogleVisionFake,
+    KServeLabelFake,
+    OpenAIChatFake,
+    RekognitionFake,
+    VendorFake,
+)
 
 from blackbox_rs.connectors._sigv4 import sign
 from blackbox_rs.connectors._vendor import VendorConnector
@@ -19,13 +26,20 @@ from blackbox_rs.connectors.clarifai import ClarifaiConnector
 from blackbox_rs.connectors.google_vision import GoogleVisionConnector
 from blackbox_rs.connectors.http import Auth, RetryPolicy
 from blackbox_rs.connectors.huggingface import HuggingFaceConnector
+from blackbox_rs.connectors.kserve_v2 import KServeV2Connector
 from blackbox_rs.connectors.labelmap import LabelMap
 from blackbox_rs.connectors.openai_chat import OpenAIChatConnector, parse_duration
 from blackbox_rs.connectors.registry import build_connector, list_connectors
 from blackbox_rs.connectors.tf_serving import TFServingConnector
 from blackbox_rs.connectors.torchserve import TorchServeConnector
 from blackbox_rs.engine import QueryEngine
-from blackbox_rs.errors import ConnectorError, HTTPStatusError, QuotaExhausted
+from blackbox_rs.errors import (
+    ConnectorError,
+    HTTPStatusError,
+    ModelVersionChangedError,
+    QuotaExhausted,
+    RateLimitedError,
+)
 
 SECRET = VendorFake.secret
 LM = LabelMap(["cat", "dog"], {"cat": ["tabby, tabby cat", "tabby"], "dog": ["golden retriever", "golden_retriever"]})
@@ -92,10 +106,11 @@ def test_answers_are_mapped_and_requests_match_the_wire_format(vendor: str) -> N
     with FAKES[vendor]() as fake:
         conn = make(vendor, fake)
         pred = conn.query(images(0.9, 0.1, 0.5, 0.95))
-        # grey: a label no task knows ranks first; vendors that also list runner-ups give the first mapped one
-        # (LabelMap's top-k rule); Custom Vision scores only the project's own tags
-        grey = {"azure_custom_vision": DOG, "huggingface": CAT, "torchserve": CAT, "tf_serving": CAT}.get(vendor, OTHER)
+        # grey: a label no task knows ranks first, so the vendor's answer is `other` (label_depth=1 by default:
+        # runner-ups are not searched); Custom Vision scores only the project's own tags, so its top is dog
+        grey = DOG if vendor == "azure_custom_vision" else OTHER
         assert pred.labels.tolist() == [CAT, DOG, grey, CAT]
+        assert "|depth=1" in conn.info.fingerprint
         assert fake.violations == []
         assert sum(r.n_images for r in fake.log) == 4
         assert len(fake.log) == -(-4 // conn.info.max_batch)  # batched vendors: one request
@@ -125,13 +140,14 @@ def test_quota_exhaustion_is_not_retried_and_not_billed(name: str) -> None:
         assert SECRET not in str(ei.value)
 
 
-def test_persistent_throttling_ends_as_quota_exhausted() -> None:
+def test_persistent_throttling_ends_as_rate_limited_not_quota() -> None:
     with RekognitionFake() as fake:
         conn = make("aws_rekognition", fake)
         fake.push(*["throttle"] * 4)  # 400 ProvisionedThroughputExceededException, told by __type
-        with pytest.raises(QuotaExhausted) as ei:
+        with pytest.raises(RateLimitedError) as ei:
             conn.query(images(0.9))
-        assert len(fake.log) == 4 and ei.value.billed is False
+        assert not isinstance(ei.value, QuotaExhausted)
+        assert len(fake.log) == 4 and ei.value.throttled == 4
 
 
 def test_rekognition_retries_internal_errors_but_not_bad_requests() -> None:
@@ -230,3 +246,116 @@ def test_sigv4_matches_aws_examples() -> None:
     with_token = sign(method="POST", host="h", path="/", body=b"{}", headers={}, access_key="A", secret_key="S",
                       region="r", service="s", session_token="tok")
     assert with_token["X-Amz-Security-Token"] == "tok" and "x-amz-security-token" in with_token["Authorization"]
+
+
+# ---- label depth: the vendor's top answer by default (issue #16, item 4) ------------------------------
+#: Google's ranked answer: top label unmapped, the task label only 5th (the audit's case)
+DEEP = [("/m/05s2s", "Plant", 0.97), ("/m/0c9ph5", "Flower", 0.95), ("/m/07j7r", "Tree", 0.9),
+        ("/m/0d4v4", "Window", 0.85), ("/m/01yrx", "tabby", 0.8), ("/m/0bt9lr", "golden retriever", 0.7)]
+
+
+def test_top_label_unmapped_is_other_by_default_and_deep_match_is_opt_in() -> None:
+    with GoogleVisionFake() as fake:
+        fake.answer = DEEP
+        top1 = make("google_vision", fake)
+        deep = make("google_vision", fake, label_depth=5)
+        four = make("google_vision", fake, label_depth=4)
+        assert top1.label_depth == 1
+        assert top1.query(images(0.9, 0.2)).labels.tolist() == [OTHER, OTHER]
+        assert deep.query(images(0.9, 0.2)).labels.tolist() == [CAT, CAT]
+        assert four.query(images(0.9)).labels.tolist() == [OTHER]  # the 5th label is not searched
+        assert len({top1.info.fingerprint, deep.info.fingerprint, four.info.fingerprint}) == 3
+        assert fake.violations == []
+
+
+def test_label_depth_applies_to_every_vendor(vendor: str) -> None:
+    """The shared mapping, on one ranked answer: 4 labels no task knows, then a task label."""
+    item = [((f"unknown-{i}",), 0.9 - 0.1 * i) for i in range(4)] + [(("tabby",), 0.4), (("golden retriever",), 0.3)]
+    with FAKES[vendor]() as fake:
+        assert make(vendor, fake).map_labels(item) == OTHER
+        assert make(vendor, fake, label_depth=5).map_labels(item) == CAT
+        assert make(vendor, fake, label_depth=5).map_labels(list(reversed(item))) == CAT  # order is by score
+
+
+def test_a_parent_label_ranked_first_is_the_answer_by_default() -> None:
+    """Rekognition often is most confident of a parent ("Animal"): that is its top answer."""
+    item = [(("Animal",), 0.99), (("Cat", "Animal", "Pet"), 0.975)]
+    with RekognitionFake() as fake:
+        assert make("aws_rekognition", fake).map_labels(item) == OTHER
+        assert make("aws_rekognition", fake, label_depth=2).map_labels(item) == CAT
+
+
+# ---- model versions: pinned, enforced, restorable (issue #16, item 2) --------------------------------
+def test_vendor_model_version_change_is_a_model_version_error() -> None:
+    with RekognitionFake() as fake:
+        conn = make("aws_rekognition", fake)
+        assert conn.query(images(0.9)).labels.tolist() == [CAT]
+        fake.model_version = "3.1"
+        with pytest.raises(ModelVersionChangedError) as ei:  # on main: a plain InvalidResponseError
+            conn.query(images(0.9))
+        assert "'3.1'" in str(ei.value) and "'3.0'" in str(ei.value)
+        assert conn.observed_model_version == "3.0"
+        assert make("aws_rekognition", fake).observed_model_version is None  # until an answer says
+
+
+def test_vendor_expected_model_version_is_enforced_from_the_first_answer() -> None:
+    with RekognitionFake() as fake:
+        resumed = make("aws_rekognition", fake)
+        resumed.expect_model_version("2.0")  # what the resumed run's cache observed
+        assert resumed.observed_model_version == "2.0"
+        with pytest.raises(ModelVersionChangedError, match=r"'3\.0'.*'2\.0'"):
+            resumed.query(images(0.9))
+        same = make("aws_rekognition", fake)
+        same.expect_model_version("3.0")
+        assert same.query(images(0.1)).labels.tolist() == [DOG]
+        with pytest.raises(ModelVersionChangedError):
+            same.expect_model_version("2.0")  # already bound to another one
+        same.expect_model_version("3.0")  # the same one: fine
+
+
+def _kserve(fake: VendorFake, **kw: Any) -> KServeV2Connector:
+    meta = {"name": "clf", "inputs": [{"name": "image", "datatype": "BYTES", "shape": [-1]}],
+            "outputs": [{"name": "label", "datatype": "BYTES", "shape": [-1, 2]}]}
+    kw.setdefault("class_names", ["cat", "dog"])
+    return KServeV2Connector(fake.url, "clf", metadata=meta, check_ready=False, encoding="png", input_shape=(3, 8, 8),
+                             retry=RetryPolicy(max_attempts=1), **kw)
+
+
+def test_kserve_unpinned_version_is_observed_and_enforced() -> None:
+    with KServeLabelFake() as fake:
+        conn = _kserve(fake)
+        assert "|version=unpinned|" in conn.info.fingerprint
+        x = torch.rand(2, 3, 8, 8)
+        assert conn.query(x).labels.tolist() == [0, 0]
+        fake.model_version = "2"
+        with pytest.raises(ModelVersionChangedError) as ei:  # on main: a plain InvalidResponseError
+            conn.query(x)
+        assert "'2'" in str(ei.value) and "'1'" in str(ei.value)
+        assert conn.observed_model_version == "1"
+        assert _kserve(fake).observed_model_version is None  # until an answer says
+
+
+def test_kserve_pinned_and_expected_versions() -> None:
+    with KServeLabelFake() as fake:
+        pinned = _kserve(fake, model_version="1")
+        assert "|version=1|" in pinned.info.fingerprint and pinned.observed_model_version == "1"
+        with pytest.raises(ModelVersionChangedError):
+            pinned.expect_model_version("0")
+        fake.model_version = "2"
+        with pytest.raises(ModelVersionChangedError):
+            pinned.query(torch.rand(1, 3, 8, 8))
+        resumed = _kserve(fake)
+        resumed.expect_model_version("1")
+        with pytest.raises(ModelVersionChangedError, match="'2'.*'1'"):
+            resumed.query(torch.rand(1, 3, 8, 8))
+
+
+def test_kserve_label_depth_reads_the_top_label_only_when_asked() -> None:
+    with KServeLabelFake() as fake:
+        fake.rows = ["sofa", "dog"]
+        x = torch.rand(1, 3, 8, 8)
+        lm = LabelMap(["cat", "dog"])
+        assert _kserve(fake, class_names=None, label_map=lm).query(x).labels.tolist() == [1]  # whole row (default)
+        top1 = _kserve(fake, class_names=None, label_map=lm, label_depth=1)
+        assert top1.query(x).labels.tolist() == [lm.other_index]
+        assert top1.info.fingerprint != _kserve(fake, class_names=None, label_map=lm).info.fingerprint

@@ -9,8 +9,12 @@ included for the page-like faults (``"html"``).
 Fault names: ``ok``, ``429`` (with ``Retry-After: retry_after``), ``503``, ``502``, ``504``, ``slow``
 (sleep ``delay`` seconds, then answer), ``malformed_json``, ``wrong_count`` (one prediction too few),
 ``wrong_width`` (one score too many), ``500_text`` (text/plain body), ``html`` (200 with an HTML
-page), ``400``, ``401_echo`` (401 whose body echoes the Authorization header), ``redirect``,
-``bad_id`` (answers with another request id), ``version_swap``.
+page), ``400``, ``401_echo`` (401 whose body echoes the Authorization header), ``403`` (refused
+before the model ran), ``redirect``, ``bad_id`` (answers with another request id), ``version_swap``.
+
+Billing: like a vendor, the server bills every image of every infer request that reaches the model,
+whether or not the client is still waiting for the answer (a ``slow`` answer after the client's read
+timeout is billed too); throttled (429) and refused (401/403) requests are not billed.
 
 Capacity: with ``capacity=K`` at most K infer requests are served at once; beyond that the server
 either queues (``overflow="queue"``) or answers 503 (``overflow="reject"``). ``service_time_s`` is
@@ -138,8 +142,7 @@ class FaultServer(LoopbackServer):
 
     def infer_records(self) -> list[RequestRecord]:
         with self._lock:
-            return [r for r in self.log if r.path.endswith("/infer")]
-
+            return [r for r in self.log if r.path.split("?", 1)[0].endswith("/infer")]
     @property
     def url(self) -> str:
         assert self._httpd is not None
@@ -291,6 +294,8 @@ def _make_handler(srv: FaultServer) -> type[BaseHTTPRequestHandler]:
                 return self._send(400, {"error": "bad input tensor"})
             if k == "401_echo":
                 return self._send(401, f"denied for {self.headers.get('Authorization')}", "text/plain")
+            if k == "403":
+                return self._send(403, {"error": "forbidden: this key may not call the model"})
             if k == "redirect":
                 return self._send(307, b"", headers={"Location": "http://127.0.0.1:1/elsewhere?token=abc123"})
             if body is None:

@@ -186,6 +186,8 @@ class HuggingFaceFake(VendorFake):
 # ---- Google Cloud Vision -------------------------------------------------------------------------
 class GoogleVisionFake(VendorFake):
     labels = {"cat": ("/m/01yrx", "Cat"), "dog": ("/m/0bt9lr", "Dog"), "sofa": ("/m/02crq1", "Couch")}
+    #: if set, every image is answered with these ``(mid, description, score)`` labels (cut to maxResults)
+    answer: list[tuple[str, str, float]] | None = None
 
     def bad_request(self, message: str) -> Reply:
         return Reply(400, {"error": {"code": 400, "message": message, "status": "INVALID_ARGUMENT"}})
@@ -217,6 +219,10 @@ class GoogleVisionFake(VendorFake):
             if i == 0 and req.fault == "item_fatal":
                 out.append({"error": {"code": 3, "message": "Bad image data."}})
                 continue
+            if self.answer is not None:
+                anns = [{"mid": m, "description": d, "score": sc, "topicality": sc} for m, d, sc in self.answer]
+                out.append({"labelAnnotations": anns[: int(feats[0].get("maxResults", 10))]})
+                continue
             top = brightness_class(img)
             mid, desc = self.labels[top]
             anns = [{"mid": mid, "description": desc, "score": 0.95, "topicality": 0.95},
@@ -232,6 +238,7 @@ _AUTH_RE = re.compile(r"AWS4-HMAC-SHA256 Credential=(?P<akid>[^/]+)/(?P<date>\d{
 
 class RekognitionFake(VendorFake):
     access_key = "AKIDFAKEEXAMPLE"
+    model_version = "3.0"  # LabelModelVersion of every answer (a test may change it mid-run)
     names = {"cat": "Cat", "dog": "Dog", "sofa": "Couch"}
 
     def bad_request(self, message: str) -> Reply:
@@ -266,13 +273,15 @@ class RekognitionFake(VendorFake):
         if image_side(img) < 80:
             return Reply(400, {"__type": "InvalidParameterException", "message": "Minimum image dimension is 80"})
         top = brightness_class(img)
-        labels = [{"Name": self.names[top], "Confidence": 97.5, "Instances": [],
+        # the specific label ranks first (the connector reads the top label by default); its parent follows
+        labels = [{"Name": self.names[top], "Confidence": 99.0, "Instances": [],
                    "Parents": [{"Name": "Animal"}, {"Name": "Pet"}] if top != "sofa" else [{"Name": "Furniture"}],
                    "Aliases": [], "Categories": [{"Name": "Animals and Pets"}]},
-                  {"Name": "Animal", "Confidence": 99.0, "Instances": [], "Parents": [], "Aliases": [], "Categories": []}]
+                  {"Name": "Animal", "Confidence": 97.5, "Instances": [], "Parents": [], "Aliases": [], "Categories": []}]
         if top == "sofa":
             labels.pop()
-        return Reply(200, {"Labels": labels[: int(body.get("MaxLabels", 1000))], "LabelModelVersion": "3.0"})
+        return Reply(200, {"Labels": labels[: int(body.get("MaxLabels", 1000))],
+                           "LabelModelVersion": self.model_version})
 
 
 # ---- Azure ---------------------------------------------------------------------------------------
@@ -432,6 +441,26 @@ class OpenAIChatFake(VendorFake):
         return Reply(200, {"id": "chatcmpl-1", "object": "chat.completion", "model": body["model"],
                            "choices": [{"index": 0, "finish_reason": "stop", "message": message}],
                            "usage": {"prompt_tokens": 160, "completion_tokens": 7, "total_tokens": 167}})
+
+
+# ---- KServe v2 (Open Inference Protocol) with a BYTES label output ---------------------------------
+class KServeLabelFake(VendorFake):
+    """``POST /v2/models/clf[/versions/v]/infer``: ranked label rows ``[N, k]`` (``rows``, the same for every
+    image) and ``model_version`` (a test may change it mid-run)."""
+
+    model_version = "1"
+    rows: list[str] = ["cat", "dog"]
+
+    def handle(self, req: Seen) -> Reply:
+        self.expect(re.fullmatch(r"/v2/models/clf(/versions/[^/]+)?/infer", req.path), f"unknown path {req.path}")
+        body = self.json_body(req)
+        inputs = body.get("inputs")
+        self.expect(isinstance(inputs, list) and len(inputs) == 1, "one input tensor expected")
+        n = int(inputs[0]["shape"][0])
+        req.n_images = n
+        out = {"name": "label", "datatype": "BYTES", "shape": [n, len(self.rows)], "data": list(self.rows) * n}
+        return Reply(200, {"id": body.get("id"), "model_name": "clf", "model_version": self.model_version,
+                           "outputs": [out]})
 
 
 FAKES: dict[str, type[VendorFake]] = {
