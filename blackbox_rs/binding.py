@@ -72,11 +72,48 @@ def transform_identity(transform: Callable[..., Any] | None, *, require: bool = 
 
 @torch.no_grad()
 def module_state_digest(module: torch.nn.Module) -> str:
-    """``"nn:<class>:sha256:<hex>"`` over the module's class and every state-dict tensor."""
-    h = hashlib.sha256(b"blackbox-rs/nn-digest/v1\0")
-    h.update(f"{type(module).__module__}.{type(module).__qualname__}".encode())
+    """``"nn:<class>:sha256:<hex>"`` over what determines an ``nn.Module``'s function as far as it can
+    be read: for the module and every submodule, its class (name and source code when available),
+    its plain settings (numbers, strings, tuples: e.g. a blur's sigma, a shift's offset) and unregistered
+    tensor attributes; and every state-dict tensor. Code outside the classes (globals a forward reads)
+    cannot be seen: give such a transform an ``identity`` string."""
+    h = hashlib.sha256(b"blackbox-rs/nn-digest/v2\0")
+    for name, sub in module.named_modules():
+        cls = type(sub)
+        h.update(f"\0module {name}|{cls.__module__}.{cls.__qualname__}\0".encode())
+        h.update(_class_source(cls).encode())
+        for key, value in sorted(vars(sub).items()):
+            if key.startswith("_") or key == "training":
+                continue
+            if isinstance(value, torch.Tensor):
+                hash_state(h, {f"attr:{key}": value})
+            else:
+                h.update(f"\0{key}={_plain(value)}".encode())
     hash_state(h, module.state_dict())
     return f"nn:{type(module).__qualname__}:sha256:{h.hexdigest()}"
+
+
+def _class_source(cls: type) -> str:
+    import inspect
+
+    try:
+        return inspect.getsource(cls)
+    except (OSError, TypeError):
+        return ""
+
+
+def _plain(value: Any) -> str:
+    """A stable text of a setting: the value of plain data, the type name of anything else (whose
+    repr may hold a memory address)."""
+    if value is None or isinstance(value, (bool, int, float, str, bytes)):
+        return repr(value)
+    if isinstance(value, (tuple, list)):
+        return "[" + ",".join(_plain(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ",".join(f"{_plain(k)}:{_plain(v)}" for k, v in sorted(value.items(), key=lambda kv: repr(kv[0]))) + "}"
+    if isinstance(value, (torch.dtype, torch.device)):
+        return str(value)
+    return f"<{type(value).__module__}.{type(value).__qualname__}>"
 
 
 @torch.no_grad()

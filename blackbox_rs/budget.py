@@ -43,7 +43,7 @@ try:  # POSIX
 except ImportError:  # pragma: no cover - Windows
     _fcntl = None  # type: ignore[assignment]
 
-__all__ = ["QueryBudget", "Reservation"]
+__all__ = ["JointBudget", "QueryBudget", "Reservation", "chain"]
 
 _EPS = 1e-9
 _held = threading.local()  # ledger lock files this thread holds (a budget and its parent on one file)
@@ -221,7 +221,8 @@ class QueryBudget:
         return BudgetSpentError(
             f"{what} budget exhausted: the ledger {self.ledger} records {spent} of {limit} spent and the next "
             f"request {need}; the spending is persisted, so running the same command again cannot progress: "
-            f"raise the limit (rerun with a larger --max-queries / --max-cost) to continue"
+            f"raise the limit (rerun with a larger budget: --budget for blackbox-rs, --max-queries / --max-cost "
+            f"for the recipes) to continue"
         )
 
     def reserve(self, queries: int, cost: float) -> Reservation:
@@ -260,3 +261,65 @@ class QueryBudget:
     def __repr__(self) -> str:
         return (f"QueryBudget(spent_queries={self._queries}, max_queries={self.max_queries}, "
                 f"spent_cost={self._cost:.6g}, max_cost={self.max_cost})")
+
+
+def chain(budget: QueryBudget) -> list[QueryBudget]:
+    """``budget`` and every budget it charges (its parents, and a joint budget's members), each once."""
+    out: list[QueryBudget] = []
+    todo = [budget]
+    while todo:
+        b = todo.pop(0)
+        if any(b is o for o in out):
+            continue
+        out.append(b)
+        todo.extend(getattr(b, "members", ()))
+        if b.parent is not None:
+            todo.append(b.parent)
+    return out
+
+
+class JointBudget(QueryBudget):
+    """Charges several independent budgets at once, without re-wiring any of them: a reservation
+    succeeds only if every member (with its parents) has room, and holds nothing otherwise. Members
+    already charged through another member are charged once. Used to put a user's fit budget under
+    the engine's hard cap (:meth:`blackbox_rs.BlackBoxSmoother.fit`)."""
+
+    def __init__(self, *members: QueryBudget) -> None:
+        super().__init__()
+        kept: list[QueryBudget] = []
+        for m in members:
+            if any(m is b for k in kept for b in chain(k)):
+                continue  # already charged through an earlier member
+            kept = [k for k in kept if not any(k is b for b in chain(m))]
+            kept.append(m)
+        self.members: tuple[QueryBudget, ...] = tuple(kept)
+
+    def reserve(self, queries: int, cost: float) -> Reservation:
+        held: list[QueryBudget] = []
+        reservation = Reservation(queries=queries, cost=cost)
+        try:
+            for m in self.members:
+                m.reserve(queries, cost)
+                held.append(m)
+        except BaseException:
+            for m in reversed(held):
+                m.refund(reservation)
+            raise
+        with self._lock:
+            self._queries += queries
+            self._cost += cost
+        return reservation
+
+    def refund(self, reservation: Reservation) -> None:
+        for m in self.members:
+            m.refund(reservation)
+        with self._lock:
+            self._queries = max(0, self._queries - reservation.queries)
+            self._cost = max(0.0, self._cost - reservation.cost)
+
+    def affordable(self, cost_per_query: float) -> int | None:
+        limits = [a for a in (m.affordable(cost_per_query) for m in self.members) if a is not None]
+        return min(limits) if limits else None
+
+    def __repr__(self) -> str:
+        return f"JointBudget({', '.join(repr(m) for m in self.members)})"

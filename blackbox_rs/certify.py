@@ -36,6 +36,7 @@ from pydantic import BaseModel, ConfigDict
 
 from blackbox_rs import stats
 from blackbox_rs.binding import fresh_seed, noise_identity, transform_identity
+from blackbox_rs.budget import chain
 from blackbox_rs.certificate import ABSTAIN, Certificate, SmoothedPrediction
 from blackbox_rs.connectors.base import Connector, ConnectorInfo
 from blackbox_rs.engine import QueryEngine, Tally, as_engine
@@ -267,15 +268,13 @@ def check_budget_limit(engine: QueryEngine, needed: int, what: str = "") -> None
     """Raise :class:`BudgetExceeded` before any query when the limits of the engine's budget (and of
     every budget above it) allow fewer than ``needed`` queries in total: one certificate could never
     finish. ``what`` spells out how ``needed`` is made up (e.g. "1 clean + n0 + n")."""
-    b = engine.budget
     cap: int | None = None
-    while b is not None:
+    for b in (chain(engine.budget) if engine.budget is not None else []):
         for c in (b.max_queries,
                   math.floor(b.max_cost / engine.info.cost_per_query + 1e-9)
                   if b.max_cost is not None and engine.info.cost_per_query > 0 else None):
             if c is not None:
                 cap = c if cap is None else min(cap, c)
-        b = b.parent
     if cap is not None and cap < needed:
         how = f"{what} = " if what else ""
         raise BudgetExceeded(
@@ -490,8 +489,7 @@ def certify_dataset(
         raise InvalidParameterError(f"radii must be finite and >= 0, got {radii}")
     if batch_size is not None:
         _positive_int("batch_size", batch_size)
-    check_budget_limit(engine, n0 + n + (1 if labels is None else 0),
-                       "n0 + n" if labels is not None else "1 clean query + n0 + n")
+    check_budget_limit(engine, n0 + n, "n0 + n")
     params = {"n0": n0, "n": n, "alpha": alpha, "sigma": sigma, "fingerprint": engine.info.fingerprint,
               "transform": transform_identity(transform, require=output is not None),
               "noise": noise_identity(), "other_index": engine.info.other_index, "method": "cohen_certify"}
@@ -501,6 +499,7 @@ def certify_dataset(
         t = Tally()
         reference = "labels" if y is not None else "clean_prediction"
         if y is None:  # certified consistency: the reference is the bare model's own clean prediction
+            check_budget_limit(engine, 1 + n0 + n, "1 clean query + n0 + n")  # still before any query
             y = bare_clean_label(engine, xt, t)
         cert = certify(engine, xt, sigma=sigma, n0=n0, n=n, alpha=alpha, batch_size=batch_size, seed=seed,
                        key=key, label=y, index=idx, transform=transform, reference=reference)

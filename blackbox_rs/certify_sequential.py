@@ -260,9 +260,8 @@ def certify_radius_dataset(
                                       growth=growth)
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or int(seed) < 0):
         raise InvalidParameterError(f"seed must be a non-negative integer, got {seed!r}")
-    extra = 1 if (labels is None and transform is not None) else 0
-    check_budget_limit(engine, 1 + extra + n0 + schedule.sizes[0],
-                       "1 clean" + (" + 1 bare clean" if extra else "") + " + n0 + the first look")
+    first_look = 1 + n0 + schedule.sizes[0]
+    check_budget_limit(engine, first_look, "1 clean + n0 + the first look")
     params = {"radii": [float(r) for r in radii], "n0": n0, "max_queries": cap, "alpha": alpha, "sigma": sigma,
               "fingerprint": engine.info.fingerprint, "lattice": bool(lattice), "growth": float(growth),
               "target_share": float(target_share), "futility": futility,
@@ -273,6 +272,8 @@ def certify_radius_dataset(
 
     def one(idx: int, xt: torch.Tensor, y: int | None, key: str) -> SequentialCertificate:
         reference = "labels" if y is not None else "clean_prediction"
+        if y is None and transform is not None:  # one more (bare) clean query: still before any query
+            check_budget_limit(engine, 1 + first_look, "1 bare clean + 1 clean + n0 + the first look")
         cert = certify_radius(engine, xt, radius=radii, sigma=sigma, alpha=alpha, n0=n0, max_queries=cap,
                               batch_size=batch_size, seed=run_seed, key=key, label=y, index=idx,
                               transform=transform, reference=reference, lattice=lattice, growth=growth,

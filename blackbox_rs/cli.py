@@ -231,20 +231,6 @@ def demo(
     _run(go)
 
 
-def _estimate_fit_queries(fc: Any, n_images: int, budget: int | None) -> int:
-    clean = min(fc.clean_queries, n_images)
-    if fc.strategy == "denoise":
-        q = 0
-    elif fc.strategy == "surrogate":
-        rounds = -(-fc.steps // fc.redistill_every) if fc.steps else 0
-        q = clean + rounds * fc.distill_queries + (min(fc.distill_queries, 2000) if fc.steps else 0)
-    elif fc.strategy == "zeroth_order":
-        q = clean + fc.steps * 2 * fc.zo_directions * fc.zo_batch * fc.noise_draws
-    else:
-        q = clean + fc.steps * fc.batch_size * fc.noise_draws
-    return q if budget is None else min(q, budget)
-
-
 @app.command()
 def fit(
     config: Annotated[Path, typer.Argument(help="TOML run file")],
@@ -269,7 +255,9 @@ def fit(
             raise ConfigError("[data] fit = <path> is required to fit")
         engine = _engine(cfg, None)
         x, y = load_images(cfg.data.fit, engine.info.input_shape, cfg.data.limit)
-        est = _estimate_fit_queries(fc, len(x), cfg.fit.budget)
+        from blackbox_rs.fitting.strategies import estimate_fit_queries
+
+        est = estimate_fit_queries(fc, len(x), cfg.fit.budget)
         cost = est * engine.info.cost_per_query
         if dry_run:
             typer.echo(f"dry run: fit '{fc.strategy}' on {len(x)} images would spend at most {est:,} queries "

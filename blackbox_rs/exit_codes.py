@@ -96,6 +96,11 @@ def classify(exc: BaseException) -> tuple[int, str]:
                                  f"then run the same command again to resume")
     if isinstance(exc, _USER_CONNECTOR_ERRORS):
         return USER_ERROR, f"error: {msg}"
+    if isinstance(exc, _errors.ModelVersionChangedError):
+        return SERVICE_FAILURE, (f"service failure: the model behind the endpoint changed version ({msg}); this "
+                                 f"run's cache and certificates belong to the old version, so rerunning the same "
+                                 f"command cannot progress: certify the new version into a new output/cache "
+                                 f"directory (or pin the old version if the service still offers it)")
     if _RATE_LIMITED and isinstance(exc, _RATE_LIMITED):
         return SERVICE_FAILURE, (f"service failure: still rate-limited after every retry ({msg}); lower "
                                  f"--max-in-flight / --rate-limit or retry later: run the same command again to "

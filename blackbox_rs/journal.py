@@ -133,12 +133,20 @@ class CertificateJournal(Generic[C]):
                     "(`blackbox-rs report` still reads it)"
                 )
         if header is not None:
+            if header.get(_HEADER_KEY) != JOURNAL_FORMAT:
+                raise ResumeMismatchError(
+                    f"output {self.path} has journal format {header.get(_HEADER_KEY)!r}; this blackbox-rs reads "
+                    f"format {JOURNAL_FORMAT}: use another output path or the blackbox-rs that wrote it")
             saved_seed = header.get("seed")
+            if isinstance(saved_seed, bool) or not isinstance(saved_seed, int) or saved_seed < 0:
+                raise CacheError(f"output {self.path} has a corrupted header: seed {saved_seed!r} is not a "
+                                 "non-negative integer")
             if seed is None:
                 seed = saved_seed
+            saved = {"kind": header.get("kind"), **dict(header.get("params") or {}), "seed": saved_seed}
             now = {"kind": model.__name__, **params, "seed": seed}
-            diff = differences({"kind": header.get("kind"), **dict(header.get("params") or {}),
-                                "seed": saved_seed}, now)
+            diff = differences(saved, now)
+            diff.update({k: (v, None) for k, v in saved.items() if k not in now})  # settings this run lacks
             if diff:
                 raise ResumeMismatchError(self._mismatch(diff), diff)
         elif seed is None:

@@ -216,11 +216,52 @@ def install_log_redaction() -> None:
         def factory(*args: Any, **kwargs: Any) -> logging.LogRecord:
             record = current(*args, **kwargs)
             if _masks:
-                _redact_record(record)
+                _safely(_redact_record, record)
             return record
 
         _installed_factory = factory
         logging.setLogRecordFactory(factory)
+        _patch_make_record()
+
+
+_STANDARD_ATTRS = frozenset(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message", "asctime"}
+
+
+def _safely(fn: Any, record: logging.LogRecord) -> None:
+    """Run a redaction step; if it fails (an argument whose ``__str__`` raises, say) the record keeps
+    only a fixed placeholder: logging must never raise into the caller, nor leak on the way."""
+    try:
+        fn(record)
+    except Exception:
+        record.msg, record.args = "[log record withheld: it could not be redacted]", ()
+        record.exc_info, record.exc_text, record.stack_info = None, None, None
+
+
+def _redact_extra(record: logging.LogRecord) -> None:
+    """Redact the ``extra=`` fields of a record (set by ``Logger.makeRecord`` after the factory ran)."""
+    for key, value in list(vars(record).items()):
+        if key in _STANDARD_ATTRS:
+            continue
+        text = value if isinstance(value, str) else repr(value)
+        clean = redact(text)
+        if clean != text:
+            setattr(record, key, clean)
+
+
+def _patch_make_record() -> None:
+    """Wrap ``logging.Logger.makeRecord`` once so ``extra`` fields are redacted too."""
+    if getattr(logging.Logger.makeRecord, "_bbrs_redacting", False):
+        return
+    original = logging.Logger.makeRecord
+
+    def makeRecord(self: logging.Logger, *args: Any, **kwargs: Any) -> logging.LogRecord:  # noqa: N802
+        record = original(self, *args, **kwargs)
+        if _masks:
+            _safely(_redact_extra, record)
+        return record
+
+    makeRecord._bbrs_redacting = True  # type: ignore[attr-defined]
+    logging.Logger.makeRecord = makeRecord  # type: ignore[method-assign]
 
 
 def redact_url(url: str) -> str:

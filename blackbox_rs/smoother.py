@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from blackbox_rs._version import __version__
-from blackbox_rs.budget import QueryBudget
+from blackbox_rs.budget import JointBudget, QueryBudget, chain
 from blackbox_rs.cache import QueryCache
 from blackbox_rs.certificate import Certificate, SmoothedPrediction
 from blackbox_rs.certify import DEFAULT_RADII, DatasetCertification, certify, certify_dataset, predict
@@ -275,22 +275,11 @@ class _ModuleTransform:
 
 
 def _under(budget: QueryBudget, cap: QueryBudget | None) -> QueryBudget:
-    """``budget`` placed under the engine's budget ``cap``, so the hard cap holds for every fit: when
-    ``cap`` is not already above it, the top of ``budget``'s parent chain gets ``cap`` as its parent
-    (a budget is charged together with all its parents)."""
-    if cap is None:
+    """``budget`` charged together with the engine's budget ``cap`` (the hard cap holds for every fit),
+    without changing either object: the budget itself when one already charges the other, else a
+    :class:`~blackbox_rs.budget.JointBudget` of both."""
+    if cap is None or any(b is cap for b in chain(budget)):
         return budget
-    top, seen = budget, set()
-    while True:
-        if top is cap:
-            return budget
-        if id(top) in seen:  # pragma: no cover - a cycle cannot be built through the public API
-            raise InvalidParameterError("the fit budget's parent chain is circular")
-        seen.add(id(top))
-        if top.parent is None:
-            break
-        top = top.parent
-    if budget is cap:
-        return budget
-    top.parent = cap
-    return budget
+    if any(b is budget for b in chain(cap)):  # the engine's budget already charges it
+        return cap
+    return JointBudget(budget, cap)

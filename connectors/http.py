@@ -54,6 +54,7 @@ import json
 import math
 import os
 import random
+import ssl
 import threading
 import time
 import uuid
@@ -559,7 +560,10 @@ class HTTPTransport:
                     proxies={},
                 )
             except requests.exceptions.SSLError as e:
-                state.not_billed()
+                if _tls_handshake_failed(e):
+                    state.not_billed()  # refused during the handshake: nothing reached the model
+                else:  # e.g. an SSLEOFError while reading the answer: the request may have been billed
+                    state.delivered = True
                 error = TLSError(
                     f"TLS handshake with {shown_url} failed (is it really https, and is the certificate "
                     f"trusted?): {self.redact(e)}"
@@ -718,11 +722,41 @@ class _RequestState:
             self.meter.not_billed(self.images)
 
 
+_HANDSHAKE_MARKERS = ("CERTIFICATE_VERIFY_FAILED", "WRONG_VERSION_NUMBER", "certificate verify failed",
+                      "unknown protocol", "TLSV1_ALERT", "SSLV3_ALERT_HANDSHAKE_FAILURE", "hostname mismatch")
+
+
+def _tls_handshake_failed(e: BaseException) -> bool:
+    """True only when a TLS error provably happened during the handshake (certificate refused,
+    protocol mismatch), before any byte of the request was written. Any other TLS error (an
+    ``SSLEOFError`` while reading the answer of a reused connection, say) may follow a billed
+    request, so it is charged."""
+    seen: set[int] = set()
+    stack: list[BaseException] = [e]
+    while stack:
+        x = stack.pop()
+        if id(x) in seen:
+            continue
+        seen.add(id(x))
+        if isinstance(x, ssl.SSLCertVerificationError):
+            return True
+        if isinstance(x, ssl.SSLError) and any(m in str(x) for m in _HANDSHAKE_MARKERS):
+            return True
+        stack.extend(a for a in getattr(x, "args", ()) if isinstance(a, BaseException))
+        for attr in ("reason", "__cause__", "__context__"):
+            nxt = getattr(x, attr, None)
+            if isinstance(nxt, BaseException):
+                stack.append(nxt)
+    return False
+
+
 def _never_sent(e: requests.exceptions.ConnectionError) -> bool:
-    """True if the connection was never established (refused, unknown host, TLS handshake), so the
-    request cannot have reached the model."""
-    if isinstance(e, requests.exceptions.SSLError | requests.exceptions.ConnectTimeout):
+    """True if the connection was never established (refused, unknown host, connect timeout, a TLS
+    handshake refused), so the request cannot have reached the model."""
+    if isinstance(e, requests.exceptions.ConnectTimeout):
         return True
+    if isinstance(e, requests.exceptions.SSLError):
+        return _tls_handshake_failed(e)
     cause: BaseException | None = e.args[0] if e.args and isinstance(e.args[0], BaseException) else None
     reason = getattr(cause, "reason", None)
     return isinstance(reason, urllib3.exceptions.NewConnectionError | urllib3.exceptions.NameResolutionError)

@@ -22,9 +22,10 @@ The answer is one output tensor, read as (``output="auto"`` picks from the decla
 * ``"label"``: BYTES ``[N]`` label strings, or ``[N, k]`` top-k lists in rank order, mapped through a
   :class:`~blackbox_rs.connectors.labelmap.LabelMap` (an unmapped label is the map's ``other``
   class). Without ``label_map`` the labels must be the class names exactly (case-insensitive);
-  anything else raises :class:`UnmappedLabelError`. ``label_depth=k`` searches only the first k
-  labels of a ranked list (1 = the model's top answer); the default ``None`` searches the whole
-  list the server returns (the server decides its length).
+  anything else raises :class:`UnmappedLabelError`. ``label_depth=k`` searches the first k labels of
+  a ranked list for a task class; the default 1 reads the model's top answer only (a deeper search
+  certifies a different classifier: "the first of your labels anywhere in the top k"); ``None``
+  searches the whole list the server returns. Recorded in the fingerprint.
 
 Every answer is checked: a JSON body (an HTML page is :class:`InvalidResponseError`), the same
 ``id`` as sent (if echoed), exactly N predictions, the expected width, and the same model version
@@ -89,7 +90,7 @@ class KServeV2Connector(HTTPConnector):
         input_name, output_name: tensor names; default from metadata.
         encoding, layout, jpeg_quality, bytes_content_type: how images travel (module docstring).
         output: how to read the answer (module docstring); label_depth: labels of a ranked label
-            output searched for a task class (None: all of them; 1: the top answer only).
+            output searched for a task class (default 1: the top answer only; None: all of them).
         max_batch: most images per request; max_in_flight: concurrent requests (= the connector's
             ``info.max_concurrency``); rate_limit: requests/s or a shared :class:`RateLimiter`.
         timeout_s, connect_timeout_s, retry, auth, headers, verify: see :class:`HTTPTransport`
@@ -120,7 +121,7 @@ class KServeV2Connector(HTTPConnector):
         jpeg_quality: int = 95,
         bytes_content_type: str | None = "base64",
         output: OutputKind = "auto",
-        label_depth: int | None = None,
+        label_depth: int | None = 1,
         max_batch: int = 32,
         max_in_flight: int = 4,
         rate_limit: float | RateLimiter | None = None,

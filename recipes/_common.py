@@ -293,10 +293,9 @@ def _fit_queries(args: argparse.Namespace, n_fit: int) -> int:
     command line's estimate) when no budget is given."""
     if args.fit in ("none", "denoise"):
         return 0
-    try:  # one estimate for the CLI and the recipes
-        from blackbox_rs.fitting.config import estimate_fit_queries  # type: ignore[attr-defined]
-    except ImportError:
-        from blackbox_rs.cli import _estimate_fit_queries as estimate_fit_queries
+    # one estimate for the CLI and the recipes
+    from blackbox_rs.fitting.strategies import estimate_fit_queries
+
     return int(estimate_fit_queries(_fit_config(args), n_fit, args.fit_budget))
 
 

@@ -220,3 +220,36 @@ def test_timeout_after_the_last_retry_stays_a_timeout(server: FaultServer) -> No
         engine.query(batch(4))
     settle(server, 0.4)
     assert budget.spent_queries == 8 == billed(server) == engine.stats.queries
+
+
+def _tls_error(inner: BaseException):  # noqa: ANN202 - the requests exception urllib3 would raise
+    import urllib3.exceptions
+    from requests.exceptions import SSLError
+
+    return SSLError(urllib3.exceptions.MaxRetryError(None, "/v2/models/m/infer", urllib3.exceptions.SSLError(inner)))
+
+
+@pytest.mark.parametrize("inner,charged", [
+    (__import__("ssl").SSLEOFError(8, "EOF occurred in violation of protocol"), True),  # after the request left
+    (__import__("ssl").SSLCertVerificationError(1, "certificate verify failed"), False),  # handshake refused
+])
+def test_tls_errors_are_credited_only_when_the_handshake_failed(server: FaultServer, inner: BaseException,
+                                                               charged: bool) -> None:
+    """Review finding: every SSLError was refunded, including an SSLEOFError while reading the answer of
+    a request the server had processed (the SDK would count below the vendor)."""
+    from blackbox_rs.connectors.http import _tls_handshake_failed
+    from blackbox_rs.errors import TLSError
+
+    assert _tls_handshake_failed(_tls_error(inner)) is (not charged)
+    budget = QueryBudget(max_queries=100)
+    conn = connect(server, retry=RetryPolicy(max_attempts=1))
+    engine = QueryEngine(conn, budget=budget)
+
+    def send(*a: object, **k: object) -> None:
+        raise _tls_error(inner)
+
+    conn.transport._session.send = send  # type: ignore[method-assign]
+    with pytest.raises(TLSError):
+        engine.query(batch(3))
+    assert budget.spent_queries == (3 if charged else 0)
+    conn.close()

@@ -231,6 +231,11 @@ def test_a_budget_too_small_for_one_certificate_sends_nothing_and_counts_the_cle
         certify_dataset(QueryEngine(conn(fn), budget=QueryBudget(max_queries=109)), images(), [0, 1, 0],
                         sigma=0.25, n0=10, n=100, alpha=0.01)
     assert "nothing was sent" in str(e.value) and sent == []
+    # labelled (x, y) items need no clean query (review finding: they were refused at n0 + n)
+    ok = certify_dataset(QueryEngine(conn(fn), budget=QueryBudget(max_queries=110)),
+                         list(zip(images(), [0, 1, 0], strict=True))[:1], sigma=0.25, n0=10, n=100, alpha=0.01)
+    assert ok.reference == "labels" and sum(sent) == 110
+    sent.clear()
     # a parent's limit counts too
     child = QueryBudget(max_queries=10_000, parent=QueryBudget(max_queries=50))
     with pytest.raises(BudgetExceeded):
@@ -252,3 +257,85 @@ def test_a_fit_budget_object_sits_under_the_engines_hard_cap():
     assert rep.stopped == "budget"
     assert run_cap.spent_queries <= 100 and fit_budget.spent_queries <= 100  # main billed 592
     assert fit_budget.spent_queries == run_cap.spent_queries
+
+
+class Offset(torch.nn.Module):
+    """A stateless transform whose function is a plain attribute (like torchvision's GaussianBlur)."""
+
+    def __init__(self, k: float) -> None:
+        super().__init__()
+        self.k = k
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x + self.k).clamp(0, 1)
+
+
+def test_modules_that_differ_only_in_a_plain_setting_are_different_transforms(tmp_path):
+    """Review finding: only the class name and state dict were hashed, so Offset(0.6) resumed Offset(0.0)'s
+    journal with 0 queries and returned its certificates."""
+    from blackbox_rs.binding import transform_identity
+
+    assert transform_identity(Offset(0.0)) != transform_identity(Offset(0.6))
+    assert transform_identity(Offset(0.6)) == transform_identity(Offset(0.6))  # stable across instances
+    out = tmp_path / "c.jsonl"
+    certify_dataset(conn(), images(), [0, 1, 0], output=out, transform=Offset(0.0), **KW)
+    with pytest.raises(ResumeMismatchError, match="transform"):
+        certify_dataset(conn(), images(), [0, 1, 0], output=out, transform=Offset(0.6), **KW)
+
+
+def test_a_fit_budget_is_never_rewired_and_cycles_cannot_hang(tmp_path):
+    """Review finding: placing the fit budget under the engine's by setting `.parent` built a cycle
+    (fit(budget=R) with the engine's E = QueryBudget(parent=R): E.reserve deadlocked) and made one
+    engine's spending charge another's budget."""
+    import threading
+
+    from blackbox_rs.budget import JointBudget
+
+    x = torch.rand(16, *SHAPE, generator=torch.Generator().manual_seed(0))
+    small = {"steps": 20, "pretrain_steps": 2, "batch_size": 4, "score_images": 8, "score_draws": 2,
+             "score_every": 10}
+    run = QueryBudget(max_queries=300)
+    engine_budget = QueryBudget(max_queries=10_000, parent=run)
+    sm = BlackBoxSmoother(QueryEngine(conn(), budget=engine_budget),
+                          module={"name": "dncnn", "depth": 2, "width": 4}, sigma=0.25)
+    done: list[object] = []
+    t = threading.Thread(target=lambda: done.append(sm.fit(x, strategy="zeroth_order", budget=run, **small)),
+                         daemon=True)
+    t.start()
+    t.join(60)
+    assert done, "fit(budget=<a budget above the engine's>) hung"
+    assert run.parent is None and engine_budget.parent is run and run.spent_queries <= 300
+    shared = QueryBudget(max_queries=10_000)
+    a_cap, b_cap = QueryBudget(max_queries=10_000), QueryBudget(max_queries=10_000)
+    for cap in (a_cap, b_cap):
+        s = BlackBoxSmoother(QueryEngine(conn(), budget=cap), module={"name": "dncnn", "depth": 2, "width": 4},
+                             sigma=0.25)
+        s.fit(x, strategy="zeroth_order", budget=shared, **small)
+    assert a_cap.parent is None and b_cap.parent is None and shared.parent is None
+    assert a_cap.spent_queries + b_cap.spent_queries == shared.spent_queries > 0
+    joint = JointBudget(QueryBudget(max_queries=5), QueryBudget(max_queries=100))
+    with pytest.raises(BudgetExceeded):
+        joint.reserve(6, 0.0)
+    assert [m.spent_queries for m in joint.members] == [0, 0]  # nothing held on failure
+
+
+@pytest.mark.parametrize("edit,error", [
+    ({"seed": None}, "seed"), ({"seed": 42.7}, "seed"), ({"seed": -5}, "seed"),
+    ({"blackbox_rs_journal": 99}, "format"), ({"params_extra": {"future_setting": 1}}, "future_setting"),
+])
+def test_a_damaged_or_foreign_header_is_a_typed_error(tmp_path, edit, error):
+    """Review finding: a null seed gave a raw TypeError, 42.7 was truncated, -5 and a future format were
+    accepted, and header settings unknown to this run were ignored."""
+    from blackbox_rs.errors import CacheError
+
+    out = tmp_path / "c.jsonl"
+    certify_dataset(conn(), images(), [0, 1, 0], output=out, **KW)
+    lines = out.read_text().splitlines()
+    header = json.loads(lines[0])
+    extra = edit.pop("params_extra", None) if "params_extra" in edit else None
+    header.update(edit)
+    if extra:
+        header["params"].update(extra)
+    out.write_text("\n".join([json.dumps(header), *lines[1:]]) + "\n")
+    with pytest.raises(CacheError, match=error):
+        certify_dataset(conn(), images(), [0, 1, 0], output=out, **{**KW, "seed": None})

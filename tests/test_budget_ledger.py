@@ -116,7 +116,7 @@ def test_a_spent_ledger_says_to_raise_the_limit_and_memory_budgets_do_not(tmp_pa
     with pytest.raises(BudgetSpentError) as info:
         b.reserve(16, 0.0)
     msg = str(info.value)
-    assert str(ledger) in msg and "16 of 20" in msg and "larger --max-queries" in msg
+    assert str(ledger) in msg and "16 of 20" in msg and "larger budget" in msg
     assert "same command" in msg and "cannot progress" in msg
     cost = QueryBudget(max_cost=0.01, ledger=tmp_path / "c.json")
     with pytest.raises(BudgetSpentError, match="--max-cost"):

@@ -147,12 +147,12 @@ def test_predict_decision_matches_binomtest(x0, alpha):
 
 def test_predict_is_confident_away_from_the_boundary():
     conn, _ = make()
-    assert predict(conn, image(0.2), sigma=SIGMA, n=500, alpha=0.001).prediction == 0
+    assert predict(conn, image(0.2), sigma=SIGMA, n=500, alpha=0.001, seed=0).prediction == 0
     # at x0 = cut, class 0 still has p = 1/2 against 1/4 and 1/4: PREDICT names it
-    assert predict(conn, image(0.8), sigma=SIGMA, n=400, alpha=0.001).prediction == 0
+    assert predict(conn, image(0.8), sigma=SIGMA, n=400, alpha=0.001, seed=0).prediction == 0
     # a true coin flip between two classes: PREDICT abstains
     coin, _ = make(lambda b: (b[:, 0, 0, 0] >= 0.8).long(), num_classes=2)
-    assert predict(coin, image(0.8), sigma=SIGMA, n=400, alpha=0.001).prediction == ABSTAIN
+    assert predict(coin, image(0.8), sigma=SIGMA, n=400, alpha=0.001, seed=0).prediction == ABSTAIN
 
 
 # ---------------------------------------------------------------------------------------------
@@ -230,9 +230,9 @@ def test_bad_inputs_raise_before_any_query(case):
     bad, msg = _bad_images()[case]
     conn, rec = make()
     with pytest.raises(InvalidInputError, match=msg):
-        certify(conn, bad, sigma=SIGMA, n0=10, n=100, alpha=0.01)
+        certify(conn, bad, sigma=SIGMA, n0=10, n=100, alpha=0.01, seed=0)
     with pytest.raises(InvalidInputError, match=msg):
-        predict(conn, bad, sigma=SIGMA, n=100, alpha=0.01)
+        predict(conn, bad, sigma=SIGMA, n=100, alpha=0.01, seed=0)
     assert rec.calls == 0
 
 
@@ -246,15 +246,15 @@ def test_float64_input_is_accepted_as_float32():
 def test_uncertifiable_settings_raise_before_any_query():
     conn, rec = make()
     with pytest.raises(UncertifiableError, match="n >= 10"):
-        certify(conn, image(), sigma=SIGMA, n0=10, n=5, alpha=0.001)
+        certify(conn, image(), sigma=SIGMA, n0=10, n=5, alpha=0.001, seed=0)
     with pytest.raises(UncertifiableError):
-        certify(conn, image(), sigma=SIGMA, n0=10, n=9, alpha=0.001)  # 0.001 ** (1/9) = 0.464
+        certify(conn, image(), sigma=SIGMA, n0=10, n=9, alpha=0.001, seed=0)  # 0.001 ** (1/9) = 0.464
     with pytest.raises(UncertifiableError):
-        certify_dataset(conn, image().unsqueeze(0).repeat(3, 1, 1, 1), [0, 0, 0], sigma=SIGMA, n=5, alpha=0.001)
+        certify_dataset(conn, image().unsqueeze(0).repeat(3, 1, 1, 1), [0, 0, 0], sigma=SIGMA, n=5, alpha=0.001, seed=0)
     assert rec.calls == 0
     assert issubclass(UncertifiableError, InvalidParameterError)
     # n = 10 is the smallest that can certify at alpha = 0.001, and does when all samples agree
-    cert = certify(conn, image(0.0), sigma=0.05, n0=10, n=10, alpha=0.001)
+    cert = certify(conn, image(0.0), sigma=0.05, n0=10, n=10, alpha=0.001, seed=0)
     assert cert.prediction == 0 and cert.p_lower == pytest.approx(0.001 ** 0.1)
 
 
@@ -343,7 +343,7 @@ def test_certify_dataset_rejects_malformed_datasets():
 def test_certified_accuracy_by_hand():
     xs, ys = _dataset()
     conn, _ = make()
-    certs = certify_dataset(conn, xs, ys, sigma=SIGMA, n0=20, n=300, alpha=0.01).certificates
+    certs = certify_dataset(conn, xs, ys, sigma=SIGMA, n0=20, n=300, alpha=0.01, seed=0).certificates
     acc = certified_accuracy(certs, [0.0, 10.0])
     assert acc["10"] == 0.0
     assert acc["0"] == sum(c.correct and not c.abstained for c in certs) / 5
@@ -383,7 +383,7 @@ def test_predict_is_deterministic_across_batch_sizes():
 
 def test_batches_never_exceed_batch_size():
     conn, rec = make()
-    certify(conn, image(), sigma=SIGMA, n0=100, n=5000, alpha=0.001, batch_size=300)
+    certify(conn, image(), sigma=SIGMA, n0=100, n=5000, alpha=0.001, batch_size=300, seed=0)
     assert max(rec.sizes) == 300 and sum(rec.sizes) == 5100
 
 
@@ -405,7 +405,7 @@ def test_counts_are_exact_with_many_classes():
     assert counts.sum() == 20_000 and (counts > 0).sum() > 990  # really many classes in play
     # CERTIFY's estimation counts are the bincount of exactly the estimation stream's answers
     rec.labels.clear()
-    cert = certify(conn, image(), sigma=SIGMA, n0=50, n=3000, alpha=0.5, batch_size=1000)
+    cert = certify(conn, image(), sigma=SIGMA, n0=50, n=3000, alpha=0.5, batch_size=1000, seed=0)
     sel, est = torch.cat(rec.labels[:1]).numpy(), torch.cat(rec.labels[1:]).numpy()
     assert cert.selection_counts == np.bincount(sel, minlength=1000).tolist()
     assert cert.counts == np.bincount(est, minlength=1000).tolist()

@@ -265,7 +265,7 @@ def test_budget_below_one_certificate_fails_before_spending():
     fn = Counting()
     eng = QueryEngine(make(fn), budget=QueryBudget(max_queries=500))
     with pytest.raises(BudgetExceeded, match="n0 \\+ n = 1100"):
-        certify(eng, torch.rand(*SHAPE), sigma=0.25, n0=100, n=1000)
+        certify(eng, torch.rand(*SHAPE), sigma=0.25, n0=100, n=1000, seed=0)
     assert fn.calls == 0
 
 
@@ -276,11 +276,11 @@ def test_certify_dataset_resume_repeats_no_query(tmp_path):
     fn = Counting()
     eng = QueryEngine(make(fn, max_batch=50), cache=tmp_path / "cache", budget=QueryBudget(max_queries=400))
     with pytest.raises(BudgetExceeded):
-        certify_dataset(eng, x, y, sigma=0.25, n0=10, n=100, output=out)
+        certify_dataset(eng, x, y, sigma=0.25, n0=10, n=100, output=out, seed=0)
     # 3 certificates (110 queries each) are final; 60 queries of the 4th are paid for and cached
     assert len(_journal_records(out)) == 3 and fn.images == 390
     eng2 = QueryEngine(make(fn, max_batch=50), cache=tmp_path / "cache")
-    res = certify_dataset(eng2, x, y, sigma=0.25, n0=10, n=100, output=out)
+    res = certify_dataset(eng2, x, y, sigma=0.25, n0=10, n=100, output=out, seed=0)
     assert fn.images == 6 * 110  # exactly one uninterrupted run's worth
     assert eng2.stats.cache_hits == 60
     seed = res.certificates[0].seed  # the resumed run kept the seed of the run it resumed
@@ -303,18 +303,18 @@ def _journal_records(path) -> list[dict]:
 def test_resume_with_other_settings_or_model_is_refused(tmp_path):
     x = torch.rand(2, *SHAPE)
     out = tmp_path / "certs.jsonl"
-    certify_dataset(make(Counting()), x, [0, 1], sigma=0.25, n0=10, n=100, output=out)
+    certify_dataset(make(Counting()), x, [0, 1], sigma=0.25, n0=10, n=100, output=out, seed=0)
     with pytest.raises(CacheError, match="sigma"):
-        certify_dataset(make(Counting()), x, [0, 1], sigma=0.5, n0=10, n=100, output=out)
+        certify_dataset(make(Counting()), x, [0, 1], sigma=0.5, n0=10, n=100, output=out, seed=0)
     other = CallableConnector(Counting(), input_shape=SHAPE, num_classes=3, fingerprint="counting:v2")
     with pytest.raises(CacheError, match="fingerprint"):
-        certify_dataset(other, x, [0, 1], sigma=0.25, n0=10, n=100, output=out)
+        certify_dataset(other, x, [0, 1], sigma=0.25, n0=10, n=100, output=out, seed=0)
     # a torn final line (crash mid-write) is recomputed, not fatal
     text = out.read_text().splitlines()
     head = [s for s in text if _HEADER in s]  # the journal's header line (if the format has one)
     body = [s for s in text if _HEADER not in s]
     out.write_text("\n".join([*head, body[0], body[1][:40]]))
-    res = certify_dataset(make(Counting()), x, [0, 1], sigma=0.25, n0=10, n=100, output=out)
+    res = certify_dataset(make(Counting()), x, [0, 1], sigma=0.25, n0=10, n=100, output=out, seed=0)
     assert [c.index for c in res.certificates] == [0, 1]
     assert [r["index"] for r in _journal_records(out)] == [0, 1]
 
@@ -332,7 +332,7 @@ def test_engine_is_fast_enough_for_cache_lookups(tmp_path):
 
 def test_non_integral_labels_are_rejected_not_truncated():
     with pytest.raises(InvalidInputError, match="labels must be integers"):
-        certify_dataset(make(Counting()), torch.rand(2, *SHAPE), [0.7, 1], sigma=0.25, n0=10, n=100)
+        certify_dataset(make(Counting()), torch.rand(2, *SHAPE), [0.7, 1], sigma=0.25, n0=10, n=100, seed=0)
 
 
 class VersionedModel:

@@ -342,8 +342,11 @@ def test_label_output_through_labelmap_with_other() -> None:
         got = c.query(x).labels.tolist()
         want = []
         for row in _labels_fn(reference(srv, x)):
-            want.append(lm.map_ranked(row))
+            want.append(lm.map_ranked(row, depth=1))  # the model's top answer (label_depth=1, the default)
         assert got == want
+        with make(srv, label_map=lm, label_depth=None) as deep:
+            assert deep.info.fingerprint != c.info.fingerprint
+            assert deep.query(x).labels.tolist() == [lm.map_ranked(r) for r in _labels_fn(reference(srv, x))]
         assert set(got) == {0, 1, 2}, "this batch should exercise every class, other included"
         assert "sports car" in lm.unmapped_counts()
 

@@ -161,10 +161,8 @@ def test_dry_run_reports_the_split_and_the_fits_real_query_cap(
         zo = json.loads(capsys.readouterr().out)
         assert fake.log == []
     assert est["images"] == 3 and est["fit_images"] == 3 and est["split"] == "fraction"
-    try:  # the command line's own estimate (one function for both)
-        from blackbox_rs.fitting.config import estimate_fit_queries  # type: ignore[attr-defined]
-    except ImportError:
-        from blackbox_rs.cli import _estimate_fit_queries as estimate_fit_queries
+    from blackbox_rs.fitting.strategies import estimate_fit_queries  # the command line's own estimate
+
     # no --fit-budget: the strategy's own default query cost on the 3 fit images, not 0
     assert est["fit_queries"] == estimate_fit_queries(FitConfig(strategy="surrogate"), 3, None) > 1000
     assert est["queries"] == 3 * 25 + est["fit_queries"]

@@ -271,7 +271,7 @@ def test_a_spent_budget_ledger_says_raise_the_limit_not_resume(
         err = capsys.readouterr().err.strip().splitlines()
         ledger = folder / "out" / "budget_ledger.json"
         assert len(err) == 1 and err[0].startswith("stopped: the query budget is spent")
-        assert str(ledger) in err[0] and "30 of 30" in err[0] and "larger --max-queries" in err[0]
+        assert str(ledger) in err[0] and "30 of 30" in err[0] and "larger budget" in err[0]
         assert "run the same command again to resume" not in err[0] and "1 certificate(s) kept" in err[0]
         sent = len(fake.log)
         assert mod.main(argv(folder, fake, "google_vision", "--max-queries", "30")) == 3  # cannot progress

@@ -193,3 +193,24 @@ def test_chain_is_cut_even_where_the_message_was_already_redacted() -> None:
     assert secret not in str(ei.value)
     assert chain(ei.value) == [ei.value]
     assert all(secret not in text for text in chain_texts(ei.value))
+
+
+def test_extra_fields_are_redacted_and_logging_never_raises(logs) -> None:
+    """Review findings: `extra=` fields are set after the record factory ran (a JSON handler or a
+    `%(url)s` formatter printed the secret), and an argument whose __str__ raised made the logging call
+    itself raise once a secret was registered."""
+    caplog, stream = logs
+    Credential(secret=SecretStr(SECRET))
+    log = logging.getLogger("someone.elses.library")
+    log.info("request", extra={"url": f"https://h/x?foo={SECRET}", "meta": {"token": quote(SECRET, safe="")}})
+    (rec,) = [r for r in caplog.records if r.getMessage() == "request"]
+    assert leaks(f"{rec.url} {rec.meta}") == [] and "https://h/x" in rec.url  # type: ignore[attr-defined]
+
+    class Hostile:
+        def __str__(self) -> str:
+            raise RuntimeError(f"cannot show {SECRET}")
+
+        __repr__ = __str__
+
+    log.warning("value %s", Hostile())  # must not raise
+    assert leaks(all_log_text(caplog, stream)) == []

@@ -31,7 +31,7 @@ def test_planted_key_appears_nowhere(tmp_path, monkeypatch, caplog):
                              budget=QueryBudget(max_queries=10_000, ledger=tmp_path / "ledger.json"))
         x = torch.rand(3, 1, 8, 8)
         res = certify_dataset(engine, x, [0, 1, 2], sigma=0.25, n0=10, n=50, alpha=0.01,
-                              output=tmp_path / "certs.jsonl")
+                              output=tmp_path / "certs.jsonl", seed=0)
         write_report({"run": res}, tmp_path / "report")
         texts += [repr(conn), repr(engine), repr(conn.info), conn.info.model_dump_json(), repr(engine.budget)]
         # errors raised on the way: bad input and a model name the server does not know

@@ -172,7 +172,7 @@ def test_undecided_at_cap() -> None:
     p = st.norm.cdf(r / sigma) + 0.002  # certifiable, but far too close to call with 2,000 queries
     eng = _engine(0.5 - sigma * st.norm.ppf(p))
     cert = certify_radius(eng, torch.full(SHAPE, 0.5), radius=r, sigma=sigma, alpha=0.001, n0=10,
-                          max_queries=2000, batch_size=100, futility=None)
+                          max_queries=2000, batch_size=100, futility=None, seed=0)
     assert cert.decision == "undecided" and cert.certified_radius == 0.0
     assert cert.stop_reason in ("cap", "unreachable")
     assert cert.queries == eng.stats.queries <= 2000
@@ -184,7 +184,7 @@ def test_futility_stop_gives_up_early_without_a_claim() -> None:
     as a 99% upper bound says the cap cannot certify."""
     sigma, r = 0.25, 0.25
     p = st.norm.cdf(r / sigma) - 0.01
-    kw = dict(radius=r, sigma=sigma, alpha=0.001, n0=10, max_queries=100_000, batch_size=500)
+    kw = dict(radius=r, sigma=sigma, alpha=0.001, n0=10, max_queries=100_000, batch_size=500, seed=0)
     eng = _engine(0.5 - sigma * st.norm.ppf(p))
     quick = certify_radius(eng, torch.full(SHAPE, 0.5), futility=0.01, **kw)
     assert quick.decision == "undecided" and quick.stop_reason == "improbable"
@@ -199,7 +199,7 @@ def test_futility_stop_gives_up_early_without_a_claim() -> None:
 
 def test_clearly_not_certifiable_stops_at_first_look() -> None:
     eng = _engine(0.5)  # P(class 1) = 1/2
-    cert = certify_radius(eng, torch.full(SHAPE, 0.5), radius=0.5, sigma=0.25, n0=10)
+    cert = certify_radius(eng, torch.full(SHAPE, 0.5), radius=0.5, sigma=0.25, n0=10, seed=0)
     assert cert.decision in ("not_certified", "undecided")
     assert cert.queries <= 1 + 10 + LookSchedule.for_radii(0.5, 0.25, 0.001, 100_000 - 11).sizes[0]
 
@@ -209,7 +209,7 @@ def test_dataset_accuracy_and_resume(tmp_path) -> None:  # noqa: ANN001
     xs = torch.tensor([0.05, 0.95, 0.45, 0.9]).reshape(4, 1, 1, 1)
     out = tmp_path / "seq.jsonl"
     res = certify_radius_dataset(eng, xs, [0, 1, 1, 1], radius=[0.1, 0.2], sigma=0.1, alpha=0.01, n0=10,
-                                 max_queries=5000, output=out)
+                                 max_queries=5000, output=out, seed=0)
     assert len(res.certificates) == 4 and res.reference == "labels"
     acc = res.certified_accuracy
     assert set(acc) == {"0.1", "0.2"} and acc["0.1"] >= acc["0.2"]
@@ -217,9 +217,9 @@ def test_dataset_accuracy_and_resume(tmp_path) -> None:  # noqa: ANN001
     assert res.queries == eng.stats.queries
     spent = eng.stats.queries
     again = certify_radius_dataset(eng, xs, [0, 1, 1, 1], radius=[0.1, 0.2], sigma=0.1, alpha=0.01, n0=10,
-                                   max_queries=5000, output=out)
+                                   max_queries=5000, output=out, seed=0)
     assert eng.stats.queries == spent and again.certificates == res.certificates
-    unlabeled = certify_radius_dataset(eng, xs, radius=0.1, sigma=0.1, alpha=0.01, n0=10, max_queries=5000)
+    unlabeled = certify_radius_dataset(eng, xs, radius=0.1, sigma=0.1, alpha=0.01, n0=10, max_queries=5000, seed=0)
     assert unlabeled.reference == "clean_prediction"
 
 
@@ -229,24 +229,24 @@ def test_dataset_accuracy_and_resume(tmp_path) -> None:  # noqa: ANN001
 def test_bad_radius(radius) -> None:  # noqa: ANN001
     eng = _engine(0.5)
     with pytest.raises(InvalidParameterError):
-        certify_radius(eng, torch.full(SHAPE, 0.5), radius=radius, sigma=0.25)
+        certify_radius(eng, torch.full(SHAPE, 0.5), radius=radius, sigma=0.25, seed=0)
     assert eng.stats.queries == 0
 
 
 def test_unreachable_radius_says_n_min_before_spending() -> None:
     eng = _engine(-1.0)
     with pytest.raises(UncertifiableError, match="218105"):
-        certify_radius(eng, torch.full(SHAPE, 0.5), radius=1.0, sigma=0.25, alpha=0.001, max_queries=100_000)
+        certify_radius(eng, torch.full(SHAPE, 0.5), radius=1.0, sigma=0.25, alpha=0.001, max_queries=100_000, seed=0)
     with pytest.raises(UncertifiableError):
-        certify_radius(eng, torch.full(SHAPE, 0.5), radius=10.0, sigma=0.12)
+        certify_radius(eng, torch.full(SHAPE, 0.5), radius=10.0, sigma=0.12, seed=0)
     with pytest.raises(UncertifiableError):  # 301 needed, 200 allowed
-        certify_radius(eng, torch.full(SHAPE, 0.5), radius=0.5, sigma=0.25, max_queries=200)
+        certify_radius(eng, torch.full(SHAPE, 0.5), radius=0.5, sigma=0.25, max_queries=200, seed=0)
     with pytest.raises(InvalidParameterError):
-        certify_radius(eng, torch.full(SHAPE, 0.5), radius=0.5, sigma=0.25, max_queries=5, n0=10)
+        certify_radius(eng, torch.full(SHAPE, 0.5), radius=0.5, sigma=0.25, max_queries=5, n0=10, seed=0)
     assert eng.stats.queries == 0
     poor = _engine(-1.0, budget=QueryBudget(max_queries=100))
     with pytest.raises(BudgetExceeded):
-        certify_radius(poor, torch.full(SHAPE, 0.5), radius=0.5, sigma=0.25)
+        certify_radius(poor, torch.full(SHAPE, 0.5), radius=0.5, sigma=0.25, seed=0)
     assert poor.stats.queries == 0
 
 
@@ -262,10 +262,10 @@ def test_check_radii() -> None:
 def test_lattice_mode_end_to_end() -> None:
     eng = _engine(-1.0)
     x = torch.full(SHAPE, 128 / 255)
-    cert = certify_radius(eng, x, radius=0.5, sigma=0.25, lattice=True)
+    cert = certify_radius(eng, x, radius=0.5, sigma=0.25, lattice=True, seed=0)
     assert cert.decision == "certified" and cert.lattice
     with pytest.raises(InvalidInputError):
-        certify_radius(eng, torch.full(SHAPE, 0.5001), radius=0.5, sigma=0.25, lattice=True)
+        certify_radius(eng, torch.full(SHAPE, 0.5001), radius=0.5, sigma=0.25, lattice=True, seed=0)
 
 
 def test_wald_oracle_matches_scipy_and_an_sprt_and_bounds_our_procedure() -> None:

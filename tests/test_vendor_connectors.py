@@ -355,7 +355,8 @@ def test_kserve_label_depth_reads_the_top_label_only_when_asked() -> None:
         fake.rows = ["sofa", "dog"]
         x = torch.rand(1, 3, 8, 8)
         lm = LabelMap(["cat", "dog"])
-        assert _kserve(fake, class_names=None, label_map=lm).query(x).labels.tolist() == [1]  # whole row (default)
-        top1 = _kserve(fake, class_names=None, label_map=lm, label_depth=1)
-        assert top1.query(x).labels.tolist() == [lm.other_index]
-        assert top1.info.fingerprint != _kserve(fake, class_names=None, label_map=lm).info.fingerprint
+        deep = _kserve(fake, class_names=None, label_map=lm, label_depth=None)
+        assert deep.query(x).labels.tolist() == [1]  # the whole row, only when asked
+        top1 = _kserve(fake, class_names=None, label_map=lm)  # default: the model's top answer
+        assert top1.label_depth == 1 and top1.query(x).labels.tolist() == [lm.other_index]
+        assert top1.info.fingerprint != deep.info.fingerprint

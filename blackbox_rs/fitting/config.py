@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 __all__ = ["FitConfig", "StrategyName"]
 
-StrategyName = Literal["denoise", "surrogate", "zeroth_order", "passthrough"]
+StrategyName = str
+"""A registered strategy name (built in: denoise, surrogate, zeroth_order, passthrough; more with
+:func:`blackbox_rs.fitting.strategies.register_strategy`)."""
 
 
 class FitConfig(BaseModel):
@@ -30,7 +32,7 @@ class FitConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    strategy: StrategyName = "surrogate"
+    strategy: StrategyName = Field(default="surrogate", description="a registered strategy name")
     steps: int = Field(default=600, ge=0, description="module optimisation steps (after pretraining)")
     pretrain_steps: int = Field(default=600, ge=0, description="MSE denoising steps first (zero queries)")
     batch_size: int = Field(default=64, ge=1, description="clean images per step")
@@ -78,6 +80,15 @@ class FitConfig(BaseModel):
     zo_loss: Literal["auto", "labels", "scores"] = Field(
         default="auto", description="black-box loss: label disagreement, score cross-entropy, or scores if returned"
     )
+
+    @field_validator("strategy")
+    @classmethod
+    def _registered(cls, v: str) -> str:
+        from blackbox_rs.fitting.strategies import STRATEGIES
+
+        if v not in STRATEGIES:
+            raise ValueError(f"unknown strategy {v!r}; registered: {sorted(STRATEGIES)}")
+        return v
 
     @model_validator(mode="after")
     def _weights(self) -> FitConfig:

@@ -23,7 +23,7 @@ from blackbox_rs.fitting.context import FitContext, FitReport
 from blackbox_rs.fitting.objectives import mse_loss
 from blackbox_rs.fitting.selection import ScoreRound, score_round, worst_gain
 
-__all__ = ["STRATEGIES", "Strategy", "get_strategy", "register_strategy", "run_fit"]
+__all__ = ["STRATEGIES", "Strategy", "estimate_fit_queries", "get_strategy", "register_strategy", "run_fit"]
 
 STRATEGIES: dict[str, type[Strategy]] = {}
 
@@ -39,6 +39,13 @@ def get_strategy(name: str) -> type[Strategy]:
     if name not in STRATEGIES:
         raise InvalidParameterError(f"unknown strategy {name!r}; known: {sorted(STRATEGIES)}")
     return STRATEGIES[name]
+
+
+def estimate_fit_queries(config: Any, n_images: int, budget: int | None = None) -> int:
+    """Upper bound on the queries of a fit of ``n_images`` images with ``config`` (a ``FitConfig``),
+    capped by ``budget``: what the CLI and recipe dry runs print (see :meth:`Strategy.estimate_queries`)."""
+    q = get_strategy(config.strategy).estimate_queries(config, n_images)
+    return q if budget is None else min(q, int(budget))
 
 
 def phase_lr(base: float, j: int, length: int, schedule: str) -> float:
@@ -66,6 +73,26 @@ class Strategy(abc.ABC):
         self.ctx = ctx
         self.opt = torch.optim.Adam(ctx.module.trainable_parameters(), lr=ctx.config.lr)
         self._mse_ema: float | None = None
+
+    # -- cost -------------------------------------------------------------------------------------
+    @classmethod
+    def estimate_queries(cls, config: Any, n_images: int) -> int:
+        """Upper bound on the black-box images an uninterrupted fit of ``n_images`` images queries
+        (answers from the cache only lower it; retries that may be billed are charged on top by the
+        engine): the clean labels of the labelled subset, every scoring round (one before the
+        strategy's first step, one every ``score_every`` steps, one after the last) and
+        :meth:`step_queries`. A strategy that never queries costs 0."""
+        if not cls.needs_queries or config.steps == 0:
+            return 0
+        subset = max(1, min(int(n_images), config.clean_queries))
+        rounds = math.ceil(config.steps / config.score_every) + 1
+        scoring = rounds * min(config.score_images, subset) * config.score_draws
+        return subset + scoring + cls.step_queries(config)
+
+    @classmethod
+    def step_queries(cls, config: Any) -> int:
+        """Queries of the strategy's own steps (beyond clean labels and scoring rounds)."""
+        return 0
 
     # -- phases ----------------------------------------------------------------------------------
     @property

@@ -8,6 +8,8 @@ rounds (see :class:`Strategy`) decide which state is kept.
 
 from __future__ import annotations
 
+from typing import Any
+
 from blackbox_rs.errors import InvalidParameterError
 from blackbox_rs.fitting.strategies.base import Strategy, register_strategy
 
@@ -15,6 +17,11 @@ from blackbox_rs.fitting.strategies.base import Strategy, register_strategy
 @register_strategy
 class PassthroughStrategy(Strategy):
     name = "passthrough"
+
+    @classmethod
+    def step_queries(cls, config: Any) -> int:
+        """``batch_size * noise_draws`` differentiable forwards per step."""
+        return config.steps * config.batch_size * config.noise_draws
 
     def check(self) -> None:
         info = self.ctx.engine.info

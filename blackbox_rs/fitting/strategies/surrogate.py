@@ -17,6 +17,7 @@ black box on the module's new outputs, before training on them.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -62,6 +63,11 @@ class _Standardise(nn.Module):
 @register_strategy
 class SurrogateStrategy(Strategy):
     name = "surrogate"
+
+    @classmethod
+    def step_queries(cls, config: Any) -> int:
+        """``distill_queries`` per distillation round, one every ``redistill_every`` steps."""
+        return math.ceil(config.steps / config.redistill_every) * config.distill_queries
 
     def __init__(self, ctx: Any, surrogate: str | nn.Module | None = None) -> None:
         super().__init__(ctx)

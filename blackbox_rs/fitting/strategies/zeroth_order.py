@@ -36,6 +36,11 @@ __all__ = ["ZerothOrderStrategy"]
 class ZerothOrderStrategy(Strategy):
     name = "zeroth_order"
 
+    @classmethod
+    def step_queries(cls, config: Any) -> int:
+        """``2 * zo_directions * zo_batch * noise_draws`` per step (antithetic directions)."""
+        return config.steps * 2 * config.zo_directions * config.zo_batch * config.noise_draws
+
     def __init__(self, ctx: Any) -> None:
         super().__init__(ctx)
         cfg = ctx.config

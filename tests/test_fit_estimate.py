@@ -1,0 +1,91 @@
+"""The dry-run fit estimate is exact for an uninterrupted fit without a cache: every round type
+(clean labels, scoring rounds, distillation rounds, ZO steps, pass-through forwards) is counted, so
+leaving one out makes these tests fail (on the main of 2026-12-01 the CLI's estimate omitted the
+scoring rounds: 23,400 printed, 27,544 spent)."""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import pytest
+import torch
+
+from blackbox_rs import BlackBoxSmoother, FitConfig, QueryEngine
+from blackbox_rs.connectors import CallableConnector
+from blackbox_rs.fitting.strategies import STRATEGIES, Strategy, estimate_fit_queries, register_strategy
+
+SHAPE = (1, 6, 6)
+
+
+class Logits(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.lin = torch.nn.Linear(36, 3)
+
+    def forward(self, b: torch.Tensor) -> torch.Tensor:
+        return self.lin(b.flatten(1))
+
+
+def _fit(strategy: str, n_images: int = 24, **cfg: Any) -> tuple[int, int]:
+    model = Logits()
+    conn = CallableConnector(model, input_shape=SHAPE, num_classes=3, differentiable=True)
+    engine = QueryEngine(conn)  # no cache: every query is charged
+    sm = BlackBoxSmoother(engine, module={"name": "dncnn", "depth": 2, "width": 4}, sigma=0.25)
+    x = torch.rand(n_images, *SHAPE, generator=torch.Generator().manual_seed(1))
+    config = FitConfig(strategy=strategy, **cfg)
+    est = estimate_fit_queries(config, n_images)
+    sm.fit(x, config=config)
+    return engine.stats.queries, est
+
+
+SMALL = {"pretrain_steps": 2, "batch_size": 4, "clean_queries": 10, "score_images": 6, "score_draws": 2,
+         "score_every": 3}
+
+
+@pytest.mark.parametrize("strategy,extra", [
+    ("surrogate", {"steps": 7, "distill_queries": 9, "redistill_every": 4, "surrogate_epochs": 0.5}),
+    ("zeroth_order", {"steps": 4, "zo_batch": 3, "zo_directions": 2, "noise_draws": 2}),
+    ("passthrough", {"steps": 5, "noise_draws": 2}),
+    ("denoise", {"steps": 3}),
+])
+def test_the_estimate_is_what_each_strategy_spends(strategy: str, extra: dict[str, Any]) -> None:
+    spent, est = _fit(strategy, **SMALL, **extra)
+    assert spent == est  # an upper bound that is tight: no round type is left out
+    if strategy != "denoise":
+        cfg = FitConfig(strategy=strategy, **SMALL, **extra)
+        rounds = -(-cfg.steps // cfg.score_every) + 1
+        assert est > rounds * cfg.score_images * cfg.score_draws > 0
+
+
+def test_the_estimate_is_capped_by_the_budget_and_never_below_a_capped_spend() -> None:
+    cfg = FitConfig(strategy="zeroth_order", steps=50)
+    assert estimate_fit_queries(cfg, 100, budget=500) == 500
+    assert estimate_fit_queries(cfg, 100) > 500
+    assert estimate_fit_queries(FitConfig(strategy="surrogate", steps=0), 100) == 0
+
+
+def test_a_registered_third_party_strategy_runs_a_fit_and_is_estimated() -> None:
+    class Probe(Strategy):
+        """Queries one noisy batch per step through the black box (and is estimated so)."""
+
+        name: ClassVar[str] = "probe_test_strategy"
+
+        @classmethod
+        def step_queries(cls, config: Any) -> int:
+            return config.steps * config.batch_size
+
+        def main_step(self, k: int) -> dict[str, float]:
+            ctx = self.ctx
+            idx = ctx.batch_indices(k, ctx.config.batch_size, labelled_only=True)
+            labels = ctx.query(ctx.module_outputs(ctx.noisy(ctx.data.x[idx], k)))
+            return {"agreement": float((labels == ctx.targets(idx)).float().mean())}
+
+    with pytest.raises(ValueError, match="unknown strategy"):
+        FitConfig(strategy="probe_test_strategy")
+    register_strategy(Probe)
+    try:
+        spent, est = _fit("probe_test_strategy", **SMALL, steps=4)
+        assert spent == est > 0
+    finally:
+        STRATEGIES.pop("probe_test_strategy", None)
