@@ -129,7 +129,7 @@ def sequential_run(engine: QueryEngine, x: torch.Tensor, y: torch.Tensor, s: flo
     (cache hits included: what a run without the cache would pay)."""
     res = certify_radius_dataset(engine, x, y.tolist(), radius=r, sigma=s, alpha=args.alpha, n0=args.n0,
                                  max_queries=cap, batch_size=args.batch_size, futility=futility or None,
-                                 seed=0)  # a fixed seed: the README's figures reproduce exactly
+                                 seed=0)  # a fixed seed: the figures in docs/benchmarks.md reproduce exactly
     return res, np.array([c.queries + c.cache_hits for c in res.certificates], float)
 
 
@@ -178,7 +178,9 @@ def main() -> None:
     ap.add_argument("--alpha", type=float, default=0.001)
     ap.add_argument("--n0", type=int, default=10, help="sequential selection samples")
     ap.add_argument("--max-queries", type=int, default=100_000, help="sequential per-input cap")
-    ap.add_argument("--futility", type=float, default=0.01, help="sequential futility level (0: never)")
+    ap.add_argument("--futility", type=float, default=0.01,
+                    help="sequential futility level (0: never); 0.01 reproduces the documented futility 0.01 column "
+                    "(the library's default is blackbox_rs.defaults.FUTILITY = 0.05)")
     ap.add_argument("--also", nargs="*", default=[], metavar="F:M",
                     help="further sequential settings (futility F, cap M) compared with the same Cohen runs")
     ap.add_argument("--cohen-n", default="10000,100000", help="fixed-n baselines ('' to skip)")

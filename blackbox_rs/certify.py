@@ -27,14 +27,14 @@ from __future__ import annotations
 import math
 import os
 import warnings
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, Protocol, TypeVar
 
 import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict
 
-from blackbox_rs import stats
+from blackbox_rs import defaults, stats
 from blackbox_rs.binding import fresh_seed, noise_identity, transform_identity
 from blackbox_rs.budget import chain
 from blackbox_rs.certificate import ABSTAIN, Certificate, SmoothedPrediction
@@ -61,7 +61,7 @@ __all__ = [
 
 Transform = Callable[[torch.Tensor], torch.Tensor]
 C = TypeVar("C", bound=BaseModel)
-DEFAULT_RADII: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
+DEFAULT_RADII: tuple[float, ...] = defaults.RADII
 
 
 # ---------------------------------------------------------------------------------------------
@@ -177,7 +177,7 @@ def predict(
     *,
     sigma: float,
     n: int,
-    alpha: float = 0.001,
+    alpha: float = defaults.ALPHA,
     batch_size: int | None = None,
     seed: int | None = None,
     key: str | None = None,
@@ -208,9 +208,9 @@ def certify(
     x: torch.Tensor,
     *,
     sigma: float,
-    n0: int = 100,
-    n: int = 100_000,
-    alpha: float = 0.001,
+    n0: int = defaults.N0,
+    n: int = defaults.N,
+    alpha: float = defaults.ALPHA,
     batch_size: int | None = None,
     seed: int | None = None,
     key: str | None = None,
@@ -394,18 +394,13 @@ def certify_each(
     label and reference), calls ``certify_one(index, x, label, key)`` on the rest, journals each
     result and totals its queries. Returns the certificates, the reference ("labels" or
     "clean_prediction") and the queries charged in this call."""
-    reference = "labels" if labels is not None else None
+    if isinstance(inputs, Iterator):  # a one-shot iterable: keep it for the two passes
+        inputs = list(inputs)
+    reference = _validate_all(engine, inputs, labels)
     certs: list[C] = []
     total = Tally()
-    k = engine.info.num_classes
     finished = journal.finished if journal is not None else {}
     for idx, (x, y) in enumerate(_iter_items(inputs, labels)):
-        if reference is None:
-            reference = "labels" if y is not None else "clean_prediction"
-        elif (reference == "labels") != (y is not None):
-            raise InvalidInputError(f"input {idx}: either every input has a label or none does")
-        if y is not None and not (0 <= y < k):
-            raise InvalidInputError(f"input {idx}: label {y} outside the model's classes [0, {k})")
         xt = validate_input(x, engine.info)
         key = input_key(xt)
         if idx in finished:
@@ -425,7 +420,35 @@ def certify_each(
             progress(idx, cert)
     if not certs:
         warnings.warn("no inputs to certify", stacklevel=3)
-    return certs, reference or "labels", total
+    return certs, reference, total
+
+
+def _validate_all(engine: QueryEngine, inputs: Any, labels: Any) -> str:
+    """Check every input and label before the first query (a NaN in image 900 must not be found after
+    899 images were paid for); returns the reference ("labels" or "clean_prediction")."""
+    reference: str | None = "labels" if labels is not None else None
+    k = engine.info.num_classes
+    n = 0
+    for idx, (x, y) in enumerate(_iter_items(inputs, labels)):
+        n += 1
+        if reference is None:
+            reference = "labels" if y is not None else "clean_prediction"
+        elif (reference == "labels") != (y is not None):
+            raise InvalidInputError(f"input {idx}: either every input has a label or none does")
+        if y is not None and not (0 <= y < k):
+            raise InvalidInputError(f"input {idx}: label {y} outside the model's classes [0, {k})")
+        try:
+            validate_input(x, engine.info)
+        except InvalidInputError as exc:
+            raise InvalidInputError(f"input {idx}: {exc} (nothing was sent)") from None
+    if labels is not None:
+        try:
+            extra = len(labels) - n  # type: ignore[arg-type]
+        except TypeError:
+            extra = 0
+        if extra > 0:
+            raise InvalidInputError(f"{n + extra} labels for {n} inputs")
+    return reference or "labels"
 
 
 def open_journal(output: str | os.PathLike[str] | None, model: type[C], engine: QueryEngine,
@@ -450,9 +473,9 @@ def certify_dataset(
     labels: Sequence[int] | None = None,
     *,
     sigma: float,
-    n0: int = 100,
-    n: int = 100_000,
-    alpha: float = 0.001,
+    n0: int = defaults.N0,
+    n: int = defaults.N,
+    alpha: float = defaults.ALPHA,
     batch_size: int | None = None,
     seed: int | None = None,
     radii: Sequence[float] = DEFAULT_RADII,

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict
 
-from blackbox_rs import stats
+from blackbox_rs import defaults, stats
 from blackbox_rs.binding import noise_identity, transform_identity
 from blackbox_rs.certificate import ABSTAIN, SequentialCertificate
 from blackbox_rs.certify import (
@@ -82,9 +82,9 @@ def certify_radius(
     *,
     radius: float | Sequence[float],
     sigma: float,
-    alpha: float = 0.001,
-    n0: int = 10,
-    max_queries: int = 100_000,
+    alpha: float = defaults.ALPHA,
+    n0: int = defaults.SEQ_N0,
+    max_queries: int = defaults.SEQ_MAX_QUERIES,
     batch_size: int | None = None,
     seed: int | None = None,
     key: str | None = None,
@@ -95,7 +95,7 @@ def certify_radius(
     lattice: bool = False,
     growth: float = 1.5,
     target_share: float = 0.5,
-    futility: float | None = 0.01,
+    futility: float | None = defaults.FUTILITY,
 ) -> SequentialCertificate:
     """Decide, with as few queries as the evidence allows, whether ``x`` is certified at ``radius``
     (or which is the largest certified radius of a list).
@@ -227,9 +227,9 @@ def certify_radius_dataset(
     *,
     radius: float | Sequence[float],
     sigma: float,
-    alpha: float = 0.001,
-    n0: int = 10,
-    max_queries: int = 100_000,
+    alpha: float = defaults.ALPHA,
+    n0: int = defaults.SEQ_N0,
+    max_queries: int = defaults.SEQ_MAX_QUERIES,
     batch_size: int | None = None,
     seed: int | None = None,
     output: str | os.PathLike[str] | None = None,
@@ -237,7 +237,7 @@ def certify_radius_dataset(
     lattice: bool = False,
     growth: float = 1.5,
     target_share: float = 0.5,
-    futility: float | None = 0.01,
+    futility: float | None = defaults.FUTILITY,
     progress: Callable[[int, SequentialCertificate], None] | None = None,
 ) -> SequentialDatasetCertification:
     """:func:`certify_radius` on every input (same input forms as

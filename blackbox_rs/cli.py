@@ -48,6 +48,22 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Certified robustness (randomized smoothing) for opaque image classifiers.")
 
 
+def _version(value: bool) -> None:
+    if value:
+        from blackbox_rs._version import __version__
+
+        typer.echo(f"blackbox-rs {__version__}")
+        raise typer.Exit(0)
+
+
+@app.callback()
+def _main(
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                          help="print the version and exit")] = False,
+) -> None:
+    """Certified robustness (randomized smoothing) for opaque image classifiers."""
+
+
 # ----------------------------------------------------------------------------------------------
 # configuration
 class ConnectorSection(BaseModel):

@@ -21,11 +21,17 @@ from typing import Any
 
 import torch
 
+from blackbox_rs import defaults
 from blackbox_rs._version import __version__
 from blackbox_rs.budget import JointBudget, QueryBudget, chain
 from blackbox_rs.cache import QueryCache
-from blackbox_rs.certificate import Certificate, SmoothedPrediction
+from blackbox_rs.certificate import Certificate, SequentialCertificate, SmoothedPrediction
 from blackbox_rs.certify import DEFAULT_RADII, DatasetCertification, certify, certify_dataset, predict
+from blackbox_rs.certify_sequential import (
+    SequentialDatasetCertification,
+    certify_radius,
+    certify_radius_dataset,
+)
 from blackbox_rs.connectors.base import Connector
 from blackbox_rs.engine import QueryEngine
 from blackbox_rs.errors import ConfigError, InvalidParameterError
@@ -206,16 +212,48 @@ class BlackBoxSmoother:
                                seed=seed, batch_size=batch_size, radii=radii, output=output,
                                transform=self.transform, progress=progress)
 
+    def certify_radius(self, x: torch.Tensor, *, radius: float | Sequence[float], alpha: float = defaults.ALPHA,
+                       sigma: float | None = None, n0: int = defaults.SEQ_N0,
+                       max_queries: int = defaults.SEQ_MAX_QUERIES, seed: int | None = None,
+                       batch_size: int | None = None, label: int | None = None,
+                       futility: float | None = defaults.FUTILITY, lattice: bool = False) -> SequentialCertificate:
+        """Anytime-valid sequential certification of the smoothed classifier at target radii (see
+        :func:`blackbox_rs.certify_sequential.certify_radius`)."""
+        return certify_radius(self.engine, x, radius=radius, sigma=self._sigma(sigma), alpha=alpha, n0=n0,
+                              max_queries=max_queries, batch_size=batch_size, seed=seed, label=label,
+                              transform=self.transform, futility=futility, lattice=lattice)
+
+    def certify_radius_dataset(self, inputs: Any, labels: Sequence[int] | None = None, *,
+                               radius: float | Sequence[float], alpha: float = defaults.ALPHA,
+                               sigma: float | None = None, n0: int = defaults.SEQ_N0,
+                               max_queries: int = defaults.SEQ_MAX_QUERIES, seed: int | None = None,
+                               batch_size: int | None = None, futility: float | None = defaults.FUTILITY,
+                               lattice: bool = False, output: str | os.PathLike[str] | None = None,
+                               progress: Callable[[int, SequentialCertificate], None] | None = None,
+                               ) -> SequentialDatasetCertification:
+        """Sequential certification of every input (see
+        :func:`blackbox_rs.certify_sequential.certify_radius_dataset`, incl. JSONL resume bound to this
+        module's digest)."""
+        return certify_radius_dataset(self.engine, inputs, labels, radius=radius, sigma=self._sigma(sigma),
+                                      alpha=alpha, n0=n0, max_queries=max_queries, seed=seed,
+                                      batch_size=batch_size, output=output, transform=self.transform,
+                                      futility=futility, lattice=lattice, progress=progress)
+
     # ------------------------------------------------------------------------------------------
     def save(self, directory: str | os.PathLike[str]) -> Path:
         """Write ``smoother.json`` (sigmas, model fingerprint, SDK version, fit report) and the module
         (config JSON + safetensors) into ``directory``. Nothing is pickled."""
-        d = Path(directory)
-        d.mkdir(parents=True, exist_ok=True)
-        if self.module is not None:
-            self.module.save(d / "module")
+        from blackbox_rs.paths import ensure_writable_dir
+
+        d = ensure_writable_dir(directory, "smoother directory", ConfigError)
+        try:
+            if self.module is not None:
+                self.module.save(d / "module")
+        except OSError as exc:
+            raise ConfigError(f"cannot save the module into {d / 'module'}: {exc.strerror or exc}") from None
         meta = {
             "sdk_version": __version__,
+            "module_digest": None if self.module is None else self.module.digest(),
             "sigmas": self.sigmas,
             "fingerprint": self.engine.info.fingerprint,
             "input_shape": list(self.engine.info.input_shape),
@@ -224,8 +262,11 @@ class BlackBoxSmoother:
             "fit_report": None if self.fit_report is None else self.fit_report.model_dump(exclude={"history"}),
         }
         tmp = d / (_SMOOTHER_JSON + ".tmp")
-        tmp.write_text(json.dumps(meta, indent=1))
-        os.replace(tmp, d / _SMOOTHER_JSON)
+        try:
+            tmp.write_text(json.dumps(meta, indent=1))
+            os.replace(tmp, d / _SMOOTHER_JSON)
+        except OSError as exc:
+            raise ConfigError(f"cannot write {d / _SMOOTHER_JSON}: {exc.strerror or exc}") from None
         return d
 
     @classmethod
@@ -239,6 +280,12 @@ class BlackBoxSmoother:
         except (OSError, ValueError) as exc:
             raise ConfigError(f"{d} does not hold a saved smoother ({_SMOOTHER_JSON}): {exc}") from exc
         module = load_module(d / "module") if meta.get("module") else None
+        saved_digest = meta.get("module_digest")
+        if module is not None and saved_digest is not None and module.digest() != saved_digest:
+            raise ConfigError(
+                f"{d}: the module's files do not match the digest recorded when it was saved "
+                f"({saved_digest}); the module was changed or damaged after saving"
+            )
         smoother = cls(connector, module=module, sigmas=meta["sigmas"], **kwargs)
         info = smoother.engine.info
         if list(info.input_shape) != meta["input_shape"] or list(info.class_names) != meta["class_names"]:

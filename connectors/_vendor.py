@@ -35,7 +35,6 @@ from __future__ import annotations
 import abc
 import math
 import random
-import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -49,12 +48,12 @@ from blackbox_rs.errors import (
     ConnectorError,
     InvalidParameterError,
     InvalidResponseError,
-    ModelVersionChangedError,
     RateLimitedError,
 )
 
 from ._encoding import ImageEncoding, encode_images
 from ._ratelimit import RateLimiter
+from ._version_pin import VersionPin
 from .base import ConnectorInfo, Prediction
 from .http import (
     DEFAULT_RETRY_STATUSES,
@@ -202,8 +201,7 @@ class VendorConnector(HTTPConnector):
             cost_per_query = (spec.price_per_1k if price_per_1k is None else float(price_per_1k)) / 1000.0
         self._sleep = sleep
         self.item_retries = 0  # images re-sent because of a per-image error in a batched answer
-        self._version: str | None = None
-        self._version_lock = threading.Lock()
+        self._version = VersionPin()
         self.transport = HTTPTransport(
             base_url,
             auth=auth,
@@ -327,45 +325,28 @@ class VendorConnector(HTTPConnector):
         return lm.map_ranked(names, depth=self.label_depth)
 
     def _pin_version(self, version: str | None) -> None:
-        if not version:
-            return
-        version = str(version)
-        with self._version_lock:
-            pinned = self._version = self._version or version
-        if version != pinned:
-            raise ModelVersionChangedError(
-                f"{self.spec.vendor} answered with model version {version!r}, but this run is bound to "
-                f"{pinned!r}; answers of two model versions are never mixed in one cache (pin a model "
-                f"version, or start a fresh cache for the new one)"
-            )
+        self._version.observe(version, f"{self.spec.vendor} answered with model version {{seen}}, but this run "
+                              "is bound to {bound}; answers of two model versions are never mixed in one cache "
+                              "(pin a model version, or start a fresh cache for the new one)")
 
     @property
     def observed_model_version(self) -> str | None:
         """The model version this connector is bound to: the first one an answer reported, or the one
         given to :meth:`expect_model_version`; None until known (or if the vendor reports none)."""
-        return self._version
+        return self._version.value
 
     def expect_model_version(self, version: str) -> None:
         """Bind this connector to ``version`` (e.g. the one a resumed run's cache observed): any answer
         with another version raises :class:`ModelVersionChangedError`, naming both. Raises at once if
         this connector already observed a different version."""
-        if not isinstance(version, str) or not version:
-            raise InvalidParameterError(f"expect_model_version needs a non-empty version string, got {version!r}")
-        with self._version_lock:
-            seen = self._version
-            if seen is None:
-                self._version = version
-                return
-        if seen != version:
-            raise ModelVersionChangedError(
-                f"{self.spec.vendor} answered with model version {seen!r}, but the run being resumed observed "
-                f"{version!r}; answers of two model versions are never mixed in one cache"
-            )
+        self._version.expect(version, f"{self.spec.vendor} answered with model version {{bound}}, but the run "
+                             "being resumed observed {seen}; answers of two model versions are never mixed in "
+                             "one cache")
 
     @property
     def model_version(self) -> str | None:
         """Alias of :attr:`observed_model_version` (kept for compatibility)."""
-        return self._version
+        return self._version.value
 
 
 def check_label_depth(label_depth: object, requested: int | None = None, what: str = "max_results") -> int:

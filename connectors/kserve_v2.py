@@ -44,7 +44,6 @@ setting that changes answers; never a credential, a query string, a timeout or a
 from __future__ import annotations
 
 import math
-import threading
 import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
@@ -60,11 +59,11 @@ from blackbox_rs.errors import (
     InvalidParameterError,
     InvalidResponseError,
     ModelNotReadyError,
-    ModelVersionChangedError,
 )
 
 from ._encoding import ImageEncoding, Layout, b64encode, encode_images, to_float32_array, to_uint8_array
 from ._ratelimit import RateLimiter
+from ._version_pin import VersionPin
 from .base import ConnectorInfo, Prediction
 from .http import Auth, HTTPConnector, HTTPTransport, RetryPolicy, endpoint_fingerprint, parse_json
 from .labelmap import LabelMap
@@ -148,7 +147,7 @@ class KServeV2Connector(HTTPConnector):
                                         or label_depth < 1):
             raise InvalidParameterError(f"label_depth must be an integer >= 1 or None, got {label_depth!r}")
         self.label_depth = label_depth
-        self._version_lock = threading.Lock()
+        self._version = VersionPin()
         if isinstance(label_map, Mapping):  # from a config file: LabelMap.to_dict() form
             label_map = LabelMap.from_dict(label_map)
         if isinstance(retry, Mapping):
@@ -327,7 +326,7 @@ class KServeV2Connector(HTTPConnector):
         seen_version = self.model_version
         if seen_version is None and isinstance(versions, list) and len(versions) == 1:
             seen_version = str(versions[0])
-        self._expected_version = seen_version
+        self._version.value = seen_version
         host = next((v for k, v in (headers or {}).items() if k.lower() == "host"), None)
         enc = self.encoding.value + (f"-q{self.jpeg_quality}" if self.encoding is ImageEncoding.JPEG else "")
         labels_read = self.label_map is not None  # a label output: class order and label map decide answers
@@ -449,43 +448,23 @@ class KServeV2Connector(HTTPConnector):
         return Prediction(labels=torch.tensor([lm.map_ranked(r, depth=depth) for r in rows], dtype=torch.int64))
 
     def _check_version(self, version: Any, where: str) -> None:
-        if version in (None, ""):
-            return
-        version = str(version)
-        with self._version_lock:
-            if self._expected_version is None:
-                self._expected_version = version
-                return
-            expected = self._expected_version
-        if version != expected:
-            raise ModelVersionChangedError(
-                f"{where}: the server answered with model version {version!r}, expected {expected!r}; a model "
-                f"swapped behind the URL would mix answers of two models in one cache (pin model_version=)"
-            )
+        self._version.observe(version, f"{where}: the server answered with model version {{seen}}, expected "
+                              "{bound}; a model swapped behind the URL would mix answers of two models in one "
+                              "cache (pin model_version=)")
 
     @property
     def observed_model_version(self) -> str | None:
         """The model version this connector is bound to: the pinned ``model_version``, else the only
         version the metadata declares, else the first one an answer reported (or the one given to
         :meth:`expect_model_version`); None until known."""
-        return self._expected_version
+        return self._version.value
 
     def expect_model_version(self, version: str) -> None:
         """Bind this connector to ``version`` (e.g. the one a resumed run's cache observed): any answer
         with another version raises :class:`ModelVersionChangedError`, naming both. Raises at once if
         the connector is already bound to a different one (pinned, declared or observed)."""
-        if not isinstance(version, str) or not version:
-            raise InvalidParameterError(f"expect_model_version needs a non-empty version string, got {version!r}")
-        with self._version_lock:
-            bound = self._expected_version
-            if bound is None:
-                self._expected_version = version
-                return
-        if bound != version:
-            raise ModelVersionChangedError(
-                f"model {self.model_name!r} is bound to version {bound!r}, but the run being resumed observed "
-                f"{version!r}; answers of two model versions are never mixed in one cache"
-            )
+        self._version.expect(version, f"model {self.model_name!r} is bound to version {{bound}}, but the run being "
+                             "resumed observed {seen}; answers of two model versions are never mixed in one cache")
 
 
 def _pick(tensors: list[dict[str, Any]], name: str | None, what: str) -> dict[str, Any] | None:
