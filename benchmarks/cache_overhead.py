@@ -20,8 +20,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from blackbox_rs.certify import certify
 from blackbox_rs.connectors import TorchScriptConnector
+from blackbox_rs.core import certify
 from blackbox_rs.engine import QueryEngine
 
 

@@ -40,9 +40,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from blackbox_rs.certify import certify, sample_counts
 from blackbox_rs.connectors import TorchScriptConnector
 from blackbox_rs.connectors.base import Prediction, validate_batch, validate_prediction
+from blackbox_rs.core import certify, sample_counts
 from blackbox_rs.engine import QueryEngine
 from blackbox_rs.noise import NoiseStream, input_key
 

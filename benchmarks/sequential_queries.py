@@ -50,9 +50,9 @@ import torch
 from torch import nn
 
 from blackbox_rs import stats
-from blackbox_rs.certify import certify_dataset
 from blackbox_rs.certify_sequential import certify_radius_dataset
 from blackbox_rs.connectors import TorchScriptConnector
+from blackbox_rs.dataset import certify_dataset
 from blackbox_rs.engine import QueryEngine
 from blackbox_rs.sequential import wald_oracle_samples
 

@@ -37,20 +37,23 @@ from pydantic import BaseModel, ConfigDict
 from blackbox_rs import defaults, stats
 from blackbox_rs.binding import noise_identity, transform_identity
 from blackbox_rs.certificate import ABSTAIN, SequentialCertificate
-from blackbox_rs.certify import (
+from blackbox_rs.connectors.base import Connector
+from blackbox_rs.core import (
     Transform,
-    _positive_int,
-    _prepare,
+    check_budget_limit,
+    positive_int,
+    prepare,
+    record_binding,
+    sample_counts,
+)
+from blackbox_rs.dataset import (
     bare_clean_label,
     certified_accuracy,
     certified_other,
     certify_each,
-    check_budget_limit,
+    observed_version,
     open_journal,
-    record_binding,
-    sample_counts,
 )
-from blackbox_rs.connectors.base import Connector
 from blackbox_rs.engine import QueryEngine, Tally, as_engine
 from blackbox_rs.errors import InvalidParameterError
 from blackbox_rs.noise_lattice import LatticeNoiseStream, to_lattice
@@ -68,7 +71,7 @@ ESTIMATION_STREAM = "seq-estimation"
 
 
 def _check_cap(max_queries: object, n0: int) -> int:
-    cap = _positive_int("max_queries", max_queries)
+    cap = positive_int("max_queries", max_queries)
     if cap <= n0 + 1:
         raise InvalidParameterError(
             f"max_queries={cap} leaves no estimation samples after 1 clean query and n0={n0} selection samples"
@@ -121,9 +124,9 @@ def certify_radius(
     pay even the cheapest certificate.
     """
     radii = check_radii(radius)
-    n0 = _positive_int("n0", n0)
+    n0 = positive_int("n0", n0)
     cap = _check_cap(max_queries, n0)
-    engine, xt, sigma, alpha, bs, seed, key = _prepare(connector, x, sigma, alpha, batch_size, seed, key)
+    engine, xt, sigma, alpha, bs, seed, key = prepare(connector, x, sigma, alpha, batch_size, seed, key)
     schedule = LookSchedule.for_radii(radii, sigma, alpha, cap - 1 - n0, target_share=target_share,
                                       growth=growth)
     u = to_lattice(xt) if lattice else None
@@ -241,7 +244,7 @@ def certify_radius_dataset(
     progress: Callable[[int, SequentialCertificate], None] | None = None,
 ) -> SequentialDatasetCertification:
     """:func:`certify_radius` on every input (same input forms as
-    :func:`blackbox_rs.certify.certify_dataset`), with certified accuracy at each target radius.
+    :func:`blackbox_rs.dataset.certify_dataset`), with certified accuracy at each target radius.
 
     Without labels the reference is each input's clean prediction (from the certificate's own clean
     query; one extra bare query when there is a transform). With ``output`` every certificate is
@@ -252,7 +255,7 @@ def certify_radius_dataset(
     """
     engine = as_engine(connector)
     radii = check_radii(radius)
-    n0 = _positive_int("n0", n0)
+    n0 = positive_int("n0", n0)
     cap = _check_cap(max_queries, n0)
     sigma = stats.check_sigma(sigma)
     alpha = stats.check_alpha(alpha)
@@ -278,7 +281,7 @@ def certify_radius_dataset(
                               batch_size=batch_size, seed=run_seed, key=key, label=y, index=idx,
                               transform=transform, reference=reference, lattice=lattice, growth=growth,
                               target_share=target_share, futility=futility)
-        update: dict[str, Any] = {"model_version": _observed_version(engine)}
+        update: dict[str, Any] = {"model_version": observed_version(engine)}
         if y is None:
             # the reference is the bare model's clean label f(x): the certificate's own clean query when
             # there is no transform, else one more (bare) query, charged to this certificate
@@ -302,7 +305,3 @@ def certify_radius_dataset(
         certified_other=certified_other(certs, radii),
     )
 
-
-def _observed_version(engine: QueryEngine) -> str | None:
-    v = getattr(engine.connector, "observed_model_version", None)
-    return v if isinstance(v, str) and v else None

@@ -270,7 +270,7 @@ def fit(
         if cfg.data.fit is None:
             raise ConfigError("[data] fit = <path> is required to fit")
         engine = _engine(cfg, None)
-        x, y = load_images(cfg.data.fit, engine.info.input_shape, cfg.data.limit)
+        x, y = load_images(cfg.data.fit, engine.info.input_shape, cfg.data.limit, class_names=engine.info.class_names)
         from blackbox_rs.fitting.strategies import estimate_fit_queries
 
         est = estimate_fit_queries(fc, len(x), cfg.fit.budget)
@@ -321,7 +321,8 @@ def certify(
         if cfg.data.certify is None:
             raise ConfigError("[data] certify = <path> is required to certify")
         engine = _engine(cfg, c.budget)
-        x, y = load_images(cfg.data.certify, engine.info.input_shape, cfg.data.limit)
+        x, y = load_images(cfg.data.certify, engine.info.input_shape, cfg.data.limit,
+                           class_names=engine.info.class_names)
         est = len(x) * (c.n0 + c.n + (0 if y is not None else 1))
         if dry_run:
             typer.echo(f"dry run: certifying {len(x)} images (n0={c.n0}, n={c.n}) needs at most {est:,} queries "
@@ -358,8 +359,8 @@ def report(
     """Rebuild the report (JSON, CSV, table, PNG, markdown) from certificate files, no queries."""
 
     def go() -> None:
-        from blackbox_rs.certify import DatasetCertification, certified_accuracy, certified_other
         from blackbox_rs.certify_sequential import SequentialDatasetCertification
+        from blackbox_rs.dataset import DatasetCertification, certified_accuracy, certified_other
         from blackbox_rs.reports import accuracy_table, load_certificates, write_report
 
         try:

@@ -2,13 +2,22 @@
 
 * ``.npz`` with ``x`` (``N x C x H x W`` or ``N x H x W x C``; float in [0, 1] or uint8 0..255) and
   optional ``y`` (int labels). Loaded with ``allow_pickle=False``.
-* A folder with one sub-folder per class (sorted names = class indices), or a flat folder of images
-  (unlabeled). Images are converted to the model's channels and resized to its H x W (Pillow).
+* A folder with one sub-folder per class, or a flat folder of images (unlabeled). Images are
+  converted to the model's channels and resized to its H x W (Pillow).
+
+Labels of a folder of sub-folders: with ``class_names`` (the connector's, ``engine.info.class_names``)
+each sub-folder is labelled by its *name*: the index of the class of that exact name, or, when the
+class names are ``"0" .. "K-1"``, an integer name that is a valid index (``03`` -> 3). Sub-folders
+``0, 3, 4, 6`` therefore give labels 0, 3, 4, 6. A sub-folder whose name matches no class raises
+:class:`~blackbox_rs.errors.ConfigError` naming the folder and the known classes, before any image is
+read. Without ``class_names`` (nothing is known about the classes) the old rule holds: the sorted
+sub-folder names are labelled 0, 1, 2, ... by position.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -34,7 +43,34 @@ def _to_nchw(x: np.ndarray, shape: tuple[int, int, int]) -> torch.Tensor:
     return t.float()
 
 
-def _folder(path: Path, shape: tuple[int, int, int]) -> tuple[torch.Tensor, torch.Tensor | None]:
+def _known(class_names: Sequence[str]) -> str:
+    names = [str(c) for c in class_names]
+    shown = ", ".join(repr(c) for c in names[:20])
+    return shown + (f", ... ({len(names)} classes)" if len(names) > 20 else "")
+
+
+def _folder_labels(subdirs: Sequence[Path], class_names: Sequence[str] | None) -> list[int]:
+    """The label of each class sub-folder: by name against ``class_names`` (see the module
+    docstring), or by sorted position when ``class_names`` is None."""
+    if class_names is None:
+        return list(range(len(subdirs)))
+    names = [str(c) for c in class_names]
+    index = {c: i for i, c in enumerate(names)}
+    numeric = names == [str(i) for i in range(len(names))]
+    labels = []
+    for d in subdirs:
+        label = index.get(d.name)
+        if label is None and numeric and d.name.isascii() and d.name.isdigit() and int(d.name) < len(names):
+            label = int(d.name)
+        if label is None:
+            raise ConfigError(f"image folder {d.name!r} (in {d.parent}) matches no class of the model; "
+                              f"name each sub-folder after a class: {_known(names)}")
+        labels.append(label)
+    return labels
+
+
+def _folder(path: Path, shape: tuple[int, int, int],
+            class_names: Sequence[str] | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     from PIL import Image
 
     mode = {1: "L", 3: "RGB"}.get(shape[0])
@@ -43,7 +79,7 @@ def _folder(path: Path, shape: tuple[int, int, int]) -> tuple[torch.Tensor, torc
     subdirs = sorted(p for p in path.iterdir() if p.is_dir())
     items: list[tuple[Path, int | None]] = []
     if subdirs:
-        for label, d in enumerate(subdirs):
+        for label, d in zip(_folder_labels(subdirs, class_names), subdirs, strict=True):
             items += [(f, label) for f in sorted(d.iterdir()) if f.suffix.lower() in _EXTS]
     else:
         items = [(f, None) for f in sorted(path.iterdir()) if f.suffix.lower() in _EXTS]
@@ -61,14 +97,20 @@ def _folder(path: Path, shape: tuple[int, int, int]) -> tuple[torch.Tensor, torc
 
 
 def load_images(path: str | os.PathLike[str], input_shape: tuple[int, int, int],
-                limit: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Images (float32 N x C x H x W in [0, 1]) and optional labels from ``path``."""
+                limit: int | None = None, *,
+                class_names: Sequence[str] | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Images (float32 N x C x H x W in [0, 1]) and optional labels from ``path``.
+
+    ``class_names`` (the connector's ``info.class_names``): class sub-folders are labelled by name
+    against them, and a folder that names no class is a :class:`ConfigError`; without them, by
+    sorted position (see the module docstring). ``.npz`` labels are taken as stored.
+    """
     p = Path(path)
     if not p.exists():
         raise ConfigError(f"data path {p} does not exist")
     shape = tuple(int(d) for d in input_shape)
     if p.is_dir():
-        x, y = _folder(p, shape)  # type: ignore[arg-type]
+        x, y = _folder(p, shape, class_names)  # type: ignore[arg-type]
     elif p.suffix == ".npz":
         try:
             with np.load(p, allow_pickle=False) as z:

@@ -1,4 +1,4 @@
-"""Certification defaults, defined once (the functions of :mod:`blackbox_rs.certify` and
+"""Certification defaults, defined once (the functions of :mod:`blackbox_rs.core`, :mod:`blackbox_rs.dataset` and
 :mod:`blackbox_rs.certify_sequential` use them; pass a value to override any of them).
 
 ``FUTILITY = 0.05``: sequential certification gives up on an input (undecided, no claim) once a 95 %

@@ -20,8 +20,8 @@ from typing import Any
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from blackbox_rs.certify import DatasetCertification
 from blackbox_rs.connectors.torchscript import file_sha256
+from blackbox_rs.dataset import DatasetCertification
 from blackbox_rs.engine import QueryEngine
 from blackbox_rs.errors import CacheError
 from blackbox_rs.fitting.context import FitReport

@@ -1,11 +1,17 @@
 """Reports: certificates -> JSON, CSV, a certified-accuracy table, a PNG plot and a markdown summary.
 
 A report compares one or more *runs* (e.g. "no module" and "fitted module"), each a
-:class:`~blackbox_rs.certify.DatasetCertification`. The summary states sigma, n0, n, alpha, the number
+:class:`~blackbox_rs.dataset.DatasetCertification`. The summary states sigma, n0, n, alpha, the number
 of inputs, queries and cost, what exactly was certified (model fingerprint, transform identity, noise
 mode), and what "accuracy" means: agreement with ground-truth labels, or certified *consistency* with the
 bare model's own clean predictions (no module). Certificates for the catch-all class ``other`` are never
 counted as correct: they have their own column.
+
+Every report states each run's largest certifiable radius (:func:`max_certifiable_radius`): no input
+can be certified beyond it with that run's settings, whatever the model does. Columns above it are
+shown as ``—`` ("not certifiable with these settings") in the markdown table and left empty in
+``certified_accuracy.csv`` (whose last column, ``max_certifiable_radius``, gives the bound), never as a
+silent 0.
 """
 
 from __future__ import annotations
@@ -19,16 +25,75 @@ from typing import Any
 
 from pydantic import BaseModel
 
+from blackbox_rs import stats
 from blackbox_rs.certificate import Certificate, SequentialCertificate
-from blackbox_rs.certify import REFERENCE_TEXT, DatasetCertification, certified_accuracy, certified_other
-from blackbox_rs.errors import CacheError, ConfigError
+from blackbox_rs.dataset import REFERENCE_TEXT, DatasetCertification, certified_accuracy, certified_other
+from blackbox_rs.errors import CacheError, ConfigError, InvalidParameterError
 from blackbox_rs.journal import read_journal
 from blackbox_rs.paths import ensure_writable_dir
 
-__all__ = ["ReportFiles", "accuracy_table", "load_certificates", "plot_curves", "write_report"]
+__all__ = ["NOT_CERTIFIABLE", "ReportFiles", "accuracy_table", "load_certificates", "max_certifiable_radius",
+           "plot_curves", "write_report"]
 
 _CSV_FIELDS = ["index", "label", "reference", "prediction", "correct", "is_other", "radius", "p_lower", "n0", "n",
                "alpha", "sigma", "seed", "queries", "cache_hits", "method", "key", "fingerprint", "transform", "noise"]
+
+
+#: Table cell of a radius above a run's largest certifiable radius.
+NOT_CERTIFIABLE = "—"
+_NOT_CERTIFIABLE_NOTE = (f"{NOT_CERTIFIABLE} = not certifiable with these settings: the radius is above the run's "
+                         f"largest certifiable radius")
+
+
+def _reach(c: Any) -> float | None:
+    """Largest radius certificate ``c``'s settings can ever certify (None: not a certificate)."""
+    if isinstance(c, SequentialCertificate):
+        # certified_radius is one of the target radii; a target is reachable when its n_min at the
+        # schedule's level for its own look fits in the estimation samples the cap leaves
+        room = c.max_queries - 1 - c.n0
+        level = c.alpha * c.target_share / max(1, len(c.radii))
+        best = 0.0
+        for r in c.radii:
+            try:
+                if r > 0 and stats.n_min(r, c.sigma, level) <= room:
+                    best = max(best, float(r))
+            except InvalidParameterError:  # UncertifiableError included
+                continue
+        return best
+    if isinstance(c, Certificate):
+        try:
+            return float(stats.max_radius(c.n, c.sigma, c.alpha))
+        except InvalidParameterError:
+            return 0.0
+    return None
+
+
+def max_certifiable_radius(res: DatasetCertification) -> float | None:
+    """The largest radius any input of run ``res`` could be certified at with its settings, even if
+    every sample agreed: ``stats.max_radius(n, sigma, alpha)`` for Cohen certificates; for sequential
+    ones the largest target radius that the per-input cap (``max_queries``, less 1 clean query and
+    ``n0`` selection samples) can reach at the schedule's level for that radius. The maximum over
+    the run's certificates; None for a run without certificates. Certified accuracy above it is 0
+    by construction, not by measurement."""
+    values = [v for v in (_reach(c) for c in res.certificates) if v is not None]
+    return max(values) if values else None
+
+
+def _not_certifiable(r: float, reach: float | None, value: float) -> bool:
+    return reach is not None and float(r) > reach and value == 0.0
+
+
+def _reach_text(res: DatasetCertification, reach: float | None) -> str:
+    if reach is None:
+        return "- largest certifiable radius: no certificates"
+    c = res.certificates[0]
+    if isinstance(c, SequentialCertificate):
+        how = (f"the largest target radius that the cap of max_queries = {c.max_queries} queries per input "
+               f"can reach at sigma = {c.sigma}, alpha = {c.alpha}")
+    else:
+        how = f"all n = {getattr(c, 'n', '?')} samples agreeing at sigma = {c.sigma}, alpha = {c.alpha}"
+    return (f"- largest certifiable radius with these settings: {reach:.4g} ({how}); radii above it are "
+            f"not certifiable with these settings (shown as {NOT_CERTIFIABLE}, not 0)")
 
 
 class ReportFiles(BaseModel):
@@ -64,21 +129,41 @@ def load_certificates(path: str | os.PathLike[str]) -> list[Any]:
 
 
 def accuracy_table(runs: Mapping[str, DatasetCertification], radii: Sequence[float] | None = None) -> str:
-    """Markdown table: one row per run, one column per radius."""
+    """Markdown table: one row per run, one column per radius. A radius above the run's largest
+    certifiable radius (:func:`max_certifiable_radius`) shows :data:`NOT_CERTIFIABLE`, and a note
+    line under the table then says so and gives each run's largest certifiable radius."""
     if not runs:
         return ""
     radii = list(radii if radii is not None else next(iter(runs.values())).radii)
     head = "| run | " + " | ".join(f"r = {r:g}" for r in radii) + " |"
     sep = "|---|" + "---|" * len(radii)
     rows = []
+    marked = False
+
+    def cells(values: Mapping[str, float], reach: float | None) -> str:
+        nonlocal marked
+        out = []
+        for r in radii:
+            v = values[f"{r:g}"]
+            if _not_certifiable(r, reach, v):
+                marked = True
+                out.append(NOT_CERTIFIABLE)
+            else:
+                out.append(f"{v:.3f}")
+        return " | ".join(out)
+
+    reaches = {name: max_certifiable_radius(res) for name, res in runs.items()}
     for name, res in runs.items():
         acc = certified_accuracy(res.certificates, radii)
-        rows.append(f"| {name} | " + " | ".join(f"{acc[f'{r:g}']:.3f}" for r in radii) + " |")
+        rows.append(f"| {name} | " + cells(acc, reaches[name]) + " |")
         other = certified_other(res.certificates, radii)
         if other is not None:
-            rows.append(f"| {name}: certified `other` (not counted) | "
-                        + " | ".join(f"{other[f'{r:g}']:.3f}" for r in radii) + " |")
-    return "\n".join([head, sep, *rows])
+            rows.append(f"| {name}: certified `other` (not counted) | " + cells(other, reaches[name]) + " |")
+    table = "\n".join([head, sep, *rows])
+    if marked:
+        table += "\n\n" + _NOT_CERTIFIABLE_NOTE + " (" + "; ".join(
+            f"{name}: {reach:.4g}" for name, reach in reaches.items() if reach is not None) + ")"
+    return table
 
 
 def plot_curves(runs: Mapping[str, DatasetCertification], path: str | os.PathLike[str], *, title: str = "") -> str | None:
@@ -126,7 +211,12 @@ def _settings(res: DatasetCertification) -> dict[str, object]:
 def write_report(runs: Mapping[str, DatasetCertification], directory: str | os.PathLike[str], *,
                  title: str = "blackbox-rs certification report", notes: Sequence[str] = (),
                  cost_per_query: float | None = None) -> ReportFiles:
-    """Write the report files into ``directory`` (created if needed) and return their paths."""
+    """Write the report files into ``directory`` (created if needed) and return their paths.
+
+    ``summary.md`` states each run's largest certifiable radius; the table marks radii above it
+    :data:`NOT_CERTIFIABLE`; ``certified_accuracy.csv`` leaves those cells empty and ends each row
+    with ``max_certifiable_radius``.
+    """
     d = ensure_writable_dir(directory, "report directory")
     if not runs:
         raise ConfigError("a report needs at least one run of certificates")
@@ -141,12 +231,15 @@ def write_report(runs: Mapping[str, DatasetCertification], directory: str | os.P
                 row = c.model_dump()
                 row.update(correct=c.correct, is_other=c.is_other, radius=c.radius)
                 w.writerow([name, *[row.get(k) for k in _CSV_FIELDS]])
+    reaches = {name: max_certifiable_radius(res) for name, res in runs.items()}
     with open(d / "certified_accuracy.csv", "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["run", *[f"{r:g}" for r in radii]])
+        w.writerow(["run", *[f"{r:g}" for r in radii], "max_certifiable_radius"])
         for name, res in runs.items():
             acc = certified_accuracy(res.certificates, radii)
-            w.writerow([name, *[f"{acc[f'{r:g}']:.4f}" for r in radii]])
+            reach = reaches[name]
+            w.writerow([name, *["" if _not_certifiable(r, reach, acc[f"{r:g}"]) else f"{acc[f'{r:g}']:.4f}"
+                                for r in radii], "" if reach is None else f"{reach:.6g}"])
     plot = plot_curves(runs, d / "certified_accuracy.png", title=title)
     lines = [f"# {title}", ""]
     for name, res in runs.items():
@@ -161,10 +254,12 @@ def write_report(runs: Mapping[str, DatasetCertification], directory: str | os.P
                   f"noise `{s.get('noise')}`",
                   f"- accuracy means: {meaning}",
                   f"- queries charged: {res.queries:,} (cache hits: {res.cache_hits:,}); cost: {cost:.4g}",
-                  f"- abstained: {sum(c.abstained for c in res.certificates)}"]
+                  f"- abstained: {sum(c.abstained for c in res.certificates)}",
+                  _reach_text(res, reaches[name])]
         if other is not None:
             lines.append("- certified as the catch-all class `other` (never counted as correct): "
-                         + ", ".join(f"r = {r:g}: {other[f'{r:g}']:.3f}" for r in radii))
+                         + ", ".join(f"r = {r:g}: " + (NOT_CERTIFIABLE if _not_certifiable(r, reaches[name], other[f"{r:g}"])
+                                                         else f"{other[f'{r:g}']:.3f}") for r in radii))
         lines.append("")
     lines += ["## Certified accuracy", "", accuracy_table(runs, radii), ""]
     lines += [f"- {n}" for n in notes]

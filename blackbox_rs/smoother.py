@@ -26,13 +26,14 @@ from blackbox_rs._version import __version__
 from blackbox_rs.budget import JointBudget, QueryBudget, chain
 from blackbox_rs.cache import QueryCache
 from blackbox_rs.certificate import Certificate, SequentialCertificate, SmoothedPrediction
-from blackbox_rs.certify import DEFAULT_RADII, DatasetCertification, certify, certify_dataset, predict
 from blackbox_rs.certify_sequential import (
     SequentialDatasetCertification,
     certify_radius,
     certify_radius_dataset,
 )
 from blackbox_rs.connectors.base import Connector
+from blackbox_rs.core import certify, predict
+from blackbox_rs.dataset import DEFAULT_RADII, DatasetCertification, certify_dataset
 from blackbox_rs.engine import QueryEngine
 from blackbox_rs.errors import ConfigError, InvalidParameterError
 from blackbox_rs.fitting.config import FitConfig
@@ -191,14 +192,14 @@ class BlackBoxSmoother:
     # ------------------------------------------------------------------------------------------
     def predict(self, x: torch.Tensor, *, n: int = 1000, alpha: float = 0.001, sigma: float | None = None,
                 seed: int | None = None, batch_size: int | None = None) -> SmoothedPrediction:
-        """Cohen's PREDICT for the smoothed classifier (see :func:`blackbox_rs.certify.predict`)."""
+        """Cohen's PREDICT for the smoothed classifier (see :func:`blackbox_rs.core.predict`)."""
         return predict(self.engine, x, sigma=self._sigma(sigma), n=n, alpha=alpha, seed=seed,
                        batch_size=batch_size, transform=self.transform)
 
     def certify(self, x: torch.Tensor, *, n0: int = 100, n: int = 10_000, alpha: float = 0.001,
                 sigma: float | None = None, seed: int | None = None, batch_size: int | None = None,
                 label: int | None = None) -> Certificate:
-        """Cohen's CERTIFY for the smoothed classifier (see :func:`blackbox_rs.certify.certify`)."""
+        """Cohen's CERTIFY for the smoothed classifier (see :func:`blackbox_rs.core.certify`)."""
         return certify(self.engine, x, sigma=self._sigma(sigma), n0=n0, n=n, alpha=alpha, seed=seed,
                        batch_size=batch_size, label=label, transform=self.transform)
 
@@ -207,7 +208,7 @@ class BlackBoxSmoother:
                         batch_size: int | None = None, radii: Sequence[float] = DEFAULT_RADII,
                         output: str | os.PathLike[str] | None = None,
                         progress: Callable[[int, Certificate], None] | None = None) -> DatasetCertification:
-        """CERTIFY every input (see :func:`blackbox_rs.certify.certify_dataset`, incl. JSONL resume)."""
+        """CERTIFY every input (see :func:`blackbox_rs.dataset.certify_dataset`, incl. JSONL resume)."""
         return certify_dataset(self.engine, inputs, labels, sigma=self._sigma(sigma), n0=n0, n=n, alpha=alpha,
                                seed=seed, batch_size=batch_size, radii=radii, output=output,
                                transform=self.transform, progress=progress)

@@ -186,7 +186,7 @@ def train_classifier(
     Gaussian augmentation: with ``noise_sigma > 0`` every training image is replaced by
     ``x + N(0, noise_sigma^2)`` drawn fresh each step, in ``[0, 1]`` pixel space (before the model's own
     normalisation), as in Cohen et al. (2019). By default the noisy image is then **clipped** to
-    ``[0, 1]``, because the SDK smooths ``x -> f(clip(x + delta, 0, 1))`` (``blackbox_rs.certify``:
+    ``[0, 1]``, because the SDK smooths ``x -> f(clip(x + delta, 0, 1))`` (``blackbox_rs.core``:
     connectors take valid images), so the model trains on exactly the distribution it is certified
     under. ``clip_noisy=False`` keeps the unclipped noise of Cohen et al. (for a pipeline that does not
     clip); certified through the SDK, such a model loses accuracy at large sigma (Fashion-MNIST,

@@ -38,6 +38,7 @@ import hashlib
 import json
 import os
 import re
+import warnings
 import zipfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -99,6 +100,23 @@ _PURE_TARGET = re.compile(
     r"|math\.[a-z][a-z0-9_]*"
     r"|torch\.(sym_[a-z_]+|_sym_sqrt)"
 )
+
+
+# torch >= 2.9 warns on every torch.jit.load; the SDK's own load silences exactly this notice
+_JIT_LOAD_DEPRECATED = r"`torch\.jit\.load` is deprecated"
+_TS_INTERPRETER = "The following operation failed in the TorchScript interpreter"
+
+
+def _complaint(exc: BaseException) -> str:
+    """The one line of a model failure that says what is wrong: for a TorchScript interpreter error
+    (a traceback of serialized and original code) its last line, else the first line."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    if not lines:
+        return type(exc).__name__
+    line = lines[-1] if lines[0].startswith(_TS_INTERPRETER) else lines[0]
+    if not re.match(r"[A-Za-z_][A-Za-z0-9_.]*(Error|Exception|Warning):", line):
+        line = f"{type(exc).__name__}: {line}"
+    return line if len(line) <= 300 else line[:297] + "..."
 
 
 def _refuse(path: Path, reason: str) -> UnsafeModelFileError:
@@ -276,10 +294,18 @@ class TorchScriptConnector(BaseConnector):
             (``torch.export.save``).
         input_shape: ``(C, H, W)`` the model expects.
         class_names: class names; or ``num_classes`` to name them ``"0" .. "K-1"``. If neither is
-            given, the width of the model's output on one blank image is used.
+            given, the width of the model's output on one blank image is used; if one is given, it must
+            equal that width.
         label_only: hide scores (simulates a label-only API; strategies that need scores refuse it).
         max_batch: most images per forward pass.
         threads: torch intra-op threads for inference (``None`` leaves torch's setting alone).
+
+    At construction the model runs once on a zero batch of ``input_shape`` (1 image, and 2 to check
+    that the batch dimension is dynamic, unless ``max_batch=1``): a model that cannot run it raises
+    :class:`~blackbox_rs.errors.InvalidParameterError` with one line naming the declared shape and
+    the model's own complaint (the last line of a TorchScript traceback), before any query is made.
+    The probe is local (nothing is sent anywhere) and does not change the fingerprint. torch's
+    ``torch.jit.load`` deprecation ``FutureWarning`` is silenced around the SDK's own load only.
 
     The model is differentiable (``info.differentiable``): :meth:`forward_logits` runs it with autograd
     for gradient pass-through fitting. Neither loader unpickles arbitrary Python objects: a ``.pt2``
@@ -310,15 +336,19 @@ class TorchScriptConnector(BaseConnector):
         shape = tuple(int(d) for d in input_shape)
         if len(shape) != 3:
             raise InvalidParameterError(f"input_shape must be (C, H, W), got {tuple(input_shape)}")
-        if class_names is None:
-            if num_classes is None:
-                with torch.inference_mode():
-                    out = self._forward(torch.zeros((1, *shape), dtype=torch.float32))
-                num_classes = self._check_logits(out, 1).shape[1]
-            class_names = [str(i) for i in range(int(num_classes))]
-        elif num_classes is not None and num_classes != len(class_names):
+        if class_names is not None and num_classes is not None and num_classes != len(class_names):
             raise InvalidParameterError(
                 f"num_classes={num_classes} disagrees with {len(class_names)} class_names"
+            )
+        width = self._probe(shape, int(max_batch))  # type: ignore[arg-type]
+        if class_names is None:
+            if num_classes is None:
+                num_classes = width
+            class_names = [str(i) for i in range(int(num_classes))]
+        if len(class_names) != width:
+            given = f"num_classes={num_classes}" if num_classes is not None else f"{len(class_names)} class_names"
+            raise InvalidParameterError(
+                f"model {self.path.name} returns {width} logits per image, not the declared {given}"
             )
         self.label_only = bool(label_only)
         self._info = ConnectorInfo(
@@ -338,7 +368,9 @@ class TorchScriptConnector(BaseConnector):
             if path.suffix in _EXPORT_SUFFIXES:
                 module = load_exported_program(path).module()
             else:
-                module = torch.jit.load(str(path), map_location="cpu")
+                with warnings.catch_warnings():  # exactly torch's own deprecation notice, nothing else
+                    warnings.filterwarnings("ignore", message=_JIT_LOAD_DEPRECATED, category=FutureWarning)
+                    module = torch.jit.load(str(path), map_location="cpu")
                 module.eval()
         except ConnectorError:
             raise
@@ -347,6 +379,44 @@ class TorchScriptConnector(BaseConnector):
         for p in module.parameters():
             p.requires_grad_(False)
         return module
+
+    def _probe(self, shape: tuple[int, int, int], max_batch: int) -> int:
+        """Run a zero batch of the declared shape (1 image, then 2 unless ``max_batch`` is 1) and
+        return the model's output width. A model that cannot run it raises one line
+        (:class:`InvalidParameterError`) naming the declared shape and the model's own complaint;
+        a model that does not return ``N x K`` logits raises :class:`ConnectorError`."""
+        width = 0
+        for n in (1, 2) if max_batch >= 2 else (1,):
+            batch = torch.zeros((n, *shape), dtype=torch.float32)
+            try:
+                with torch.inference_mode():
+                    out = self._model(batch)
+            except Exception as exc:  # torch raises many unrelated types from inside a model
+                complaint = _complaint(exc)
+                if n == 1:
+                    hint = ""
+                    if re.search(r"size\(\)\[0\]|shape\[0\]", complaint):
+                        hint = (" (export the program with a dynamic batch dimension: "
+                                "dynamic_shapes={0: Dim('batch')})")
+                    msg = (f"model {self.path.name} cannot run on the declared input_shape={shape} "
+                           f"(a zero batch of shape {tuple(batch.shape)}): {complaint}{hint}")
+                else:
+                    msg = (f"model {self.path.name} runs on one image of input_shape={shape} but fails on "
+                           f"a batch of 2, so its batch dimension is not dynamic: {complaint} (trace or "
+                           f"export it with a dynamic batch dimension, e.g. dynamic_shapes={{0: Dim('batch')}}, "
+                           f"or pass max_batch=1)")
+                raise InvalidParameterError(msg) from None
+            try:
+                logits = self._check_logits(out, n)
+            except ConnectorError as exc:
+                if n == 1:
+                    raise
+                raise InvalidParameterError(
+                    f"model {self.path.name} answers a batch of 2 images wrongly, so its batch dimension is not "
+                    f"dynamic ({exc}); trace or export it with a dynamic batch dimension, or pass max_batch=1"
+                ) from None
+            width = width or int(logits.shape[1])
+        return width
 
     def _forward(self, batch: torch.Tensor) -> object:
         """Run the model; any failure inside it (a shape guard of an exported program, a dtype or

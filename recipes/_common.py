@@ -437,7 +437,7 @@ def run(recipe: Recipe, argv: Sequence[str] | None = None) -> int:
     handler: logging.Handler | None = None
     out: Path = args.out
     try:
-        from blackbox_rs.certify import check_certifiable
+        from blackbox_rs.core import check_certifiable
 
         check_certifiable(args.n, args.alpha, args.sigma)
         data = _images(args)

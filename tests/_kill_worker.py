@@ -12,8 +12,8 @@ from pathlib import Path
 
 import torch
 
-from blackbox_rs.certify import certify_dataset
 from blackbox_rs.connectors import CallableConnector
+from blackbox_rs.dataset import certify_dataset
 from blackbox_rs.engine import QueryEngine
 
 work = Path(sys.argv[1])

@@ -9,10 +9,11 @@ import pytest
 import torch
 
 from blackbox_rs import BlackBoxSmoother, QueryBudget, QueryEngine
-from blackbox_rs.certify import certify, certify_dataset
 from blackbox_rs.certify_sequential import certify_radius_dataset
 from blackbox_rs.connectors import CallableConnector
 from blackbox_rs.connectors.base import BaseConnector, ConnectorInfo, Prediction
+from blackbox_rs.core import certify
+from blackbox_rs.dataset import certify_dataset
 from blackbox_rs.errors import BudgetExceeded, InvalidParameterError, ResumeMismatchError
 from blackbox_rs.reports import load_certificates
 

@@ -10,8 +10,9 @@ import torch
 from scipy import stats as sps
 
 from blackbox_rs.certificate import ABSTAIN
-from blackbox_rs.certify import certified_accuracy, certify, certify_dataset, predict, sample_counts
 from blackbox_rs.connectors import CallableConnector
+from blackbox_rs.core import certify, predict, sample_counts
+from blackbox_rs.dataset import certified_accuracy, certify_dataset
 from blackbox_rs.engine import QueryEngine
 from blackbox_rs.errors import (
     InvalidInputError,

@@ -185,22 +185,30 @@ def test_truncated_model_file(tmp_path, ts_path):
 
 
 def test_model_failures_become_connector_errors(tmp_path, model):
-    # a program exported for a fixed batch size fails on another one: typed, with a hint
+    # a program exported for a fixed batch size is refused at load (the probe batch of 1), with a hint
     p = tmp_path / "static.pt2"
     torch.export.save(torch.export.export(model, (_batch(2),)), str(p))
-    conn = TorchScriptConnector(p, input_shape=SHAPE, num_classes=K)
-    assert len(conn.query(_batch(2))) == 2
-    with pytest.raises(ConnectorError, match="dynamic batch"):
-        conn.query(_batch(3))
-    # a model built for another input size
+    with pytest.raises(InvalidParameterError, match="dynamic batch"):
+        TorchScriptConnector(p, input_shape=SHAPE, num_classes=K)
+    # a model built for another input size: refused at load, in one line
     wrong_size = _save_script(tmp_path, nn.Sequential(nn.Flatten(), nn.Linear(3 * 4 * 4, K)))
-    ts = TorchScriptConnector(wrong_size, input_shape=SHAPE, num_classes=K)
+    with pytest.raises(InvalidParameterError, match=r"input_shape=\(3, 8, 8\)"):
+        TorchScriptConnector(wrong_size, input_shape=SHAPE, num_classes=K)
+    # a failure inside the model at query time is still a ConnectorError naming the batch shape
+    ts = TorchScriptConnector(_save_script(tmp_path, _FailsOnBright()), input_shape=SHAPE, num_classes=K)
     with pytest.raises(ConnectorError, match="failed on a batch"):
-        ts.query(_batch(2))
+        ts.query(torch.ones(2, *SHAPE))
     # a model that does not return N x K logits
     bad = _save_script(tmp_path, nn.Flatten(0))
     with pytest.raises(ConnectorError, match="logits"):
         TorchScriptConnector(bad, input_shape=SHAPE)
+
+
+class _FailsOnBright(nn.Module):  # runs on the zero probe batch, fails at query time
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if bool(x.max() > 0.5):
+            raise RuntimeError("bright input")
+        return x.flatten(1)[:, :5]  # K logits
 
 
 def _save_script(tmp_path, module: nn.Module):

@@ -15,8 +15,9 @@ from hypothesis import strategies as st
 
 from blackbox_rs.budget import QueryBudget
 from blackbox_rs.cache import QueryCache, request_key
-from blackbox_rs.certify import certify, certify_dataset
 from blackbox_rs.connectors import CallableConnector, Prediction
+from blackbox_rs.core import certify
+from blackbox_rs.dataset import certify_dataset
 from blackbox_rs.engine import QueryEngine, Tally
 from blackbox_rs.errors import (
     BudgetExceeded,

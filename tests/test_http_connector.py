@@ -513,7 +513,7 @@ def test_uint8_rounding_and_encoding_errors() -> None:
 
 
 def test_certify_through_faults_equals_clean_run_and_charges_every_billable_attempt() -> None:
-    certify_mod = pytest.importorskip("blackbox_rs.certify")
+    certify_mod = pytest.importorskip("blackbox_rs.core")
     from blackbox_rs.budget import QueryBudget
     from blackbox_rs.engine import QueryEngine
 

@@ -167,7 +167,7 @@ def test_wrong_width_is_caught_at_discovery_and_in_answers(mlserver: Served) -> 
 
 def test_certify_end_to_end_through_mlserver(mlserver: Served) -> None:
     """Certificates through MLServer equal those of the same model run in-process."""
-    certify_mod = pytest.importorskip("blackbox_rs.certify")
+    certify_mod = pytest.importorskip("blackbox_rs.core")
     from blackbox_rs.engine import QueryEngine
 
     w, b = mlserver.w, mlserver.b

@@ -1,10 +1,18 @@
-"""Fitting data: a torch Dataset, tensors ``(x, y)`` or unlabeled ``x`` -> validated in-memory tensors."""
+"""Fitting data: a torch Dataset, tensors or numpy arrays ``(x, y)`` or unlabeled ``x`` -> validated
+in-memory tensors.
+
+numpy images are float in [0, 1] or ``uint8`` 0..255 (divided by 255), ``N x C x H x W`` or
+``N x H x W x C`` (``N x H x W`` for a 1-channel model); numpy labels are integers. Any other dtype,
+a shape that fits neither layout, values outside [0, 1], NaN/inf or labels of the wrong kind raise
+:class:`~blackbox_rs.errors.InvalidInputError` naming the problem, before anything is queried.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
 from blackbox_rs.connectors.base import ConnectorInfo
@@ -24,7 +32,41 @@ class FitData:
         return int(self.x.shape[0])
 
 
-def _stack_dataset(dataset: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
+def _np_images(x: np.ndarray, shape: tuple[int, ...], batched: bool) -> torch.Tensor:
+    """A numpy image array (a batch ``N x ...`` or, ``batched=False``, one image) as a float32
+    tensor in the model's ``C x H x W`` layout; the shape itself is checked by the caller."""
+    if x.dtype == np.uint8:
+        t = torch.from_numpy(np.ascontiguousarray(x)).float() / 255.0
+    elif np.issubdtype(x.dtype, np.floating):
+        t = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+    else:
+        raise InvalidInputError(f"images must be a float array in [0, 1] or uint8 0..255, got numpy dtype {x.dtype}")
+    base = 1 if batched else 0
+    c, h, w = (int(d) for d in shape)
+    if t.ndim == base + 2 and c == 1 and tuple(t.shape[base:]) == (h, w):
+        t = t.unsqueeze(base)  # H x W images for a 1-channel model
+    elif t.ndim == base + 3 and tuple(t.shape[base:]) != (c, h, w) and tuple(t.shape[base:]) == (h, w, c):
+        t = t.movedim(-1, base)  # channels last -> channels first
+    return t
+
+
+def _np_labels(y: Any) -> torch.Tensor:
+    """Labels (numpy array, list or tensor) as a tensor; non-integer numpy labels are an error."""
+    if isinstance(y, np.ndarray):
+        if y.dtype == np.bool_ or not np.issubdtype(y.dtype, np.integer):
+            raise InvalidInputError(f"labels must be integers, got numpy dtype {y.dtype}")
+        return torch.from_numpy(np.ascontiguousarray(y).astype(np.int64))
+    try:
+        return torch.as_tensor(y)
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise InvalidInputError(f"labels must be a sequence of integers, got {type(y).__name__} ({exc})") from None
+
+
+def _item_image(x: Any, shape: tuple[int, ...]) -> torch.Tensor:
+    return _np_images(x, shape, batched=False) if isinstance(x, np.ndarray) else torch.as_tensor(x)
+
+
+def _stack_dataset(dataset: Any, shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor | None]:
     try:
         n = len(dataset)
     except TypeError:
@@ -35,29 +77,42 @@ def _stack_dataset(dataset: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
         if isinstance(item, (tuple, list)):
             if len(item) < 1:
                 raise InvalidInputError(f"dataset item {i} is empty")
-            xs.append(torch.as_tensor(item[0]))
+            xs.append(_item_image(item[0], shape))
             if len(item) > 1:
                 ys.append(int(item[1]))
         else:
-            xs.append(torch.as_tensor(item))
+            xs.append(_item_image(item, shape))
     if ys and len(ys) != len(xs):
         raise InvalidInputError("either every dataset item has a label or none does")
-    x = torch.stack(xs) if xs else torch.empty(0)
+    try:
+        x = torch.stack(xs) if xs else torch.empty(0)
+    except RuntimeError:
+        shapes = sorted({tuple(t.shape) for t in xs})
+        raise InvalidInputError(f"dataset images differ in shape ({', '.join(map(str, shapes[:4]))}); "
+                                f"each must be {' x '.join(map(str, shape))}") from None
     return x, (torch.tensor(ys, dtype=torch.int64) if ys else None)
 
 
 def as_fit_data(dataset: Any, info: ConnectorInfo) -> FitData:
-    """Validate and stack ``dataset``: a ``(x, y)`` tuple of tensors, an ``x`` tensor, or a Dataset.
+    """Validate and stack ``dataset``: a ``(x, y)`` tuple of tensors or numpy arrays, an ``x``
+    tensor or array, or a Dataset (whose items may be numpy arrays). numpy images may be ``uint8``
+    (divided by 255) and channels-last (see the module docstring).
 
-    Raises :class:`InvalidInputError` naming the problem: wrong shape for the model, values outside
-    [0, 1] or non-finite, labels of the wrong length or outside ``[0, K)``, an empty dataset.
+    Raises :class:`InvalidInputError` naming the problem: a dtype that is not float (or numpy
+    uint8), wrong shape for the model, values outside [0, 1] or non-finite, labels that are not
+    integers, of the wrong length or outside ``[0, K)``, an empty dataset.
     """
+    shape = tuple(info.input_shape)
     if isinstance(dataset, torch.Tensor):
         x, y = dataset, None
-    elif isinstance(dataset, (tuple, list)) and len(dataset) == 2 and isinstance(dataset[0], torch.Tensor):
-        x, y = dataset[0], torch.as_tensor(dataset[1])
+    elif isinstance(dataset, np.ndarray):
+        x, y = _np_images(dataset, shape, batched=True), None
+    elif (isinstance(dataset, (tuple, list)) and len(dataset) == 2
+          and isinstance(dataset[0], (torch.Tensor, np.ndarray))):
+        x = dataset[0] if isinstance(dataset[0], torch.Tensor) else _np_images(dataset[0], shape, batched=True)
+        y = _np_labels(dataset[1])
     else:
-        x, y = _stack_dataset(dataset)
+        x, y = _stack_dataset(dataset, shape)
     if not isinstance(x, torch.Tensor) or not x.dtype.is_floating_point:
         raise InvalidInputError(f"images must be a float tensor in [0, 1], got {getattr(x, 'dtype', type(x))}")
     if x.ndim != 4 or tuple(x.shape[1:]) != tuple(info.input_shape):
