@@ -1,6 +1,6 @@
 """Cached Fashion-MNIST base models for the benchmarks and the demo.
 
-Builds (once; later calls reuse the cache) three :class:`blackbox_rs.zoo.SmallCNN` classifiers on the
+Builds (once; later calls reuse the cache) three :class:`blackbox_rs.surrogates.SmallCNN` classifiers on the
 real Fashion-MNIST training set, exported as TorchScript files:
 
 * ``clean``      -- trained on clean images: the opaque base model to be certified;
@@ -41,14 +41,14 @@ from typing import Any
 
 import torch
 
-from blackbox_rs.connectors.torchscript import file_sha256
-from blackbox_rs.datasets import (
+from blackbox_rs._demo.datasets import (
     FASHION_MNIST_CLASSES,
     FASHION_MNIST_FILES,
     find_fashion_mnist,
     load_fashion_mnist,
 )
-from blackbox_rs.zoo import SmallCNN, accuracy, export_torchscript, train_classifier
+from blackbox_rs._demo.zoo import SmallCNN, accuracy, export_torchscript, train_classifier
+from blackbox_rs.connectors.torchscript import file_sha256
 
 __all__ = ["CACHE_ENV", "CONFIG", "MODELS", "default_cache_dir", "get_models", "measure_throughput"]
 

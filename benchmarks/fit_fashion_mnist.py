@@ -40,8 +40,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _fmnist_models import get_models  # noqa: E402
 
 from blackbox_rs import QueryEngine  # noqa: E402
+from blackbox_rs._demo.datasets import load_fashion_mnist  # noqa: E402
 from blackbox_rs.connectors import TorchScriptConnector  # noqa: E402
-from blackbox_rs.datasets import load_fashion_mnist  # noqa: E402
 from blackbox_rs.fitting.config import FitConfig  # noqa: E402
 from blackbox_rs.smoother import BlackBoxSmoother  # noqa: E402
 

@@ -39,8 +39,8 @@ from _fmnist_models import get_models  # noqa: E402
 from fit_fashion_mnist import SHAPE, fit_config, parser  # noqa: E402
 
 from blackbox_rs import QueryEngine  # noqa: E402
+from blackbox_rs._demo.datasets import load_fashion_mnist  # noqa: E402
 from blackbox_rs.connectors import TorchScriptConnector  # noqa: E402
-from blackbox_rs.datasets import load_fashion_mnist  # noqa: E402
 from blackbox_rs.fitting.config import FitConfig  # noqa: E402
 from blackbox_rs.smoother import BlackBoxSmoother  # noqa: E402
 

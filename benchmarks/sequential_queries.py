@@ -106,7 +106,7 @@ def fmnist_setup(sigmas: list[float], images: int, threads: int) -> tuple[torch.
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from _fmnist_models import get_models
 
-    from blackbox_rs.datasets import load_fashion_mnist
+    from blackbox_rs._demo.datasets import load_fashion_mnist
 
     models = get_models(None, threads=threads, log=lambda *a: None)["models"]
     missing = [s for s in sigmas if f"gauss_{s}" not in models]

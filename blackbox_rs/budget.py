@@ -142,18 +142,14 @@ class QueryBudget:
     def _write_ledger(self) -> None:
         if self.ledger is None:
             return
-        tmp = self.ledger.with_name(self.ledger.name + f".tmp{os.getpid()}.{threading.get_ident()}")
+        from blackbox_rs.paths import atomic_write  # durable, atomic; a failure keeps the old ledger
+
+        data = json.dumps({**self._extra, "spent_queries": self._queries, "spent_cost": self._cost})
         try:
-            self.ledger.parent.mkdir(parents=True, exist_ok=True)
-            with open(tmp, "w") as f:
-                json.dump({**self._extra, "spent_queries": self._queries, "spent_cost": self._cost}, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self.ledger)
-        except OSError as exc:
-            with contextlib.suppress(OSError):
-                tmp.unlink()
-            raise CacheError(f"cannot write budget ledger {self.ledger}: {exc}") from exc
+            atomic_write(self.ledger, data, CacheError)
+        except CacheError as exc:
+            reason = str(exc).removeprefix(f"cannot write {self.ledger}: ")
+            raise CacheError(f"cannot write budget ledger {self.ledger}: {reason}") from None
 
     @contextlib.contextmanager
     def _transaction(self) -> Iterator[None]:

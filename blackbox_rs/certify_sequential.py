@@ -53,6 +53,7 @@ from blackbox_rs.dataset import (
     certify_each,
     observed_version,
     open_journal,
+    validate_dataset,
 )
 from blackbox_rs.engine import QueryEngine, Tally, as_engine
 from blackbox_rs.errors import InvalidParameterError
@@ -271,6 +272,7 @@ def certify_radius_dataset(
               "transform": transform_identity(transform, require=output is not None),
               "noise": noise_identity(bool(lattice)), "other_index": engine.info.other_index,
               "method": "sequential_certify"}
+    inputs, _ = validate_dataset(engine, inputs, labels)  # before the journal is created
     journal, run_seed = open_journal(output, SequentialCertificate, engine, params, seed)
 
     def one(idx: int, xt: torch.Tensor, y: int | None, key: str) -> SequentialCertificate:

@@ -42,6 +42,7 @@ from typing import Annotated, Any
 import typer
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from blackbox_rs import defaults
 from blackbox_rs.errors import BlackBoxRSError, ConfigError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
@@ -88,10 +89,10 @@ class FitSection(BaseModel):
 class CertifySection(BaseModel):
     model_config = ConfigDict(extra="forbid")
     sigma: float = Field(default=0.25, gt=0)
-    n0: int = Field(default=100, ge=1)
-    n: int = Field(default=10_000, ge=1)
-    alpha: float = Field(default=0.001, gt=0, lt=1)
-    radii: list[float] = Field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])
+    n0: int = Field(default=defaults.N0, ge=1)
+    n: int = Field(default=defaults.N, ge=1)
+    alpha: float = Field(default=defaults.ALPHA, gt=0, lt=1)
+    radii: list[float] = Field(default_factory=lambda: list(defaults.RADII))
     seed: int | None = Field(default=None, ge=0, description="noise seed; default: a fresh one from OS entropy, "
                              "recorded in the journal and read back on resume")
     batch_size: int | None = Field(default=None, ge=1)
@@ -165,14 +166,15 @@ def _out_dir(path: Path) -> Path:
     return ensure_writable_dir(path, "output directory", ConfigError)
 
 
-def _engine(cfg: RunConfig, budget: int | None) -> Any:
+def _engine(cfg: RunConfig, budget: int | None, connector: Any) -> Any:
+    """The run's engine: creates the output folder, the query cache and the ledger (never for a dry run)."""
     from blackbox_rs.budget import QueryBudget
     from blackbox_rs.engine import QueryEngine
 
     out = _out_dir(cfg.run.out_dir)
     cache = cfg.run.cache_dir or (out / "cache")
     b = QueryBudget(max_queries=budget, ledger=out / "budget_ledger.json") if budget is not None else None
-    return QueryEngine(_connector(cfg), cache=cache / "queries", budget=b)
+    return QueryEngine(connector, cache=cache / "queries", budget=b)
 
 
 def journal_tag(transform: Any) -> str:
@@ -221,7 +223,7 @@ def demo(
     budget, certify held-out images with and without it, and write a report."""
 
     def go() -> None:
-        from blackbox_rs.demo import DemoConfig, run_demo
+        from blackbox_rs._demo.pipeline import DemoConfig, run_demo
         from blackbox_rs.progress import ProgressBar
 
         _out_dir(out_dir)
@@ -269,16 +271,18 @@ def fit(
         fc = _fit_config(cfg)
         if cfg.data.fit is None:
             raise ConfigError("[data] fit = <path> is required to fit")
-        engine = _engine(cfg, None)
-        x, y = load_images(cfg.data.fit, engine.info.input_shape, cfg.data.limit, class_names=engine.info.class_names)
         from blackbox_rs.fitting.strategies import estimate_fit_queries
 
+        conn = _connector(cfg)
+        info = conn.info
+        x, y = load_images(cfg.data.fit, info.input_shape, cfg.data.limit, class_names=info.class_names)
         est = estimate_fit_queries(fc, len(x), cfg.fit.budget)
-        cost = est * engine.info.cost_per_query
-        if dry_run:
+        cost = est * info.cost_per_query
+        if dry_run:  # nothing is created: no output folder, no cache, no ledger
             typer.echo(f"dry run: fit '{fc.strategy}' on {len(x)} images would spend at most {est:,} queries "
                        f"(cost {cost:.4g}); nothing was sent")
             return
+        engine = _engine(cfg, None, conn)
         smoother = BlackBoxSmoother(engine, module=cfg.fit.module, sigma=cfg.certify.sigma)
         bar = ProgressBar(budget=cfg.fit.budget)
         report = smoother.fit((x, y) if y is not None else x, config=fc, budget=cfg.fit.budget,
@@ -320,14 +324,15 @@ def certify(
         c = cfg.certify
         if cfg.data.certify is None:
             raise ConfigError("[data] certify = <path> is required to certify")
-        engine = _engine(cfg, c.budget)
-        x, y = load_images(cfg.data.certify, engine.info.input_shape, cfg.data.limit,
-                           class_names=engine.info.class_names)
+        conn = _connector(cfg)
+        info = conn.info
+        x, y = load_images(cfg.data.certify, info.input_shape, cfg.data.limit, class_names=info.class_names)
         est = len(x) * (c.n0 + c.n + (0 if y is not None else 1))
-        if dry_run:
+        if dry_run:  # nothing is created: no output folder, no cache, no ledger
             typer.echo(f"dry run: certifying {len(x)} images (n0={c.n0}, n={c.n}) needs at most {est:,} queries "
-                       f"(cost {est * engine.info.cost_per_query:.4g}; cached answers are free); nothing was sent")
+                       f"(cost {est * info.cost_per_query:.4g}; cached answers are free); nothing was sent")
             return
+        engine = _engine(cfg, c.budget, conn)
         if module_dir is not None:
             smoother = BlackBoxSmoother.load(module_dir, engine)
         else:

@@ -50,6 +50,7 @@ __all__ = [
     "certify_each",
     "observed_version",
     "open_journal",
+    "validate_dataset",
 ]
 
 C = TypeVar("C", bound=BaseModel)
@@ -164,9 +165,7 @@ def certify_each(
     label and reference), calls ``certify_one(index, x, label, key)`` on the rest, journals each
     result and totals its queries. Returns the certificates, the reference ("labels" or
     "clean_prediction") and the queries charged in this call."""
-    if isinstance(inputs, Iterator):  # a one-shot iterable: keep it for the two passes
-        inputs = list(inputs)
-    reference = _validate_all(engine, inputs, labels)
+    inputs, reference = validate_dataset(engine, inputs, labels)
     certs: list[C] = []
     total = Tally()
     finished = journal.finished if journal is not None else {}
@@ -193,9 +192,30 @@ def certify_each(
     return certs, reference, total
 
 
-def _validate_all(engine: QueryEngine, inputs: Any, labels: Any) -> str:
-    """Check every input and label before the first query (a NaN in image 900 must not be found after
-    899 images were paid for); returns the reference ("labels" or "clean_prediction")."""
+def validate_dataset(engine: QueryEngine, inputs: Any, labels: Any) -> tuple[Any, str]:
+    """Check every input and label before the first query and before any file is written (a NaN in
+    image 900 must not be found after 899 images were paid for). Returns the inputs (a one-shot
+    iterator is materialised, so it can be read again) and the reference ("labels" or
+    "clean_prediction"). Validated inputs are marked, so a second call is free."""
+    if isinstance(inputs, _Validated):
+        return inputs, inputs.reference
+    if isinstance(inputs, Iterator):
+        inputs = list(inputs)
+    reference = _check_all(engine, inputs, labels)
+    return _Validated(inputs, reference), reference
+
+
+class _Validated:
+    """Inputs that :func:`validate_dataset` checked (iterates like the original)."""
+
+    def __init__(self, inputs: Any, reference: str) -> None:
+        self.inputs, self.reference = inputs, reference
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(self.inputs)
+
+
+def _check_all(engine: QueryEngine, inputs: Any, labels: Any) -> str:
     reference: str | None = "labels" if labels is not None else None
     k = engine.info.num_classes
     n = 0
@@ -286,6 +306,7 @@ def certify_dataset(
     params = {"n0": n0, "n": n, "alpha": alpha, "sigma": sigma, "fingerprint": engine.info.fingerprint,
               "transform": transform_identity(transform, require=output is not None),
               "noise": noise_identity(), "other_index": engine.info.other_index, "method": "cohen_certify"}
+    inputs, _ = validate_dataset(engine, inputs, labels)  # before the journal is created
     journal, seed = open_journal(output, Certificate, engine, params, seed)
 
     def one(idx: int, xt: torch.Tensor, y: int | None, key: str) -> Certificate:

@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import copy
 import threading
-from concurrent.futures import ThreadPoolExecutor, wait
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -184,7 +184,8 @@ class QueryEngine:
         connector: the base model.
         budget: optional :class:`QueryBudget` (shared ledger; may be shared by several engines).
         cache: a :class:`QueryCache` or a directory for one; ``None`` disables caching.
-        max_in_flight: most concurrent requests (capped by ``info.max_concurrency``).
+        max_in_flight: most concurrent requests; default (None): the connector's declared
+            ``info.max_concurrency`` (set once, on the connector); never more than it.
         validate_inputs: check every batch against the input contract (on by default).
     """
 
@@ -194,13 +195,15 @@ class QueryEngine:
         *,
         budget: QueryBudget | None = None,
         cache: QueryCache | str | os.PathLike[str] | None = None,
-        max_in_flight: int = 1,
+        max_in_flight: int | None = None,
         validate_inputs: bool = True,
     ) -> None:
         if not isinstance(connector, Connector):
             raise InvalidParameterError(
                 f"connector must implement the Connector protocol (info, query), got {type(connector).__name__}"
             )
+        if max_in_flight is None:
+            max_in_flight = connector.info.max_concurrency
         if isinstance(max_in_flight, bool) or int(max_in_flight) < 1:
             raise InvalidParameterError(f"max_in_flight must be >= 1, got {max_in_flight!r}")
         self.connector = connector
@@ -246,15 +249,34 @@ class QueryEngine:
             if self.max_in_flight > 1 and len(bounds) > 1:
                 if self._pool is None:
                     self._pool = ThreadPoolExecutor(self.max_in_flight, thread_name_prefix="bbrs-query")
-                futures = [self._pool.submit(self._request, batch[s:e], local) for s, e in bounds]
+                stop = threading.Event()  # set by the first failure: no request starts after it
+
+                def run(sub: torch.Tensor) -> Prediction:
+                    if stop.is_set():
+                        raise _NotStarted
+                    try:
+                        return self._request(sub, local)
+                    except BaseException:
+                        stop.set()
+                        raise
+
+                futures = [self._pool.submit(run, batch[s:e]) for s, e in bounds]
                 try:
-                    parts = [f.result() for f in futures]
-                except BaseException as exc:
+                    wait(futures, return_when=FIRST_EXCEPTION)
+                except BaseException:  # Ctrl-C while waiting
+                    stop.set()
+                    for f in futures:
+                        f.cancel()
+                    raise
+                failed = [f for f in futures if f.done() and not f.cancelled() and f.exception() is not None
+                          and not isinstance(f.exception(), _NotStarted)]
+                if failed:
+                    stop.set()
                     for f in futures:  # not started: never reserved, never sent
                         f.cancel()
-                    if not isinstance(exc, KeyboardInterrupt):
-                        wait(futures)  # running ones finish, so the counts below are complete
-                    raise
+                    wait(futures)  # running ones finish, so the counts below are complete
+                    raise failed[0].exception()  # type: ignore[misc]
+                parts = [f.result() for f in futures]
             else:
                 parts = [self._request(batch[s:e], local) for s, e in bounds]
         finally:
@@ -381,6 +403,10 @@ class QueryEngine:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class _NotStarted(Exception):
+    """A request that did not start because another request of the same query had failed."""
 
 
 def as_engine(connector_or_engine: Connector | QueryEngine) -> QueryEngine:

@@ -159,7 +159,7 @@ class CompatibilityWarning(UserWarning):
     (for example an unknown config key from a newer version)."""
 
 
-# --- Offline datasets (blackbox_rs/datasets.py) -----------------------------------------------------
+# --- Offline datasets (blackbox_rs/_demo/datasets.py) -----------------------------------------------
 
 
 class DatasetError(BlackBoxRSError):

@@ -1,6 +1,7 @@
 """A terminal progress bar for the command line (ETA, queries spent, budget left).
 
-Library code never prints: it reports progress through callbacks, and the CLI renders them here.
+Library code never prints: it reports progress through callbacks; the CLI renders them here, and the
+Python API does too, by default, when stderr is a terminal (``progress="auto"``; ``None`` turns it off).
 """
 
 from __future__ import annotations
@@ -58,6 +59,8 @@ class ProgressBar:
             parts.append(f"queries {int(info['queries']):,}")
             if self.budget is not None:
                 parts.append(f"budget left {max(0, self.budget - int(info['queries'])):,}")
+        if info.get("cost"):
+            parts.append(f"cost {float(info['cost']):.4g}")
         line = "  ".join(parts)
         if self.tty:
             self.stream.write("\r" + line + ("\n" if final else ""))

@@ -17,7 +17,7 @@ import os
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -33,7 +33,7 @@ from blackbox_rs.certify_sequential import (
 )
 from blackbox_rs.connectors.base import Connector
 from blackbox_rs.core import certify, predict
-from blackbox_rs.dataset import DEFAULT_RADII, DatasetCertification, certify_dataset
+from blackbox_rs.dataset import DatasetCertification, certify_dataset
 from blackbox_rs.engine import QueryEngine
 from blackbox_rs.errors import ConfigError, InvalidParameterError
 from blackbox_rs.fitting.config import FitConfig
@@ -73,7 +73,7 @@ class BlackBoxSmoother:
         sigmas: Sequence[float] | None = None,
         cache: str | os.PathLike[str] | QueryCache | None = None,
         budget: QueryBudget | None = None,
-        max_in_flight: int = 1,
+        max_in_flight: int | None = None,
         init_seed: int = 0,
     ) -> None:
         if isinstance(connector, QueryEngine):
@@ -140,7 +140,7 @@ class BlackBoxSmoother:
         config: FitConfig | dict[str, Any] | None = None,
         checkpoint_dir: str | os.PathLike[str] | None = None,
         surrogate: torch.nn.Module | None = None,
-        progress: ProgressFn | None = None,
+        progress: ProgressFn | Literal["auto"] | None = "auto",
         **overrides: Any,
     ) -> FitReport:
         """Fit the module on ``dataset`` (tensors ``(x, y)``, unlabeled ``x``, or a torch Dataset).
@@ -177,7 +177,9 @@ class BlackBoxSmoother:
             else:
                 fit_budget = QueryBudget(max_queries=int(budget), parent=self.engine.budget, ledger=ledger)
             engine = self.engine.with_budget(fit_budget)
-        ctx = FitContext(engine, self.module, data, self.sigmas, cfg, progress)
+        if progress == "auto":
+            progress = _auto_bar("fit", engine, budget)
+        ctx = FitContext(engine, self.module, data, self.sigmas, cfg, progress)  # type: ignore[arg-type]
         if surrogate is not None:
             ctx.surrogate_module = surrogate  # type: ignore[attr-defined]
         try:
@@ -190,28 +192,30 @@ class BlackBoxSmoother:
         return report
 
     # ------------------------------------------------------------------------------------------
-    def predict(self, x: torch.Tensor, *, n: int = 1000, alpha: float = 0.001, sigma: float | None = None,
+    def predict(self, x: torch.Tensor, *, n: int = 1000, alpha: float = defaults.ALPHA, sigma: float | None = None,
                 seed: int | None = None, batch_size: int | None = None) -> SmoothedPrediction:
         """Cohen's PREDICT for the smoothed classifier (see :func:`blackbox_rs.core.predict`)."""
         return predict(self.engine, x, sigma=self._sigma(sigma), n=n, alpha=alpha, seed=seed,
                        batch_size=batch_size, transform=self.transform)
 
-    def certify(self, x: torch.Tensor, *, n0: int = 100, n: int = 10_000, alpha: float = 0.001,
+    def certify(self, x: torch.Tensor, *, n0: int = defaults.N0, n: int = defaults.N, alpha: float = defaults.ALPHA,
                 sigma: float | None = None, seed: int | None = None, batch_size: int | None = None,
                 label: int | None = None) -> Certificate:
         """Cohen's CERTIFY for the smoothed classifier (see :func:`blackbox_rs.core.certify`)."""
         return certify(self.engine, x, sigma=self._sigma(sigma), n0=n0, n=n, alpha=alpha, seed=seed,
                        batch_size=batch_size, label=label, transform=self.transform)
 
-    def certify_dataset(self, inputs: Any, labels: Sequence[int] | None = None, *, n0: int = 100,
-                        n: int = 10_000, alpha: float = 0.001, sigma: float | None = None, seed: int | None = None,
-                        batch_size: int | None = None, radii: Sequence[float] = DEFAULT_RADII,
+    def certify_dataset(self, inputs: Any, labels: Sequence[int] | None = None, *, n0: int = defaults.N0,
+                        n: int = defaults.N, alpha: float = defaults.ALPHA, sigma: float | None = None,
+                        seed: int | None = None, batch_size: int | None = None,
+                        radii: Sequence[float] = defaults.RADII,
                         output: str | os.PathLike[str] | None = None,
-                        progress: Callable[[int, Certificate], None] | None = None) -> DatasetCertification:
+                        progress: Callable[[int, Certificate], None] | Literal["auto"] | None = "auto",
+                        ) -> DatasetCertification:
         """CERTIFY every input (see :func:`blackbox_rs.dataset.certify_dataset`, incl. JSONL resume)."""
         return certify_dataset(self.engine, inputs, labels, sigma=self._sigma(sigma), n0=n0, n=n, alpha=alpha,
                                seed=seed, batch_size=batch_size, radii=radii, output=output,
-                               transform=self.transform, progress=progress)
+                               transform=self.transform, progress=self._dataset_bar(progress, inputs))
 
     def certify_radius(self, x: torch.Tensor, *, radius: float | Sequence[float], alpha: float = defaults.ALPHA,
                        sigma: float | None = None, n0: int = defaults.SEQ_N0,
@@ -230,7 +234,7 @@ class BlackBoxSmoother:
                                max_queries: int = defaults.SEQ_MAX_QUERIES, seed: int | None = None,
                                batch_size: int | None = None, futility: float | None = defaults.FUTILITY,
                                lattice: bool = False, output: str | os.PathLike[str] | None = None,
-                               progress: Callable[[int, SequentialCertificate], None] | None = None,
+                               progress: Callable[[int, SequentialCertificate], None] | Literal["auto"] | None = "auto",
                                ) -> SequentialDatasetCertification:
         """Sequential certification of every input (see
         :func:`blackbox_rs.certify_sequential.certify_radius_dataset`, incl. JSONL resume bound to this
@@ -238,13 +242,31 @@ class BlackBoxSmoother:
         return certify_radius_dataset(self.engine, inputs, labels, radius=radius, sigma=self._sigma(sigma),
                                       alpha=alpha, n0=n0, max_queries=max_queries, seed=seed,
                                       batch_size=batch_size, output=output, transform=self.transform,
-                                      futility=futility, lattice=lattice, progress=progress)
+                                      futility=futility, lattice=lattice,
+                                      progress=self._dataset_bar(progress, inputs))
+
+    def _dataset_bar(self, progress: Any, inputs: Any) -> Any:
+        """``"auto"``: a progress bar on a terminal (queries and cost), nothing otherwise."""
+        if progress != "auto":
+            return progress
+        bar = _auto_bar("certify", self.engine, None)
+        if bar is None:
+            return None
+        try:
+            total = len(inputs)
+        except TypeError:
+            total = 0
+
+        def show(i: int, cert: Any) -> None:
+            bar(i + 1, max(total, i + 1), {})
+
+        return show
 
     # ------------------------------------------------------------------------------------------
     def save(self, directory: str | os.PathLike[str]) -> Path:
         """Write ``smoother.json`` (sigmas, model fingerprint, SDK version, fit report) and the module
         (config JSON + safetensors) into ``directory``. Nothing is pickled."""
-        from blackbox_rs.paths import ensure_writable_dir
+        from blackbox_rs.paths import atomic_write, ensure_writable_dir
 
         d = ensure_writable_dir(directory, "smoother directory", ConfigError)
         try:
@@ -262,12 +284,7 @@ class BlackBoxSmoother:
             "module": self.module is not None,
             "fit_report": None if self.fit_report is None else self.fit_report.model_dump(exclude={"history"}),
         }
-        tmp = d / (_SMOOTHER_JSON + ".tmp")
-        try:
-            tmp.write_text(json.dumps(meta, indent=1))
-            os.replace(tmp, d / _SMOOTHER_JSON)
-        except OSError as exc:
-            raise ConfigError(f"cannot write {d / _SMOOTHER_JSON}: {exc.strerror or exc}") from None
+        atomic_write(d / _SMOOTHER_JSON, json.dumps(meta, indent=1), ConfigError)  # durable; old file kept on failure
         return d
 
     @classmethod
@@ -331,3 +348,24 @@ def _under(budget: QueryBudget, cap: QueryBudget | None) -> QueryBudget:
     if any(b is budget for b in chain(cap)):  # the engine's budget already charges it
         return cap
     return JointBudget(budget, cap)
+
+
+def _auto_bar(stage: str, engine: QueryEngine, budget: Any) -> Any:
+    """A progress callback ``(done, total, info)`` drawing on stderr when it is a terminal (None
+    otherwise): steps or inputs done, ETA, queries charged by the engine and their cost."""
+    import sys
+
+    from blackbox_rs.progress import ProgressBar
+
+    if not getattr(sys.stderr, "isatty", lambda: False)():
+        return None
+    limit = budget if isinstance(budget, int) else getattr(budget, "max_queries", None)
+    bar = ProgressBar(budget=limit)
+    start = engine.stats.queries
+    cpq = engine.info.cost_per_query
+
+    def show(done: int, total: int, info: dict[str, Any]) -> None:
+        q = engine.stats.queries - start
+        bar(stage, done, total, {**info, "queries": q, **({"cost": q * cpq} if cpq else {})})
+
+    return show

@@ -8,18 +8,19 @@ Credentials are given by *environment variable name* only (``bearer_token_env``,
 
 from __future__ import annotations
 
-import importlib
 import inspect
 from collections.abc import Mapping
 from typing import Any
 
 from blackbox_rs.errors import ConfigError
+from blackbox_rs.registry import Registry
 
 from .base import Connector
 
-__all__ = ["build_connector", "list_connectors", "register_connector"]
+__all__ = ["CONNECTORS", "build_connector", "list_connectors", "register_connector"]
 
-_REGISTRY: dict[str, tuple[str, str]] = {
+#: Every connector by name, as a lazy ``module:class`` entry: listing them imports no backend.
+CONNECTORS: Registry[type[Connector]] = Registry("connector", unknown=ConfigError, lazy={
     "torchscript": ("blackbox_rs.connectors.torchscript", "TorchScriptConnector"),
     "kserve_v2": ("blackbox_rs.connectors.kserve_v2", "KServeV2Connector"),
     "huggingface": ("blackbox_rs.connectors.huggingface", "HuggingFaceConnector"),
@@ -31,20 +32,20 @@ _REGISTRY: dict[str, tuple[str, str]] = {
     "torchserve": ("blackbox_rs.connectors.torchserve", "TorchServeConnector"),
     "tf_serving": ("blackbox_rs.connectors.tf_serving", "TFServingConnector"),
     "openai_chat": ("blackbox_rs.connectors.openai_chat", "OpenAIChatConnector"),
-}
+})
 
 _AUTH_KEYS = {"bearer_token_env", "api_key_env", "api_key_header"}
 
 
 def register_connector(name: str, module: str, class_name: str) -> None:
-    """Make ``module:class_name`` buildable as ``name`` (imported lazily on first use)."""
-    if name in _REGISTRY and _REGISTRY[name] != (module, class_name):
-        raise ConfigError(f"connector name {name!r} is already registered for {_REGISTRY[name]}")
-    _REGISTRY[name] = (module, class_name)
+    """Make ``module:class_name`` buildable as ``name`` (imported lazily on first use). The same
+    path again is a no-op; another one under a taken name raises :class:`ConfigError` naming it."""
+    CONNECTORS.register_lazy(name, module, class_name)
 
 
 def list_connectors() -> list[str]:
-    return sorted(_REGISTRY)
+    """Sorted names of every registered connector (imports none of them)."""
+    return CONNECTORS.names()
 
 
 def _auth(settings: dict[str, Any]) -> Any:
@@ -62,10 +63,7 @@ def _auth(settings: dict[str, Any]) -> Any:
 
 def build_connector(name: str, settings: Mapping[str, Any] | None = None) -> Connector:
     """Instantiate the connector registered as ``name`` with ``settings``."""
-    if name not in _REGISTRY:
-        raise ConfigError(f"unknown connector {name!r}; known: {', '.join(list_connectors())}")
-    module, class_name = _REGISTRY[name]
-    cls = getattr(importlib.import_module(module), class_name)
+    cls = CONNECTORS.get(name)  # unknown: ConfigError listing the known names
     kwargs = dict(settings or {})
     if _AUTH_KEYS & kwargs.keys():
         auth = _auth(kwargs)

@@ -46,7 +46,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from blackbox_rs import exit_codes
+from blackbox_rs import defaults, exit_codes
 from blackbox_rs.errors import (
     BlackBoxRSError,
     ConfigError,
@@ -93,9 +93,10 @@ def _parser(recipe: Recipe) -> argparse.ArgumentParser:
     p.add_argument("--size", type=int, default=224, help="images are resized to SIZE x SIZE")
     p.add_argument("--limit", type=int, help="certify only the first LIMIT certification images (after the split)")
     p.add_argument("--sigma", type=float, default=0.25)
-    p.add_argument("--n0", type=int, default=100)
-    p.add_argument("--n", type=int, default=1000)
-    p.add_argument("--alpha", type=float, default=0.001)
+    p.add_argument("--n0", type=int, default=defaults.N0)
+    p.add_argument("--n", type=int, default=defaults.N_HOSTED,
+                   help=f"estimation samples (default {defaults.N_HOSTED}: hosted APIs charge per query)")
+    p.add_argument("--alpha", type=float, default=defaults.ALPHA)
     p.add_argument("--seed", type=int, default=None,
                    help="noise seed (default: a fresh random seed, recorded in certificates.jsonl; give one for "
                         "reproducible benchmarks)")
@@ -359,8 +360,7 @@ def _certify(recipe: Recipe, args: argparse.Namespace, data: _Data, out: Path) -
         budget = None
         if args.max_queries is not None or args.max_cost is not None:
             budget = QueryBudget(args.max_queries, args.max_cost, ledger=out / "budget_ledger.json")
-        engine = QueryEngine(connector, cache=args.cache_dir or out / "cache", budget=budget,
-                             max_in_flight=info.max_concurrency)
+        engine = QueryEngine(connector, cache=args.cache_dir or out / "cache", budget=budget)
         smoother = BlackBoxSmoother(engine, module=None if args.fit == "none" else args.module, sigma=args.sigma)
         if data.fit_x is not None:
             steps = {} if args.fit_steps is None else {"steps": args.fit_steps, "pretrain_steps": args.fit_steps}

@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
+from blackbox_rs._demo.pipeline import DemoConfig, run_demo
+from blackbox_rs._demo.zoo import SmallCNN, export_torchscript, train_classifier
 from blackbox_rs.cli import app
-from blackbox_rs.demo import DemoConfig, run_demo
-from blackbox_rs.zoo import SmallCNN, export_torchscript, train_classifier
 
 runner = CliRunner()
 
@@ -67,7 +67,7 @@ def test_demo_rerun_repeats_no_query(demo_result):
 
 @pytest.fixture(scope="module")
 def run_files(tmp_path_factory):
-    from blackbox_rs.datasets import load_digits
+    from blackbox_rs._demo.datasets import load_digits
 
     d = tmp_path_factory.mktemp("run")
     xtr, ytr = load_digits("train")
@@ -171,6 +171,16 @@ def test_user_errors_are_one_line(run_files, tmp_path, monkeypatch):
     assert "not writable" in run_with(base, "--out-dir", str(blocked / "sub"))
     assert "not valid TOML" in run_with("[connector\nname=")
     assert "does not exist" in run_with(base.replace(str(d / "test.npz"), str(d / "missing.npz")))
+
+
+def test_dry_runs_create_nothing(run_files, tmp_path):
+    """#17: `--dry-run` created the cache (and the output folder)."""
+    d = run_files
+    for cmd in ("certify", "fit"):
+        out = tmp_path / cmd
+        r = runner.invoke(app, [cmd, str(d / "run.toml"), "--out-dir", str(out), "--dry-run"])
+        assert r.exit_code == 0 and "nothing was sent" in r.output, r.output
+        assert not out.exists()
 
 
 def test_exit_codes_match_the_recipes(run_files, tmp_path, monkeypatch):

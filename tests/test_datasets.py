@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 import torch
 
-from blackbox_rs import datasets
-from blackbox_rs.datasets import (
+from blackbox_rs._demo import datasets
+from blackbox_rs._demo.datasets import (
     FASHION_MNIST_ENV,
     find_fashion_mnist,
     load_digits,

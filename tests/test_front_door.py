@@ -97,3 +97,49 @@ def test_version_and_fast_help():
     assert r.returncode == 0 and "certify" in r.stdout
     assert r.stdout.strip().endswith("False"), "--help imported torch"
     assert elapsed < 5  # well under a second on an idle machine; generous for a loaded CI runner
+
+
+def test_a_run_refused_by_validation_creates_no_journal(tmp_path):
+    xs = torch.rand(3, *SHAPE)
+    xs[2] = 2.0
+    for run in (lambda o: certify_dataset(conn(), xs, [0, 1, 0], sigma=0.25, n0=10, n=100, alpha=0.01, output=o),
+                lambda o: certify_radius_dataset(conn(), xs, [0, 1, 0], radius=0.1, sigma=0.25, alpha=0.01,
+                                                 output=o)):
+        out = tmp_path / "never.jsonl"
+        with pytest.raises(InvalidInputError, match="input 2"):
+            run(out)
+        assert not out.exists()
+
+
+def test_the_engines_concurrency_comes_from_the_connector():
+    """#17: the engine's default was 1 while the connector declared its concurrency (set twice)."""
+    from blackbox_rs import QueryEngine
+
+    c = CallableConnector(Counting(), input_shape=SHAPE, num_classes=2, max_concurrency=6)
+    assert QueryEngine(c).max_in_flight == 6
+    assert QueryEngine(c, max_in_flight=2).max_in_flight == 2
+    assert QueryEngine(c, max_in_flight=50).max_in_flight == 6  # never more than declared
+
+
+def test_the_python_api_shows_progress_on_a_terminal_only(monkeypatch, capsys):
+    """#17: a 40-minute fit through the Python API was silent."""
+    import io
+
+    class Tty(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    x = torch.rand(6, *SHAPE, generator=torch.Generator().manual_seed(0))
+    sm = BlackBoxSmoother(CallableConnector(Counting(), input_shape=SHAPE, num_classes=2, cost_per_query=0.01),
+                          module={"name": "dncnn", "depth": 2, "width": 4}, sigma=0.25)
+    sm.fit(x, strategy="denoise", pretrain_steps=3, steps=0)
+    sm.certify_dataset(x[:2], [0, 1], n0=10, n=100, alpha=0.01, seed=0)
+    assert capsys.readouterr().err == ""  # not a terminal: nothing
+    tty = Tty()
+    monkeypatch.setattr(sys, "stderr", tty)
+    sm.certify_dataset(x[:2], [0, 1], n0=10, n=100, alpha=0.01, seed=0)
+    out = tty.getvalue()
+    assert "certify" in out and "2/2" in out and "queries 220" in out and "cost 2.2" in out
+    tty.truncate(0)
+    sm.certify_dataset(x[:2], [0, 1], n0=10, n=100, alpha=0.01, seed=0, progress=None)
+    assert tty.getvalue().strip("\x00") == ""

@@ -9,11 +9,11 @@ import pytest
 import torch
 
 from blackbox_rs import QueryBudget, QueryEngine, certify_dataset
+from blackbox_rs._demo.serving import V2ModelServer
+from blackbox_rs._demo.zoo import SmallCNN, export_torchscript
 from blackbox_rs.connectors import Auth, KServeV2Connector
 from blackbox_rs.errors import BlackBoxRSError
 from blackbox_rs.reports import write_report
-from blackbox_rs.serving import V2ModelServer
-from blackbox_rs.zoo import SmallCNN, export_torchscript
 
 KEY = "sk-live-PLANTED-7f3a9c2e51b84d06"
 

@@ -10,12 +10,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from blackbox_rs import BudgetExceeded, QueryBudget, QueryEngine
+from blackbox_rs._demo.datasets import load_digits
+from blackbox_rs._demo.zoo import SmallCNN, export_torchscript, train_classifier
 from blackbox_rs.connectors import CallableConnector, TorchScriptConnector
-from blackbox_rs.datasets import load_digits
 from blackbox_rs.errors import CacheError, ConfigError, InvalidInputError, InvalidParameterError
 from blackbox_rs.fitting.config import FitConfig
 from blackbox_rs.smoother import BlackBoxSmoother
-from blackbox_rs.zoo import SmallCNN, export_torchscript, train_classifier
 
 SIGMA = 0.5
 SMALL = {"depth": 3, "width": 16}

@@ -8,10 +8,8 @@ import warnings
 import pytest
 import torch
 
-from blackbox_rs.connectors import TorchScriptConnector
-from blackbox_rs.datasets import load_digits
-from blackbox_rs.errors import InvalidInputError, InvalidParameterError
-from blackbox_rs.zoo import (
+from blackbox_rs._demo.datasets import load_digits
+from blackbox_rs._demo.zoo import (
     EpochStats,
     SmallCNN,
     accuracy,
@@ -20,6 +18,8 @@ from blackbox_rs.zoo import (
     predict_logits,
     train_classifier,
 )
+from blackbox_rs.connectors import TorchScriptConnector
+from blackbox_rs.errors import InvalidInputError, InvalidParameterError
 
 DIGITS_SHAPE = (1, 8, 8)
 
@@ -173,7 +173,7 @@ def test_export_reproduces_logits_and_labels(trained, digits, tmp_path, kind):
         path = export_program(model, tmp_path / "digits.pt2", DIGITS_SHAPE)
     assert model.training
     model.eval()
-    assert path.is_file() and not list(tmp_path.glob(".tmp-*"))
+    assert path.is_file() and not list(tmp_path.glob(".*.tmp"))
     ref = predict_logits(model, xt)
 
     connector = TorchScriptConnector(path, input_shape=DIGITS_SHAPE)

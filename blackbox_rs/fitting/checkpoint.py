@@ -1,4 +1,5 @@
-"""Fit checkpoints: JSON metadata + safetensors tensors, written atomically; never pickle.
+"""Fit checkpoints: JSON metadata + safetensors tensors, written atomically (one helper,
+:mod:`blackbox_rs.paths`); never pickle.
 
 A checkpoint holds the module weights, the optimizer state, the step, the RNG state, the strategy's
 own state (surrogate weights, distillation buffer, momentum) and the best module so far, so a
@@ -16,6 +17,7 @@ import torch
 
 from blackbox_rs._version import __version__
 from blackbox_rs.errors import CacheError
+from blackbox_rs.paths import atomic_path, atomic_write
 
 __all__ = ["load_checkpoint", "optimizer_from_tensors", "optimizer_to_tensors", "save_checkpoint"]
 
@@ -52,19 +54,19 @@ def optimizer_from_tensors(opt: torch.optim.Optimizer, prefix: str, tensors: dic
 
 
 def save_checkpoint(directory: str | os.PathLike[str], tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
-    """Write ``fit_state.json`` and ``fit_state.safetensors`` atomically (temp files + os.replace)."""
+    """Write ``fit_state.json`` and ``fit_state.safetensors`` durably and atomically
+    (:func:`blackbox_rs.paths.atomic_path`): the JSON is written to its temporary file first, then the
+    tensors are written and moved into place, and the JSON, which names the complete state, is moved
+    into place last. A failure while writing either file leaves the previous checkpoint as it was
+    (only a failing last move can leave the new tensors beside the old JSON) and raises
+    :class:`CacheError` naming the file."""
     from safetensors.torch import save_file
 
     d = Path(directory)
-    try:
-        d.mkdir(parents=True, exist_ok=True)
-        tmp_t, tmp_m = d / (_TENSORS + ".tmp"), d / (_META + ".tmp")
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp_t))
-        tmp_m.write_text(json.dumps({"sdk_version": __version__, **meta}, indent=1))
-        os.replace(tmp_t, d / _TENSORS)  # tensors first: the JSON names the state that is complete
-        os.replace(tmp_m, d / _META)
-    except OSError as exc:
-        raise CacheError(f"cannot write fit checkpoint to {d}: {exc}") from exc
+    cpu = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    with atomic_path(d / _META, CacheError) as tmp_meta:
+        tmp_meta.write_text(json.dumps({"sdk_version": __version__, **meta}, indent=1))
+        atomic_write(d / _TENSORS, lambda p: save_file(cpu, str(p)), CacheError)  # tensors first
 
 
 def load_checkpoint(directory: str | os.PathLike[str]) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:

@@ -42,8 +42,7 @@ class FitConfig(BaseModel):
     lr_schedule: Literal["constant", "cosine"] = Field(
         default="constant",
         description="per phase (pretraining, then the strategy's steps): constant, or cosine decay from the "
-        "phase's learning rate to 5% of it at the phase's last step (better for long fits, e.g. "
-        "benchmarks/fit_fashion_mnist.py; short fits lose from the early decay)",
+        "phase's learning rate to 5% of it at the phase's last step",
     )
     clean_fraction: float = Field(default=0.1, ge=0, lt=1, description="share of un-noised inputs in the mix")
     weights: dict[str, float] = Field(
@@ -73,8 +72,8 @@ class FitConfig(BaseModel):
     zo_batch: int = Field(default=32, ge=1, description="images per loss evaluation")
     zo_lr: float = Field(
         default=0.002, gt=0,
-        description="step size (with momentum 0.9 the effective step is 10x; 0.02 wrecked a pretrained "
-        "DnCNN-LoRA within 50 steps on Fashion-MNIST)",
+        description="step size of the zeroth-order updates (with momentum 0.9 the effective step is 10x; "
+        "see docs/fitting.md for how it was chosen)",
     )
     zo_momentum: float = Field(default=0.9, ge=0, lt=1)
     zo_loss: Literal["auto", "labels", "scores"] = Field(

@@ -23,6 +23,11 @@ On disk a module is a directory with two files:
 ``torch.load``. Unknown config keys (from a newer SDK) are dropped with a
 :class:`~blackbox_rs.errors.CompatibilityWarning`; a missing, unexpected or wrongly shaped tensor
 raises :class:`~blackbox_rs.errors.ModuleCheckpointError` naming the tensor.
+
+Imports run one way: :mod:`blackbox_rs.modules.registry` imports this file, never the reverse. The
+table of registered classes, :data:`MODULES`, lives here with the contract so that
+:func:`load_module` can find a class by name; ``register_module`` (in the registry file) validates a
+class and adds it to that table.
 """
 
 from __future__ import annotations
@@ -31,7 +36,6 @@ import copy
 import hashlib
 import json
 import os
-import tempfile
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -48,12 +52,17 @@ from blackbox_rs.errors import (
     ConfigError,
     InvalidInputError,
     ModuleCheckpointError,
+    RegistryError,
+    UnknownModuleError,
 )
+from blackbox_rs.paths import atomic_path, atomic_write
+from blackbox_rs.registry import Registry
 
 __all__ = [
     "CONFIG_FILENAME",
     "FORMAT",
     "FORMAT_VERSION",
+    "MODULES",
     "WEIGHTS_FILENAME",
     "InputModule",
     "ModuleConfig",
@@ -67,6 +76,10 @@ FORMAT = "blackbox-rs/input-module"
 FORMAT_VERSION = 1
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+#: Every registered input-module class by name; filled only through
+#: :func:`blackbox_rs.modules.registry.register_module` (which validates the class first).
+MODULES: Registry[type[InputModule]] = Registry("input module", unknown=UnknownModuleError, duplicate=RegistryError)
 
 
 class ModuleConfig(BaseModel):
@@ -280,13 +293,16 @@ class InputModule(nn.Module):
     def save(self, directory: str | os.PathLike[str]) -> Path:
         """Write ``module_config.json`` and ``module.safetensors`` into ``directory`` (created if needed).
 
-        Both files are written to a temporary name and moved into place atomically. Returns the
-        directory. Only state-dict tensors are stored (no code, no pickle).
+        Each file is written durably under a temporary name and moved into place atomically
+        (:func:`blackbox_rs.paths.atomic_path`): the config is written first, then the weights are
+        written and moved into place, then the config is moved into place. A failure while writing
+        either file leaves the previous pair untouched (only a failing last move can leave the new
+        weights beside the old config). A file that cannot be written raises :class:`ConfigError`
+        naming it. Returns the directory. Only state-dict tensors are stored (no code, no pickle).
         """
         from safetensors.torch import save_file
 
         d = Path(directory)
-        d.mkdir(parents=True, exist_ok=True)
         tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in self.state_dict().items()}
         payload = {
             "format": FORMAT,
@@ -295,25 +311,10 @@ class InputModule(nn.Module):
             "module": self.name,
             "config": self.config.model_dump(mode="json"),
         }
-        fd, tmp_w = tempfile.mkstemp(dir=d, prefix=".module-", suffix=".safetensors.tmp")
-        os.close(fd)
-        try:
-            save_file(
-                tensors, tmp_w, metadata={"format": "pt", "module": self.name, "sdk_version": __version__}
-            )
-            os.replace(tmp_w, d / WEIGHTS_FILENAME)
-        finally:
-            if os.path.exists(tmp_w):
-                os.unlink(tmp_w)
-        fd, tmp_c = tempfile.mkstemp(dir=d, prefix=".module_config-", suffix=".json.tmp")
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as fh:
-                json.dump(payload, fh, indent=2, sort_keys=True)
-                fh.write("\n")
-            os.replace(tmp_c, d / CONFIG_FILENAME)
-        finally:
-            if os.path.exists(tmp_c):
-                os.unlink(tmp_c)
+        metadata = {"format": "pt", "module": self.name, "sdk_version": __version__}
+        with atomic_path(d / CONFIG_FILENAME, ConfigError) as tmp_config:
+            tmp_config.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+            atomic_write(d / WEIGHTS_FILENAME, lambda p: save_file(tensors, str(p), metadata=metadata), ConfigError)
         return d
 
     @classmethod
@@ -387,8 +388,6 @@ def load_module(directory: str | os.PathLike[str]) -> InputModule:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    from blackbox_rs.modules.registry import get_module_class
-
     d = Path(directory)
     meta = _read_json(d / CONFIG_FILENAME)
     where = str(d / CONFIG_FILENAME)
@@ -409,7 +408,7 @@ def load_module(directory: str | os.PathLike[str]) -> InputModule:
         raise ModuleCheckpointError(
             f"{where}: 'module' is {name!r} but config.name is {config_data['name']!r}"
         )
-    cls = get_module_class(name)
+    cls = MODULES.get(name)
     config = validate_config(
         cls.config_class,
         {**config_data, "name": name},

@@ -6,6 +6,10 @@
 config class whose ``name`` literal differs from the registered name, raises
 :class:`~blackbox_rs.errors.RegistryError`. An unknown name raises
 :class:`~blackbox_rs.errors.UnknownModuleError` listing the known ones.
+
+The table itself is :data:`blackbox_rs.modules.base.MODULES` (a :class:`blackbox_rs.registry.Registry`):
+this file imports base, base never imports this file (so :func:`~blackbox_rs.modules.base.load_module`
+finds classes without an import cycle).
 """
 
 from __future__ import annotations
@@ -14,12 +18,10 @@ import typing
 from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
-from blackbox_rs.errors import ConfigError, RegistryError, UnknownModuleError
-from blackbox_rs.modules.base import InputModule, ModuleConfig, validate_config
+from blackbox_rs.errors import ConfigError, RegistryError
+from blackbox_rs.modules.base import MODULES, InputModule, ModuleConfig, validate_config
 
 __all__ = ["create_module", "get_config_class", "get_module_class", "list_modules", "register_module"]
-
-_REGISTRY: dict[str, type[InputModule]] = {}
 
 M = TypeVar("M", bound=type[InputModule])
 
@@ -39,10 +41,7 @@ def register_module(name: str) -> Callable[[M], M]:
             raise RegistryError(
                 f"register_module({name!r}) must decorate an InputModule subclass, got {cls!r}"
             )
-        if name in _REGISTRY:
-            raise RegistryError(
-                f"an input module named {name!r} is already registered ({_REGISTRY[name].__qualname__})"
-            )
+        MODULES.require_free(name)  # RegistryError naming the class that holds the name
         cfg = cls.config_class
         if not (isinstance(cfg, type) and issubclass(cfg, ModuleConfig)) or cfg is ModuleConfig:
             raise RegistryError(f"{cls.__qualname__}.config_class must be a ModuleConfig subclass")
@@ -55,7 +54,7 @@ def register_module(name: str) -> Callable[[M], M]:
             )
         if field.default != name:
             raise RegistryError(f"{cfg.__qualname__}.name must default to {name!r}")
-        _REGISTRY[name] = cls
+        MODULES.register(name, cls)
         return cls
 
     return decorator
@@ -63,17 +62,12 @@ def register_module(name: str) -> Callable[[M], M]:
 
 def list_modules() -> list[str]:
     """Sorted names of every registered input module."""
-    return sorted(_REGISTRY)
+    return MODULES.names()
 
 
 def get_module_class(name: str) -> type[InputModule]:
     """The class registered as ``name``; :class:`UnknownModuleError` (listing known names) otherwise."""
-    try:
-        return _REGISTRY[name]
-    except (KeyError, TypeError):
-        raise UnknownModuleError(
-            f"unknown input module {name!r}; registered modules: {', '.join(list_modules()) or '(none)'}"
-        ) from None
+    return MODULES.get(name)
 
 
 def get_config_class(name: str) -> type[ModuleConfig]:

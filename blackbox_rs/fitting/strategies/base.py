@@ -22,23 +22,23 @@ from blackbox_rs.fitting.checkpoint import (
 from blackbox_rs.fitting.context import FitContext, FitReport
 from blackbox_rs.fitting.objectives import mse_loss
 from blackbox_rs.fitting.selection import ScoreRound, score_round, worst_gain
+from blackbox_rs.registry import Registry
 
 __all__ = ["STRATEGIES", "Strategy", "estimate_fit_queries", "get_strategy", "register_strategy", "run_fit"]
 
-STRATEGIES: dict[str, type[Strategy]] = {}
+#: Every fit strategy by name (``name in STRATEGIES``, ``sorted(STRATEGIES)``, ``STRATEGIES.pop(name)``).
+STRATEGIES: Registry[type[Strategy]] = Registry("strategy", unknown=InvalidParameterError)
 
 
 def register_strategy(cls: type[Strategy]) -> type[Strategy]:
-    if cls.name in STRATEGIES:
-        raise InvalidParameterError(f"strategy {cls.name!r} is already registered")
-    STRATEGIES[cls.name] = cls
-    return cls
+    """Class decorator: make ``cls`` usable as ``FitConfig(strategy=cls.name)``; a taken name raises
+    :class:`InvalidParameterError` naming it."""
+    return STRATEGIES.register(cls.name, cls)
 
 
 def get_strategy(name: str) -> type[Strategy]:
-    if name not in STRATEGIES:
-        raise InvalidParameterError(f"unknown strategy {name!r}; known: {sorted(STRATEGIES)}")
-    return STRATEGIES[name]
+    """The strategy registered as ``name``; :class:`InvalidParameterError` listing the known ones."""
+    return STRATEGIES.get(name)
 
 
 def estimate_fit_queries(config: Any, n_images: int, budget: int | None = None) -> int:

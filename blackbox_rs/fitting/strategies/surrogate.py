@@ -28,7 +28,7 @@ from blackbox_rs.errors import InvalidParameterError
 from blackbox_rs.fitting.checkpoint import optimizer_from_tensors, optimizer_to_tensors
 from blackbox_rs.fitting.selection import ScoreRound
 from blackbox_rs.fitting.strategies.base import Strategy, register_strategy
-from blackbox_rs.zoo import predict_logits
+from blackbox_rs.surrogates import predict_logits
 
 __all__ = ["SurrogateStrategy", "build_surrogate"]
 
@@ -40,7 +40,7 @@ def build_surrogate(spec: str | nn.Module, input_shape: tuple[int, int, int], nu
         return spec
     c, h, w = input_shape
     if spec == "small_cnn":
-        from blackbox_rs.zoo import SmallCNN
+        from blackbox_rs.surrogates import SmallCNN
 
         return SmallCNN(c, num_classes, (h, w), width=32, hidden=128, seed=0)
     if spec.startswith("timm:"):

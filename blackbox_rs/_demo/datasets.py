@@ -1,4 +1,4 @@
-"""Offline image datasets for demos, benchmarks and tests: nothing is ever downloaded.
+"""Offline image datasets for the demo, the benchmarks and the tests (private): nothing is ever downloaded.
 
 Both loaders return ``(x, y)``: ``x`` a float32 tensor ``N x C x H x W`` with values in ``[0, 1]``
 (the input contract of every connector) and ``y`` an int64 tensor of ``N`` labels.

@@ -1,4 +1,4 @@
-"""A minimal Open Inference Protocol v2 server for a local model file (demo and examples).
+"""A minimal Open Inference Protocol v2 server for a local model file (the demo and the tests; private).
 
 Serves one TorchScript/torch.export model on 127.0.0.1 with the v2 REST endpoints
 ``/v2/health/ready``, ``/v2/models/{name}``, ``/v2/models/{name}/ready`` and

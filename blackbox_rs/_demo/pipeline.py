@@ -1,4 +1,5 @@
-"""The main job on an embedded default: no network, no data download, no credentials.
+"""The ``blackbox-rs demo`` pipeline (private): the main job on an embedded default: no network, no data
+download, no credentials.
 
 1. Train (or reuse from the cache directory) a small CNN on scikit-learn's bundled digits and export
    it as a TorchScript file: the "other team's model".
@@ -20,13 +21,14 @@ from typing import Any
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
+from blackbox_rs._demo.serving import V2ModelServer
 from blackbox_rs.connectors.torchscript import file_sha256
 from blackbox_rs.dataset import DatasetCertification
 from blackbox_rs.engine import QueryEngine
 from blackbox_rs.errors import CacheError
 from blackbox_rs.fitting.context import FitReport
+from blackbox_rs.paths import atomic_write
 from blackbox_rs.reports import ReportFiles, accuracy_table, write_report
-from blackbox_rs.serving import V2ModelServer
 from blackbox_rs.smoother import BlackBoxSmoother
 
 __all__ = ["DemoConfig", "DemoResult", "run_demo"]
@@ -68,8 +70,8 @@ class DemoResult(BaseModel):
 
 def _base_model(cfg: DemoConfig, cache: Path) -> tuple[Path, float]:
     """Train the digits CNN once; reuse the file (checked by hash) on later runs."""
-    from blackbox_rs.datasets import load_digits
-    from blackbox_rs.zoo import SmallCNN, accuracy, export_torchscript, train_classifier
+    from blackbox_rs._demo.datasets import load_digits
+    from blackbox_rs._demo.zoo import SmallCNN, accuracy, export_torchscript, train_classifier
 
     path, meta_path = cache / "digits_cnn.pt", cache / "digits_cnn.json"
     if path.exists() and meta_path.exists():
@@ -82,7 +84,8 @@ def _base_model(cfg: DemoConfig, cache: Path) -> tuple[Path, float]:
                              seed=cfg.seed, threads=cfg.threads)
     acc = float(accuracy(model, xte, yte))
     export_torchscript(model, path, (1, 8, 8))
-    meta_path.write_text(json.dumps({"sha256": file_sha256(path), "epochs": cfg.base_epochs, "test_accuracy": acc}))
+    atomic_write(meta_path, json.dumps({"sha256": file_sha256(path), "epochs": cfg.base_epochs,
+                                        "test_accuracy": acc}))
     return path, acc
 
 
@@ -90,8 +93,8 @@ def run_demo(cfg: DemoConfig | None = None, *, event: Event | None = None) -> De
     """Run the whole pipeline (see the module docstring). ``event(stage, done, total, info)`` reports
     progress; the library never prints. Rerunning reuses the base model, and the query cache makes
     a rerun after an interruption repeat no query."""
+    from blackbox_rs._demo.datasets import load_digits
     from blackbox_rs.connectors.kserve_v2 import KServeV2Connector
-    from blackbox_rs.datasets import load_digits
 
     cfg = cfg or DemoConfig()
     ev = event or (lambda *a: None)
