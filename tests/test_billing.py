@@ -72,8 +72,8 @@ def test_read_timeouts_never_bill_beyond_the_budget_acceptance(tmp_path) -> None
         x = batch(32)  # 8 requests of 4 images
         try:
             engine.query(x)
-        except BudgetExceeded as exc:  # the re-sends that no longer fit were refused, unsent
-            assert "re-send" in str(exc)
+        except BudgetExceeded as exc:  # a re-send or a first send that no longer fit: refused, unsent
+            assert "re-send" in str(exc) or "next request" in str(exc), exc
         settle(srv, 0.6)
         vendor = billed(srv)
         assert vendor <= budget.max_queries  # the vendor never bills past the user's cap
