@@ -36,11 +36,10 @@ from blackbox_rs import defaults, stats
 from blackbox_rs.binding import fresh_seed, noise_identity, transform_identity
 from blackbox_rs.budget import chain
 from blackbox_rs.certificate import ABSTAIN, Certificate, SmoothedPrediction
-from blackbox_rs.connectors.base import Connector, ConnectorInfo
+from blackbox_rs.connectors.base import Connector, ConnectorInfo, check_images
 from blackbox_rs.engine import QueryEngine, Tally, as_engine
 from blackbox_rs.errors import (
     BudgetExceeded,
-    InvalidInputError,
     InvalidParameterError,
     UncertifiableError,
 )
@@ -65,20 +64,10 @@ Transform = Callable[[torch.Tensor], torch.Tensor]
 # ---------------------------------------------------------------------------------------------
 # validation
 def validate_input(x: object, info: ConnectorInfo) -> torch.Tensor:
-    """Check one input image ``C x H x W`` (float, finite, in [0, 1], the model's shape)."""
-    if not isinstance(x, torch.Tensor):
-        raise InvalidInputError(f"input must be a torch.Tensor, got {type(x).__name__}")
-    if not x.dtype.is_floating_point:
-        raise InvalidInputError(f"input must be a float tensor with values in [0, 1], got dtype {x.dtype}")
-    if tuple(x.shape) != tuple(info.input_shape):
-        raise InvalidInputError(f"input has shape {tuple(x.shape)}, the model expects {tuple(info.input_shape)}")
-    x = x.detach().to("cpu", torch.float32)
-    lo, hi = (float(v) for v in torch.aminmax(x))
-    if not (lo >= 0.0 and hi <= 1.0):
-        if not bool(torch.isfinite(x).all()):
-            raise InvalidInputError("input contains NaN or inf values")
-        raise InvalidInputError(f"input values must lie in [0, 1], got [{lo:.4g}, {hi:.4g}]")
-    return x.contiguous()
+    """Check one input image ``C x H x W`` (float, the model's shape, finite, in [0, 1]) with
+    :func:`~blackbox_rs.connectors.base.check_images`; return it as a detached contiguous float32
+    CPU tensor (the range is checked after that cast). Raises :class:`InvalidInputError`."""
+    return check_images(x, shape=info.input_shape, batched=False, as_float32_cpu=True, what="input")
 
 
 def positive_int(name: str, v: object) -> int:

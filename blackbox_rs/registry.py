@@ -71,7 +71,14 @@ class Registry(Generic[T]):
 
     # ------------------------------------------------------------------ registration
     def register(self, name: str, obj: T) -> T:
-        """Add ``obj`` as ``name`` and return it; a taken name raises the ``duplicate`` error."""
+        """Add ``obj`` as ``name`` and return it; a taken name raises the ``duplicate`` error, except
+        that registering the very object a lazy entry names resolves that entry."""
+        existing = self._entries.get(name)
+        if (isinstance(existing, _Lazy) and getattr(obj, "__module__", None) == existing.module
+                and getattr(obj, "__qualname__", None) == existing.attr):
+            self._entries[name] = obj
+            self._loaded.pop(name, None)
+            return obj
         self.require_free(name)
         self._entries[name] = obj
         return obj

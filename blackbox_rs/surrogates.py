@@ -23,6 +23,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from blackbox_rs.connectors.base import check_images
 from blackbox_rs.errors import InvalidInputError, InvalidParameterError
 
 __all__ = ["SmallCNN", "check_batch", "predict_logits", "torch_threads"]
@@ -140,11 +141,13 @@ def check_batch(x: torch.Tensor, y: torch.Tensor | None = None) -> None:
     """Check that ``x`` is a float ``N x C x H x W`` tensor and ``y`` (if given) a 1-d integer tensor of
     ``N`` labels.
 
+    The image part is :func:`~blackbox_rs.connectors.base.check_images` without a shape or value
+    range (training data may be normalised).
+
     Raises:
         InvalidInputError: naming the shape or dtype that is wrong.
     """
-    if not isinstance(x, torch.Tensor) or x.ndim != 4 or not x.is_floating_point():
-        raise InvalidInputError(f"x must be a float tensor N x C x H x W, got {getattr(x, 'shape', type(x))}")
+    check_images(x, value_range=None, what="x")
     if y is not None:
         if not isinstance(y, torch.Tensor) or y.ndim != 1 or y.shape[0] != x.shape[0]:
             raise InvalidInputError(

@@ -38,6 +38,7 @@ __all__ = [
     "InvalidInputError",
     "InvalidResponseError",
     "Prediction",
+    "check_images",
     "validate_batch",
     "validate_prediction",
 ]
@@ -153,30 +154,86 @@ class BaseConnector(abc.ABC):
         return f"{type(self).__name__}(fingerprint={self._info.fingerprint!r})"
 
 
+_FLOAT32 = (torch.float32,)
+
+
+def _dims(shape: Sequence[int | None]) -> str:
+    """``(3, None, None)`` -> ``"3 x H x W"``."""
+    return " x ".join("CHW"[i] if d is None else str(d) for i, d in enumerate(shape))
+
+
+def check_images(
+    x: object,
+    *,
+    shape: Sequence[int | None] | None = None,
+    batched: bool = True,
+    value_range: tuple[float, float] | None = (0.0, 1.0),
+    dtypes: Sequence[torch.dtype] | None = None,
+    as_float32_cpu: bool = False,
+    what: str = "input",
+    owner: str = "the model",
+) -> torch.Tensor:
+    """The one image check of blackbox-rs: every place that accepts images calls it, so the rules
+    and the wording are the same everywhere.
+
+    ``x`` must be a torch tensor of a floating-point dtype (one of ``dtypes`` if given), a batch
+    ``N x C x H x W`` (``batched=True``) or one image ``C x H x W``, with ``C x H x W`` equal to
+    ``shape`` if given (``None`` entries match any size, e.g. ``(c, None, None)``) and, unless
+    ``value_range`` is ``None``, finite values in ``value_range`` (checked in one
+    :func:`torch.aminmax` pass; NaN and inf are looked for only when that pass fails). With
+    ``as_float32_cpu`` the result is a detached, contiguous float32 CPU copy and the range is checked
+    on it (on the values the model will see); otherwise ``x`` itself is returned. An empty batch has
+    no values to check.
+
+    Raises :class:`InvalidInputError` whose message starts with ``what`` and names the problem:
+    "``what`` must be a torch.Tensor", "must be a float tensor", "must be N×C×H×W (4-D)",
+    "has shape ..., ``owner`` expects ...", "contains NaN or inf values", "values must lie in
+    [lo, hi], got [min, max]".
+    """
+    if not isinstance(x, torch.Tensor):
+        raise InvalidInputError(f"{what} must be a torch.Tensor, got {type(x).__name__}")
+    if not x.dtype.is_floating_point or (dtypes is not None and x.dtype not in dtypes):
+        names = [str(d).removeprefix("torch.") for d in dtypes or ()]
+        kinds = "" if not names else " " + " or ".join(filter(None, (", ".join(names[:-1]), names[-1])))
+        values = "" if value_range is None else f" with values in [{value_range[0]:g}, {value_range[1]:g}]"
+        raise InvalidInputError(
+            f"{what} must be a float tensor (floating-point dtype{kinds}){values}, got dtype {x.dtype}"
+        )
+    rank = 4 if batched else 3
+    if x.ndim != rank:
+        layout = "N×C×H×W (4-D)" if batched else "C×H×W (3-D)"
+        raise InvalidInputError(f"{what} must be {layout}, got shape {tuple(x.shape)}")
+    if shape is not None:
+        image = tuple(x.shape[1:] if batched else x.shape)
+        if image != tuple(shape) and (  # the fast path is one tuple comparison
+            len(shape) != len(image) or any(w is not None and w != g for w, g in zip(shape, image, strict=True))
+        ):
+            want = ("N x " if batched else "") + _dims(shape)
+            raise InvalidInputError(f"{what} has shape {tuple(x.shape)}, {owner} expects {want}")
+    if as_float32_cpu:
+        x = x.detach().to("cpu", torch.float32).contiguous()
+    if value_range is not None and x.numel():
+        low, high = value_range
+        # one pass: min/max propagate NaN, and +-inf fall outside any finite range
+        lo, hi = (float(v) for v in torch.aminmax(x.detach() if x.requires_grad else x))
+        if not (lo >= low and hi <= high):
+            if not bool(torch.isfinite(x).all()):
+                raise InvalidInputError(f"{what} contains NaN or inf values")
+            raise InvalidInputError(
+                f"{what} values must lie in [{low:g}, {high:g}], got [{lo:.4g}, {hi:.4g}]"
+            )
+    return x
+
+
 def validate_batch(batch: object, info: ConnectorInfo) -> torch.Tensor:
-    """Check that ``batch`` honours the connector input contract.
+    """Check that ``batch`` honours the connector input contract: a float32 ``N x C x H x W``
+    tensor of the model's input shape, finite, values in ``[0, 1]`` (:func:`check_images`, one
+    :func:`torch.aminmax` pass). Returns ``batch`` itself.
 
     Raises :class:`InvalidInputError` naming the problem: not a tensor, wrong dtype, wrong rank or
     shape, NaN/inf, values outside ``[0, 1]``.
     """
-    if not isinstance(batch, torch.Tensor):
-        raise InvalidInputError(f"batch must be a torch.Tensor, got {type(batch).__name__}")
-    if batch.dtype != torch.float32:
-        raise InvalidInputError(f"batch must be float32, got {batch.dtype}")
-    if batch.ndim != 4:
-        raise InvalidInputError(f"batch must be N x C x H x W (4-D), got shape {tuple(batch.shape)}")
-    if tuple(batch.shape[1:]) != tuple(info.input_shape):
-        raise InvalidInputError(
-            f"batch images have shape {tuple(batch.shape[1:])}, the model expects {tuple(info.input_shape)}"
-        )
-    if batch.numel():
-        # one pass: min/max propagate NaN, and +-inf fall outside [0, 1]
-        lo, hi = (float(v) for v in torch.aminmax(batch))
-        if not (lo >= 0.0 and hi <= 1.0):
-            if not bool(torch.isfinite(batch).all()):
-                raise InvalidInputError("batch contains NaN or inf values")
-            raise InvalidInputError(f"batch values must lie in [0, 1], got [{lo:.4g}, {hi:.4g}]")
-    return batch
+    return check_images(batch, shape=info.input_shape, dtypes=_FLOAT32, what="batch")
 
 
 def validate_prediction(pred: object, n: int, info: ConnectorInfo) -> Prediction:

@@ -6,6 +6,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from blackbox_rs.fitting.strategy_registry import STRATEGIES
+
 __all__ = ["FitConfig", "StrategyName"]
 
 StrategyName = str
@@ -83,8 +85,6 @@ class FitConfig(BaseModel):
     @field_validator("strategy")
     @classmethod
     def _registered(cls, v: str) -> str:
-        from blackbox_rs.fitting.strategies import STRATEGIES
-
         if v not in STRATEGIES:
             raise ValueError(f"unknown strategy {v!r}; registered: {sorted(STRATEGIES)}")
         return v

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from blackbox_rs.connectors.base import ConnectorInfo
+from blackbox_rs.connectors.base import ConnectorInfo, check_images
 from blackbox_rs.errors import InvalidInputError
 
 __all__ = ["FitData", "as_fit_data"]
@@ -113,20 +113,10 @@ def as_fit_data(dataset: Any, info: ConnectorInfo) -> FitData:
         y = _np_labels(dataset[1])
     else:
         x, y = _stack_dataset(dataset, shape)
-    if not isinstance(x, torch.Tensor) or not x.dtype.is_floating_point:
-        raise InvalidInputError(f"images must be a float tensor in [0, 1], got {getattr(x, 'dtype', type(x))}")
-    if x.ndim != 4 or tuple(x.shape[1:]) != tuple(info.input_shape):
-        raise InvalidInputError(
-            f"images must be N x {' x '.join(map(str, info.input_shape))} for this model, got {tuple(x.shape)}"
-        )
+    # the one image check (connectors.base.check_images); an empty batch passes it, so say so after
+    x = check_images(x, shape=info.input_shape, as_float32_cpu=True, what="fit data")
     if x.shape[0] == 0:
         raise InvalidInputError("the dataset is empty")
-    x = x.detach().to("cpu", torch.float32).contiguous()
-    lo, hi = (float(v) for v in torch.aminmax(x))
-    if not (lo >= 0.0 and hi <= 1.0):
-        if not bool(torch.isfinite(x).all()):
-            raise InvalidInputError("images contain NaN or inf values")
-        raise InvalidInputError(f"image values must lie in [0, 1], got [{lo:.4g}, {hi:.4g}]")
     if y is not None:
         if y.dtype.is_floating_point or y.ndim != 1 or y.shape[0] != x.shape[0]:
             raise InvalidInputError(f"labels must be {x.shape[0]} integers, got shape {tuple(y.shape)} {y.dtype}")

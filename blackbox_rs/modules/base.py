@@ -47,6 +47,7 @@ from torch import nn
 
 from blackbox_rs._version import __version__
 from blackbox_rs.binding import hash_state
+from blackbox_rs.connectors.base import check_images
 from blackbox_rs.errors import (
     CompatibilityWarning,
     ConfigError,
@@ -182,11 +183,16 @@ class InputModule(nn.Module):
     # ------------------------------------------------------------------ forward
     def check_input(self, x: torch.Tensor) -> None:
         """Raise :class:`InvalidInputError` unless ``x`` is a float ``N×C×H×W`` tensor of the configured
-        shape, on the module's device and (outside autocast) of its parameters' dtype."""
-        if not isinstance(x, torch.Tensor):
-            raise InvalidInputError(f"{self.name}: input must be a torch.Tensor, got {type(x).__name__}")
-        if x.dtype not in _FLOAT_DTYPES:
-            raise InvalidInputError(f"{self.name}: input must be a floating tensor, got dtype {x.dtype}")
+        shape (any height and width if the module is spatially flexible), on the module's device and
+        (outside autocast) of its parameters' dtype. The image part is
+        :func:`~blackbox_rs.connectors.base.check_images` without a value range: noisy inputs lie
+        outside [0, 1]."""
+        c, h, w = self.config.input_shape
+        check_images(
+            x, shape=(c, None, None) if self.spatially_flexible else (c, h, w), value_range=None,
+            dtypes=_FLOAT_DTYPES, what=f"{self.name}: input",
+            owner=f"the module (input_shape={self.config.input_shape})",
+        )
         p = next(self.parameters(), None)
         if p is not None:
             if x.device != p.device:
@@ -198,19 +204,6 @@ class InputModule(nn.Module):
                     f"{self.name}: input is {x.dtype} but the module's parameters are {p.dtype}; "
                     f"call module.to({x.dtype}) or cast the input"
                 )
-        c, h, w = self.config.input_shape
-        if x.dim() != 4:
-            raise InvalidInputError(f"{self.name}: input must be N×C×H×W, got shape {tuple(x.shape)}")
-        if self.spatially_flexible:
-            if x.shape[1] != c:
-                raise InvalidInputError(
-                    f"{self.name}: input has {x.shape[1]} channels, module was built for {c} "
-                    f"(input_shape={self.config.input_shape})"
-                )
-        elif tuple(x.shape[1:]) != (c, h, w):
-            raise InvalidInputError(
-                f"{self.name}: input shape {tuple(x.shape[1:])} does not match input_shape {(c, h, w)}"
-            )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Return ``A_θ(x)``: same shape, dtype and device as ``x``; not clipped."""

@@ -12,7 +12,7 @@ from typing import Any, ClassVar
 import torch
 import torch.nn.functional as F
 
-from blackbox_rs.errors import BudgetExceeded, CacheError, InvalidParameterError
+from blackbox_rs.errors import BudgetExceeded, CacheError
 from blackbox_rs.fitting.checkpoint import (
     load_checkpoint,
     optimizer_from_tensors,
@@ -22,12 +22,10 @@ from blackbox_rs.fitting.checkpoint import (
 from blackbox_rs.fitting.context import FitContext, FitReport
 from blackbox_rs.fitting.objectives import mse_loss
 from blackbox_rs.fitting.selection import ScoreRound, score_round, worst_gain
-from blackbox_rs.registry import Registry
+from blackbox_rs.fitting.strategy_registry import STRATEGIES
 
 __all__ = ["STRATEGIES", "Strategy", "estimate_fit_queries", "get_strategy", "register_strategy", "run_fit"]
 
-#: Every fit strategy by name (``name in STRATEGIES``, ``sorted(STRATEGIES)``, ``STRATEGIES.pop(name)``).
-STRATEGIES: Registry[type[Strategy]] = Registry("strategy", unknown=InvalidParameterError)
 
 
 def register_strategy(cls: type[Strategy]) -> type[Strategy]:
