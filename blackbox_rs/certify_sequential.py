@@ -32,7 +32,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict
 
 from blackbox_rs import defaults, stats
 from blackbox_rs.binding import noise_identity, transform_identity
@@ -47,6 +46,7 @@ from blackbox_rs.core import (
     sample_counts,
 )
 from blackbox_rs.dataset import (
+    DatasetResult,
     bare_clean_label,
     certified_accuracy,
     certified_other,
@@ -195,7 +195,7 @@ def certify_radius(
 
 # ---------------------------------------------------------------------------------------------
 # datasets
-class SequentialDatasetCertification(BaseModel):
+class SequentialDatasetCertification(DatasetResult):
     """Sequential certificates for a dataset and certified accuracy at each target radius.
 
     ``reference``: ``"labels"`` (ground truth) or ``"clean_prediction"`` (certified consistency with
@@ -205,17 +205,8 @@ class SequentialDatasetCertification(BaseModel):
     ``mean_queries``: queries needed per input (charged + answered from the cache).
     """
 
-    model_config = ConfigDict(extra="forbid")
-
     certificates: list[SequentialCertificate]
-    radii: list[float]
-    certified_accuracy: dict[str, float]
-    reference: str
-    queries: int
-    cache_hits: int
-    cost: float
     mean_queries: float
-    certified_other: dict[str, float] | None = None
 
 
 def sequential_certified_accuracy(certificates: Sequence[SequentialCertificate],

@@ -43,6 +43,7 @@ __all__ = [
     "DEFAULT_RADII",
     "REFERENCE_TEXT",
     "DatasetCertification",
+    "DatasetResult",
     "bare_clean_label",
     "certified_accuracy",
     "certified_other",
@@ -64,7 +65,24 @@ REFERENCE_TEXT = {
 """What each ``reference`` means, as every report states it."""
 
 
-class DatasetCertification(BaseModel):
+class DatasetResult(BaseModel):
+    """What every dataset run reports, whatever the certification method: the radii, certified
+    accuracy at each (``reference`` says what accuracy means, :data:`REFERENCE_TEXT`), queries charged
+    in this call, cache hits, cost, and the ``certified_other`` column (None without a catch-all
+    class). Subclasses add the certificates of their method."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    radii: list[float]
+    certified_accuracy: dict[str, float]
+    reference: str
+    queries: int
+    cache_hits: int
+    cost: float
+    certified_other: dict[str, float] | None = None
+
+
+class DatasetCertification(DatasetResult):
     """Certificates for a dataset and certified accuracy at the requested radii.
 
     ``reference`` says what "accuracy" means (:data:`REFERENCE_TEXT`): ``"labels"`` (agreement with
@@ -73,16 +91,7 @@ class DatasetCertification(BaseModel):
     correct; ``certified_other`` is its own column: the fraction of inputs certified as ``other``.
     """
 
-    model_config = ConfigDict(extra="forbid")
-
     certificates: list[Certificate]
-    radii: list[float]
-    certified_accuracy: dict[str, float]
-    reference: str
-    queries: int
-    cache_hits: int
-    cost: float
-    certified_other: dict[str, float] | None = None
 
 
 class _Certified(Protocol):

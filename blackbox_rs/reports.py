@@ -1,7 +1,7 @@
 """Reports: certificates -> JSON, CSV, a certified-accuracy table, a PNG plot and a markdown summary.
 
 A report compares one or more *runs* (e.g. "no module" and "fitted module"), each a
-:class:`~blackbox_rs.dataset.DatasetCertification`. The summary states sigma, n0, n, alpha, the number
+:class:`~blackbox_rs.dataset.DatasetResult`. The summary states sigma, n0, n, alpha, the number
 of inputs, queries and cost, what exactly was certified (model fingerprint, transform identity, noise
 mode), and what "accuracy" means: agreement with ground-truth labels, or certified *consistency* with the
 bare model's own clean predictions (no module). Certificates for the catch-all class ``other`` are never
@@ -27,7 +27,12 @@ from pydantic import BaseModel
 
 from blackbox_rs import stats
 from blackbox_rs.certificate import Certificate, SequentialCertificate
-from blackbox_rs.dataset import REFERENCE_TEXT, DatasetCertification, certified_accuracy, certified_other
+from blackbox_rs.dataset import (
+    REFERENCE_TEXT,
+    DatasetResult,
+    certified_accuracy,
+    certified_other,
+)
 from blackbox_rs.errors import CacheError, ConfigError, InvalidParameterError
 from blackbox_rs.journal import read_journal
 from blackbox_rs.paths import ensure_writable_dir
@@ -68,7 +73,7 @@ def _reach(c: Any) -> float | None:
     return None
 
 
-def max_certifiable_radius(res: DatasetCertification) -> float | None:
+def max_certifiable_radius(res: DatasetResult) -> float | None:
     """The largest radius any input of run ``res`` could be certified at with its settings, even if
     every sample agreed: ``stats.max_radius(n, sigma, alpha)`` for Cohen certificates; for sequential
     ones the largest target radius that the per-input cap (``max_queries``, less 1 clean query and
@@ -83,7 +88,7 @@ def _not_certifiable(r: float, reach: float | None, value: float) -> bool:
     return reach is not None and float(r) > reach and value == 0.0
 
 
-def _reach_text(res: DatasetCertification, reach: float | None) -> str:
+def _reach_text(res: DatasetResult, reach: float | None) -> str:
     if reach is None:
         return "- largest certifiable radius: no certificates"
     c = res.certificates[0]
@@ -128,7 +133,7 @@ def load_certificates(path: str | os.PathLike[str]) -> list[Any]:
     return certs
 
 
-def accuracy_table(runs: Mapping[str, DatasetCertification], radii: Sequence[float] | None = None) -> str:
+def accuracy_table(runs: Mapping[str, DatasetResult], radii: Sequence[float] | None = None) -> str:
     """Markdown table: one row per run, one column per radius. A radius above the run's largest
     certifiable radius (:func:`max_certifiable_radius`) shows :data:`NOT_CERTIFIABLE`, and a note
     line under the table then says so and gives each run's largest certifiable radius."""
@@ -166,7 +171,7 @@ def accuracy_table(runs: Mapping[str, DatasetCertification], radii: Sequence[flo
     return table
 
 
-def plot_curves(runs: Mapping[str, DatasetCertification], path: str | os.PathLike[str], *, title: str = "") -> str | None:
+def plot_curves(runs: Mapping[str, DatasetResult], path: str | os.PathLike[str], *, title: str = "") -> str | None:
     """Certified accuracy vs radius, one curve per run, as a PNG. Returns the path, or None when
     matplotlib is not installed (``pip install 'blackbox-rs[plot]'``)."""
     try:
@@ -200,7 +205,7 @@ def plot_curves(runs: Mapping[str, DatasetCertification], path: str | os.PathLik
     return str(path)
 
 
-def _settings(res: DatasetCertification) -> dict[str, object]:
+def _settings(res: DatasetResult) -> dict[str, object]:
     c = res.certificates[0] if res.certificates else None
     if c is None:
         return {}
@@ -208,7 +213,7 @@ def _settings(res: DatasetCertification) -> dict[str, object]:
             "fingerprint": c.fingerprint, "transform": c.transform, "noise": c.noise}
 
 
-def write_report(runs: Mapping[str, DatasetCertification], directory: str | os.PathLike[str], *,
+def write_report(runs: Mapping[str, DatasetResult], directory: str | os.PathLike[str], *,
                  title: str = "blackbox-rs certification report", notes: Sequence[str] = (),
                  cost_per_query: float | None = None) -> ReportFiles:
     """Write the report files into ``directory`` (created if needed) and return their paths.
