@@ -26,7 +26,7 @@ import torch
 from blackbox_rs.errors import InvalidParameterError
 
 __all__ = ["NOISE_GAUSSIAN", "NOISE_LATTICE", "differences", "fresh_seed", "noise_identity",
-           "hash_state", "transform_identity"]
+           "hash_state", "identified", "transform_identity"]
 
 NOISE_GAUSSIAN = "gaussian-v1"
 """Counter-based Gaussian noise of :mod:`blackbox_rs.noise` (float32, drawn on the CPU)."""
@@ -68,6 +68,27 @@ def transform_identity(transform: Callable[..., Any] | None, *, require: bool = 
             "callable an `identity` string attribute that changes whenever its function does"
         )
     return f"unidentified:{getattr(transform, '__qualname__', type(transform).__name__)}"
+
+
+class _Identified:
+    """A transform with its identity computed once (a dataset run hashes it once, not per input)."""
+
+    def __init__(self, fn: Callable[..., Any], identity: str) -> None:
+        self.fn, self.identity = fn, identity
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.fn(*args, **kwargs)
+
+
+def identified(transform: Callable[..., Any] | None, *, require: bool = False) -> Callable[..., Any] | None:
+    """``transform`` carrying its :func:`transform_identity` as an ``identity`` attribute (computed
+    once here); ``None`` stays ``None``. ``require`` as for :func:`transform_identity`."""
+    if transform is None:
+        return None
+    ident = transform_identity(transform, require=require)
+    if getattr(transform, "identity", None) == ident:
+        return transform
+    return _Identified(transform, ident)
 
 
 @torch.no_grad()

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from blackbox_rs import defaults, stats
-from blackbox_rs.binding import noise_identity, transform_identity
+from blackbox_rs.binding import identified, noise_identity, transform_identity
 from blackbox_rs.certificate import ABSTAIN, SequentialCertificate
 from blackbox_rs.connectors.base import Connector
 from blackbox_rs.core import (
@@ -49,11 +49,7 @@ from blackbox_rs.dataset import (
     DatasetResult,
     bare_clean_label,
     certified_accuracy,
-    certified_other,
-    certify_each,
-    observed_version,
-    open_journal,
-    validate_dataset,
+    run_dataset,
 )
 from blackbox_rs.engine import QueryEngine, Tally, as_engine
 from blackbox_rs.errors import InvalidParameterError
@@ -253,20 +249,19 @@ def certify_radius_dataset(
     alpha = stats.check_alpha(alpha)
     schedule = LookSchedule.for_radii(radii, sigma, alpha, cap - 1 - n0, target_share=target_share,
                                       growth=growth)
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or int(seed) < 0):
-        raise InvalidParameterError(f"seed must be a non-negative integer, got {seed!r}")
     first_look = 1 + n0 + schedule.sizes[0]
     check_budget_limit(engine, first_look, "1 clean + n0 + the first look")
+    transform = identified(transform, require=output is not None)  # hashed once, not per input
     params = {"radii": [float(r) for r in radii], "n0": n0, "max_queries": cap, "alpha": alpha, "sigma": sigma,
               "fingerprint": engine.info.fingerprint, "lattice": bool(lattice), "growth": float(growth),
               "target_share": float(target_share), "futility": futility,
-              "transform": transform_identity(transform, require=output is not None),
+              "transform": transform_identity(transform),
               "noise": noise_identity(bool(lattice)), "other_index": engine.info.other_index,
               "method": "sequential_certify"}
-    inputs, _ = validate_dataset(engine, inputs, labels)  # before the journal is created
-    journal, run_seed = open_journal(output, SequentialCertificate, engine, params, seed)
+    def make_one(run_seed: int) -> Callable[[int, torch.Tensor, int | None, str], SequentialCertificate]:
+        return lambda idx, xt, y, key: one(idx, xt, y, key, run_seed)
 
-    def one(idx: int, xt: torch.Tensor, y: int | None, key: str) -> SequentialCertificate:
+    def one(idx: int, xt: torch.Tensor, y: int | None, key: str, run_seed: int) -> SequentialCertificate:
         reference = "labels" if y is not None else "clean_prediction"
         if y is None and transform is not None:  # one more (bare) clean query: still before any query
             check_budget_limit(engine, 1 + first_look, "1 bare clean + 1 clean + n0 + the first look")
@@ -274,7 +269,7 @@ def certify_radius_dataset(
                               batch_size=batch_size, seed=run_seed, key=key, label=y, index=idx,
                               transform=transform, reference=reference, lattice=lattice, growth=growth,
                               target_share=target_share, futility=futility)
-        update: dict[str, Any] = {"model_version": observed_version(engine)}
+        update: dict[str, Any] = {}
         if y is None:
             # the reference is the bare model's clean label f(x): the certificate's own clean query when
             # there is no transform, else one more (bare) query, charged to this certificate
@@ -284,17 +279,12 @@ def certify_radius_dataset(
                 t = Tally()
                 update["label"] = bare_clean_label(engine, xt, t)
                 update.update(queries=cert.queries + t.queries, cache_hits=cert.cache_hits + t.cache_hits)
-        return cert.model_copy(update=update)
+        return cert.model_copy(update=update) if update else cert
 
-    try:
-        certs, reference, total = certify_each(engine, inputs, labels, one, journal=journal, progress=progress)
-    finally:
-        if journal is not None:
-            journal.close()
+    certs, summary = run_dataset(engine, inputs, labels, SequentialCertificate, params, output=output, seed=seed,
+                                 radii=radii, make_one=make_one, progress=progress)
     return SequentialDatasetCertification(
-        certificates=certs, radii=list(radii), certified_accuracy=certified_accuracy(certs, radii),
-        reference=reference, queries=total.queries, cache_hits=total.cache_hits, cost=total.cost,
+        certificates=certs, **summary,
         mean_queries=(sum(c.queries + c.cache_hits for c in certs) / len(certs)) if certs else math.nan,
-        certified_other=certified_other(certs, radii),
     )
 

@@ -34,6 +34,7 @@ command resumes without repeating queries.
 
 from __future__ import annotations
 
+import math
 import sys
 import tomllib
 from pathlib import Path
@@ -382,7 +383,7 @@ def report(
                                            else "clean_prediction")
             common = {"certificates": certs, "radii": rs, "certified_accuracy": certified_accuracy(certs, rs),
                       "reference": ref, "queries": sum(ce.queries for ce in certs),
-                      "cache_hits": sum(ce.cache_hits for ce in certs), "cost": 0.0,
+                      "cache_hits": sum(ce.cache_hits for ce in certs), "cost": math.nan,  # not in the records
                       "certified_other": certified_other(certs, rs)}
             methods = {ce.method for ce in certs}
             if methods == {"sequential_certify"}:

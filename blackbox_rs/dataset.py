@@ -22,7 +22,7 @@ import torch
 from pydantic import BaseModel, ConfigDict
 
 from blackbox_rs import defaults, stats
-from blackbox_rs.binding import noise_identity, transform_identity
+from blackbox_rs.binding import identified, noise_identity, transform_identity
 from blackbox_rs.certificate import Certificate
 from blackbox_rs.connectors.base import Connector
 from blackbox_rs.core import (
@@ -35,7 +35,7 @@ from blackbox_rs.core import (
     validate_input,
 )
 from blackbox_rs.engine import QueryEngine, Tally, as_engine
-from blackbox_rs.errors import InvalidInputError, InvalidParameterError
+from blackbox_rs.errors import InvalidInputError, InvalidParameterError, ResumeMismatchError
 from blackbox_rs.journal import CertificateJournal
 from blackbox_rs.noise import input_key
 
@@ -51,6 +51,7 @@ __all__ = [
     "certify_each",
     "observed_version",
     "open_journal",
+    "run_dataset",
     "validate_dataset",
 ]
 
@@ -189,6 +190,9 @@ def certify_each(
             journal.check_record(cert, expected)  # type: ignore[union-attr]
         else:
             cert = certify_one(idx, xt, y, key)
+            version = observed_version(engine)
+            if version is not None:  # recorded for the resume check (open_journal pins it)
+                cert = cert.model_copy(update={"model_version": version})
             q, hits = int(getattr(cert, "queries", 0)), int(getattr(cert, "cache_hits", 0))
             total.add(Tally(queries=q, cache_hits=hits, cost=q * engine.info.cost_per_query))
             if journal is not None:
@@ -261,7 +265,11 @@ def open_journal(output: str | os.PathLike[str] | None, model: type[C], engine: 
     journal = CertificateJournal(output, model, params, seed=None if seed is None else resolve_seed(seed))
     expect = getattr(engine.connector, "expect_model_version", None)
     versions = {getattr(c, "model_version", None) for c in journal.finished.values()} - {None}
-    if callable(expect) and len(versions) == 1:
+    if len(versions) > 1:
+        journal.close()
+        raise ResumeMismatchError(f"output {output} already mixes certificates of model versions "
+                                  f"{sorted(versions)}; certify each version into its own output")
+    if callable(expect) and versions:
         expect(versions.pop())
     return journal, journal.seed
 
@@ -312,13 +320,14 @@ def certify_dataset(
     if batch_size is not None:
         positive_int("batch_size", batch_size)
     check_budget_limit(engine, n0 + n, "n0 + n")
+    transform = identified(transform, require=output is not None)  # hashed once, not per input
     params = {"n0": n0, "n": n, "alpha": alpha, "sigma": sigma, "fingerprint": engine.info.fingerprint,
-              "transform": transform_identity(transform, require=output is not None),
+              "transform": transform_identity(transform),
               "noise": noise_identity(), "other_index": engine.info.other_index, "method": "cohen_certify"}
-    inputs, _ = validate_dataset(engine, inputs, labels)  # before the journal is created
-    journal, seed = open_journal(output, Certificate, engine, params, seed)
+    def make_one(seed: int) -> Callable[[int, torch.Tensor, int | None, str], Certificate]:
+        return lambda idx, xt, y, key: one(idx, xt, y, key, seed)
 
-    def one(idx: int, xt: torch.Tensor, y: int | None, key: str) -> Certificate:
+    def one(idx: int, xt: torch.Tensor, y: int | None, key: str, seed: int) -> Certificate:
         t = Tally()
         reference = "labels" if y is not None else "clean_prediction"
         if y is None:  # certified consistency: the reference is the bare model's own clean prediction
@@ -326,21 +335,35 @@ def certify_dataset(
             y = bare_clean_label(engine, xt, t)
         cert = certify(engine, xt, sigma=sigma, n0=n0, n=n, alpha=alpha, batch_size=batch_size, seed=seed,
                        key=key, label=y, index=idx, transform=transform, reference=reference)
-        update: dict[str, Any] = {"model_version": observed_version(engine)}
         if t.requests or t.cache_hits:  # the clean query belongs to this certificate's cost
-            update.update(queries=cert.queries + t.queries, cache_hits=cert.cache_hits + t.cache_hits)
-        return cert.model_copy(update=update)
+            cert = cert.model_copy(update={"queries": cert.queries + t.queries,
+                                           "cache_hits": cert.cache_hits + t.cache_hits})
+        return cert
 
+    certs, summary = run_dataset(engine, inputs, labels, Certificate, params, output=output, seed=seed,
+                                 radii=radii, make_one=make_one, progress=progress)
+    return DatasetCertification(certificates=certs, **summary)
+
+
+def run_dataset(engine: QueryEngine, inputs: Any, labels: Sequence[int] | None, model: type[C],
+                params: dict[str, Any], *, output: str | os.PathLike[str] | None, seed: int | None,
+                radii: Sequence[float], make_one: Callable[[int], Callable[[int, torch.Tensor, int | None, str], C]],
+                progress: Callable[[int, C], None] | None) -> tuple[list[C], dict[str, Any]]:
+    """What every dataset method does around its per-input certificate: validate the whole dataset
+    (before the journal is created), open the journal (resolving the seed), run :func:`certify_each`
+    with ``make_one(seed)``, close the journal, and summarise. Returns the certificates and the
+    :class:`DatasetResult` fields."""
+    inputs, _ = validate_dataset(engine, inputs, labels)
+    journal, run_seed = open_journal(output, model, engine, params, seed)
     try:
-        certs, reference, total = certify_each(engine, inputs, labels, one, journal=journal, progress=progress)
+        certs, reference, total = certify_each(engine, inputs, labels, make_one(run_seed), journal=journal,
+                                               progress=progress)
     finally:
         if journal is not None:
             journal.close()
-    return DatasetCertification(
-        certificates=certs, radii=radii, certified_accuracy=certified_accuracy(certs, radii),
-        reference=reference, queries=total.queries, cache_hits=total.cache_hits, cost=total.cost,
-        certified_other=certified_other(certs, radii),
-    )
+    return certs, {"radii": [float(r) for r in radii], "certified_accuracy": certified_accuracy(certs, radii),
+                   "reference": reference, "queries": total.queries, "cache_hits": total.cache_hits,
+                   "cost": total.cost, "certified_other": certified_other(certs, radii)}
 
 
 def observed_version(engine: QueryEngine) -> str | None:

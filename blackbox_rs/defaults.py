@@ -6,8 +6,9 @@ upper bound on its top-class probability says the per-input cap cannot certify t
 radius. On the Fashion-MNIST benchmark (``benchmarks/sequential_queries.py``, docs/benchmarks.md) it
 met all three targets on two disjoint image sets (100.5x fewer queries than Cohen's n = 100,000 with
 at most -0.8 points on the first 500 images; 107.0x with no change on the next 300), against 76.5x and
-97.2x for 0.01. The futility stop never changes what is certified: it only stops paying for inputs that
-would end undecided.
+97.2x for 0.01. The futility stop never creates a false certificate (a stopped input is
+"undecided", no claim); it may give up on an input that would have certified (at most ``futility`` chance
+per look), which is where the -0.8 points above come from.
 """
 
 from __future__ import annotations

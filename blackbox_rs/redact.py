@@ -185,14 +185,15 @@ def _redact_record(record: logging.LogRecord) -> None:
         text = redact(f"{record.msg} {record.args!r}")
         record.msg, record.args = text, ()
         return
-    clean = redact(text)
-    if clean != text or (record.args and redact(repr(record.args)) != repr(record.args)):
-        record.msg, record.args = clean, ()
+    # one pass: the formatted, redacted text replaces msg and args (no handler can re-format or ship
+    # the raw arguments)
+    record.msg, record.args = redact(text), ()
     if record.exc_info and record.exc_info[0] is not None:
         exc_text = record.exc_text or "".join(traceback.format_exception(*record.exc_info))
         clean_exc = redact(exc_text)
-        if clean_exc != exc_text:  # keep the (redacted) text, drop the exception objects that hold the secret
-            record.exc_text, record.exc_info = clean_exc.rstrip("\n"), None
+        record.exc_text = clean_exc.rstrip("\n")  # formatted once: the formatter reuses exc_text
+        if clean_exc != exc_text:  # drop the exception objects that hold the secret
+            record.exc_info = None
     elif record.exc_text:
         record.exc_text = redact(record.exc_text)
     if record.stack_info:

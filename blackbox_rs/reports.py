@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -53,18 +54,9 @@ _NOT_CERTIFIABLE_NOTE = (f"{NOT_CERTIFIABLE} = not certifiable with these settin
 def _reach(c: Any) -> float | None:
     """Largest radius certificate ``c``'s settings can ever certify (None: not a certificate)."""
     if isinstance(c, SequentialCertificate):
-        # certified_radius is one of the target radii; a target is reachable when its n_min at the
-        # schedule's level for its own look fits in the estimation samples the cap leaves
-        room = c.max_queries - 1 - c.n0
-        level = c.alpha * c.target_share / max(1, len(c.radii))
-        best = 0.0
-        for r in c.radii:
-            try:
-                if r > 0 and stats.n_min(r, c.sigma, level) <= room:
-                    best = max(best, float(r))
-            except InvalidParameterError:  # UncertifiableError included
-                continue
-        return best
+        # every target radius is reachable: LookSchedule.for_radii refuses, before any query, a radius
+        # the cap cannot certify even if every sample agrees
+        return max((float(r) for r in c.radii), default=0.0)
     if isinstance(c, Certificate):
         try:
             return float(stats.max_radius(c.n, c.sigma, c.alpha))
@@ -210,7 +202,8 @@ def _settings(res: DatasetResult) -> dict[str, object]:
     if c is None:
         return {}
     return {"sigma": c.sigma, "n0": c.n0, "n": c.n, "alpha": c.alpha, "seed": c.seed, "method": c.method,
-            "fingerprint": c.fingerprint, "transform": c.transform, "noise": c.noise}
+            "fingerprint": c.fingerprint, "transform": c.transform, "noise": c.noise,
+            "max_queries": getattr(c, "max_queries", None), "radii": getattr(c, "radii", None)}
 
 
 def write_report(runs: Mapping[str, DatasetResult], directory: str | os.PathLike[str], *,
@@ -251,14 +244,17 @@ def write_report(runs: Mapping[str, DatasetResult], directory: str | os.PathLike
         s = _settings(res)
         meaning = REFERENCE_TEXT.get(res.reference, res.reference)
         cost = res.cost if cost_per_query is None else res.queries * cost_per_query
+        cost_text = "not recorded" if math.isnan(cost) else f"{cost:.4g}"
+        samples = (f"max_queries = {s.get('max_queries')}, radii = {s.get('radii')}" if s.get("method") ==
+                   "sequential_certify" else f"n = {s.get('n')}")
         other = certified_other(res.certificates, radii)
         lines += [f"## {name}", "",
                   f"- inputs: {len(res.certificates)}; method = {s.get('method')}, sigma = {s.get('sigma')}, "
-                  f"n0 = {s.get('n0')}, n = {s.get('n')}, alpha = {s.get('alpha')}, seed = {s.get('seed')}",
+                  f"n0 = {s.get('n0')}, {samples}, alpha = {s.get('alpha')}, seed = {s.get('seed')}",
                   f"- certified classifier: model `{s.get('fingerprint')}`, transform `{s.get('transform')}`, "
                   f"noise `{s.get('noise')}`",
                   f"- accuracy means: {meaning}",
-                  f"- queries charged: {res.queries:,} (cache hits: {res.cache_hits:,}); cost: {cost:.4g}",
+                  f"- queries charged: {res.queries:,} (cache hits: {res.cache_hits:,}); cost: {cost_text}",
                   f"- abstained: {sum(c.abstained for c in res.certificates)}",
                   _reach_text(res, reaches[name])]
         if other is not None:

@@ -220,6 +220,9 @@ class HTTPTransport:
         # along in __context__, where error reporters that walk the chain would print them
         if isinstance(error, ConnectorError):
             self._count("failures")
+        # and without the frames that hold the credential in their locals (reporters that capture
+        # local variables, e.g. Sentry, would show them): only this frame remains, its secrets deleted
+        hdrs = params = prepared = None  # noqa: F841 - the closure's cell too
         raise _detached(error)
 
     def get_json(self, path: str, *, request_id: str | None = None, retry: bool = True) -> Any:
@@ -432,7 +435,10 @@ class HTTPTransport:
 
 
 def _detached(error: BaseException) -> BaseException:
-    """``error`` with its exception chain cut (``__cause__`` and ``__context__`` cleared)."""
+    """``error`` with its exception chain and earlier traceback frames cut (``__cause__``,
+    ``__context__`` and ``__traceback__`` cleared): its frames' locals may hold a credential."""
+    if not isinstance(error, KeyboardInterrupt):  # keep where Ctrl-C struck
+        error.__traceback__ = None
     error.__cause__ = None
     error.__context__ = None
     error.__suppress_context__ = False

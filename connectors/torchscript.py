@@ -270,11 +270,13 @@ def load_exported_program(path: str | os.PathLike[str]) -> Any:
                 tm = meta.tensor_meta
                 dtype = deserialize_scalar_type(tm.dtype)
                 size = deserialize_size(tm.sizes)
-                data = storages.setdefault(meta.path_name, zf.read(entries[folder + meta.path_name]))
+                if meta.path_name not in storages:  # read once; tensors sharing a storage share it
+                    storages[meta.path_name] = bytearray(zf.read(entries[folder + meta.path_name]))
+                data = storages[meta.path_name]
                 if len(data) == 0:
                     t = torch.zeros(size, dtype=dtype)
                 else:
-                    flat = torch.frombuffer(bytearray(data), dtype=dtype)
+                    flat = torch.frombuffer(data, dtype=dtype)
                     t = torch.as_strided(flat, size, deserialize_stride(tm.strides),
                                          deserialize_storage_offset(tm.storage_offset))
                 out[fqn] = torch.nn.Parameter(t, requires_grad=tm.requires_grad) if (params and meta.is_param) else t
@@ -332,7 +334,10 @@ class TorchScriptConnector(BaseConnector):
             raise ConnectorError(f"model file not found: {self.path}")
         if threads is not None:
             torch.set_num_threads(int(threads))
+        digest = file_sha256(self.path)  # the file that is loaded is the file the fingerprint names
         self._model = self._load(self.path)
+        if file_sha256(self.path) != digest:
+            raise ConnectorError(f"model file {self.path} changed while it was being loaded; load it again")
         shape = tuple(int(d) for d in input_shape)
         if len(shape) != 3:
             raise InvalidParameterError(f"input_shape must be (C, H, W), got {tuple(input_shape)}")
@@ -358,7 +363,7 @@ class TorchScriptConnector(BaseConnector):
             max_batch=max_batch,
             cost_per_query=cost_per_query,
             # label_only changes every Prediction (no scores): cached answers of one never serve the other
-            fingerprint=f"torchscript:sha256:{file_sha256(self.path)}" + ("|label_only" if self.label_only else ""),
+            fingerprint=f"torchscript:sha256:{digest}" + ("|label_only" if self.label_only else ""),
             differentiable=True,
         )
 

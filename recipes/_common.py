@@ -54,6 +54,7 @@ from blackbox_rs.errors import (
     ResumeMismatchError,
     SplitOverlapError,
 )
+from blackbox_rs.paths import atomic_write
 from blackbox_rs.redact import redact
 
 __all__ = ["Recipe", "run"]
@@ -416,7 +417,7 @@ def _write_split(data: _Data, out: Path) -> None:
                 f"{'; '.join(f'{k}: saved {a}, now {b}' for k, (a, b) in diff.items())}); nothing is mixed: use "
                 f"another --out, or the original --fit / --fit-fraction / --fit-images / --split-seed", diff)
     try:
-        path.write_text(json.dumps(now, indent=1))
+        atomic_write(path, json.dumps(now, indent=1), ConfigError)
     except OSError as exc:
         raise ConfigError(f"cannot write {path}: {exc.strerror or exc}") from None
 
@@ -475,10 +476,6 @@ def run(recipe: Recipe, argv: Sequence[str] | None = None) -> int:
         if handler is not None:
             log.removeHandler(handler)
             handler.close()
-
-
-def _one_line(exc: BaseException) -> str:
-    return exit_codes.one_line(exc)
 
 
 def _finished(path: Path) -> int:

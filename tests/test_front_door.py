@@ -143,3 +143,19 @@ def test_the_python_api_shows_progress_on_a_terminal_only(monkeypatch, capsys):
     tty.truncate(0)
     sm.certify_dataset(x[:2], [0, 1], n0=10, n=100, alpha=0.01, seed=0, progress=None)
     assert tty.getvalue().strip("\x00") == ""
+
+
+def test_a_fit_checkpoint_is_never_resumed_on_other_data_of_the_same_size(tmp_path):
+    """Review finding: the fit checkpoint recorded only len(data), so other images resumed it."""
+    from blackbox_rs.errors import CacheError
+
+    a = torch.rand(8, *SHAPE, generator=torch.Generator().manual_seed(0))
+    b = torch.rand(8, *SHAPE, generator=torch.Generator().manual_seed(1))
+    sm = BlackBoxSmoother(conn(), module={"name": "dncnn", "depth": 2, "width": 4}, sigma=0.25)
+    sm.fit(a, strategy="denoise", pretrain_steps=3, steps=0, checkpoint_dir=tmp_path / "fit")
+    again = BlackBoxSmoother(conn(), module={"name": "dncnn", "depth": 2, "width": 4}, sigma=0.25)
+    assert again.fit(a, strategy="denoise", pretrain_steps=3, steps=0,
+                     checkpoint_dir=tmp_path / "fit").resumed_from == 3
+    other = BlackBoxSmoother(conn(), module={"name": "dncnn", "depth": 2, "width": 4}, sigma=0.25)
+    with pytest.raises(CacheError):
+        other.fit(b, strategy="denoise", pretrain_steps=3, steps=0, checkpoint_dir=tmp_path / "fit")

@@ -12,6 +12,7 @@ from typing import Any, ClassVar
 import torch
 import torch.nn.functional as F
 
+from blackbox_rs.binding import hash_state
 from blackbox_rs.errors import BudgetExceeded, CacheError
 from blackbox_rs.fitting.checkpoint import (
     load_checkpoint,
@@ -219,11 +220,19 @@ class Strategy(abc.ABC):
 
 
 def _config_digest(ctx: FitContext, strategy: str) -> str:
+    """What a fit checkpoint is bound to: the settings, strategy, sigmas, model fingerprint, module
+    config and the fit data itself (images and labels, by content), so a rerun on other data of the
+    same size never resumes it."""
     cfg = ctx.config.model_dump(exclude={"checkpoint_every", "steps"})
     blob = json.dumps({"cfg": cfg, "strategy": strategy, "sigmas": ctx.sigmas,
                        "fingerprint": ctx.engine.info.fingerprint, "n": len(ctx.data),
                        "module": ctx.module.config.model_dump(mode="json")}, sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+    h = hashlib.sha256(blob.encode())
+    data = {"x": ctx.data.x}
+    if ctx.data.y is not None:
+        data["y"] = ctx.data.y
+    hash_state(h, data)
+    return h.hexdigest()[:16]
 
 
 def _checkpoint(ctx: FitContext, strat: Strategy, directory: str | os.PathLike[str], step: int, digest: str,
