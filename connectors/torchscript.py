@@ -127,9 +127,19 @@ def _refuse(path: Path, reason: str) -> UnsafeModelFileError:
     )
 
 
+_EXPR_MAX_CHARS = 4096
+_EXPR_MAX_EXPONENT = 64
+
+
 def _check_expr(path: Path, expr: object) -> None:
+    """Refuse a symbolic expression outside the grammar, longer than ``_EXPR_MAX_CHARS``, or with a
+    power whose exponent is not a small literal (``9**9**9**9`` would hang sympy: no code, but no end)."""
     text = str(expr)
+    if len(text) > _EXPR_MAX_CHARS:
+        raise _refuse(path, f"symbolic shape expression of {len(text):,} characters")
     pos = 0
+    prev = ""
+    exponent = False  # the last token was the exponent of a power
     while pos < len(text):
         m = _EXPR_TOKEN.match(text, pos)
         if m is None:
@@ -137,6 +147,13 @@ def _check_expr(path: Path, expr: object) -> None:
         tok = m.group(0)
         if (tok[0].isalpha() or tok[0] == "_") and tok not in _EXPR_NAMES and not _EXPR_SYMBOL.fullmatch(tok):
             raise _refuse(path, f"symbolic shape expression {text[:80]!r} names {tok!r}")
+        if not tok.isspace():
+            if prev == "**" and not (tok[0].isdigit() and float(tok) <= _EXPR_MAX_EXPONENT):
+                raise _refuse(path, f"symbolic shape expression {text[:80]!r} raises to {tok!r}")
+            if tok == "**" and exponent:  # a power tower: a**b**c
+                raise _refuse(path, f"symbolic shape expression {text[:80]!r} stacks powers")
+            exponent = prev == "**"
+            prev = tok
         pos = m.end()
 
 

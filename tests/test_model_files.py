@@ -245,3 +245,16 @@ def test_not_a_pt2_archive_is_a_connector_error(tmp_path: Path) -> None:
         z.writestr("a.txt", "hello")
     with pytest.raises(ConnectorError, match="torch.export archive"):
         TorchScriptConnector(p, input_shape=SHAPE, num_classes=K)
+
+
+def test_a_power_tower_in_a_shape_expression_is_refused() -> None:
+    """Review finding: `9**9**9**9` passed the grammar and would hang sympy (no code, but no end)."""
+    from pathlib import Path
+
+    from blackbox_rs.connectors.torchscript import _check_expr
+    from blackbox_rs.errors import UnsafeModelFileError
+
+    _check_expr(Path("m.pt2"), "s0**2 + 2*s1")  # small literal exponents are fine
+    for bomb in ("9**9**9**9", "s0**s1", "2**(3)", "s0 + " * 2000):
+        with pytest.raises(UnsafeModelFileError):
+            _check_expr(Path("m.pt2"), bomb)
