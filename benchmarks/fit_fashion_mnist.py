@@ -56,9 +56,10 @@ def fit_config(args: argparse.Namespace, strategy: str) -> FitConfig:
     if strategy == "denoise":  # the same number of MSE steps as pretraining + the surrogate's steps
         return FitConfig(strategy="denoise", steps=args.steps, lr=args.pretrain_lr, **common)
     if strategy in ("surrogate", "passthrough"):  # passthrough: the proxy's true-gradient bound
-        return FitConfig(strategy=strategy, steps=args.steps, distill_queries=args.distill_queries,
-                         redistill_every=args.redistill_every, score_every=args.redistill_every, lr=args.surrogate_lr,
-                         weights={"mse": 1.0, "stability": args.stability_weight}, **common)
+        own = ({"distill_queries": args.distill_queries, "redistill_every": args.redistill_every}
+               if strategy == "surrogate" else {})  # settings of the surrogate strategy alone
+        return FitConfig(strategy=strategy, steps=args.steps, score_every=args.redistill_every, lr=args.surrogate_lr,
+                         weights={"mse": 1.0, "stability": args.stability_weight}, **own, **common)
     if strategy == "zeroth_order":
         return FitConfig(strategy="zeroth_order", steps=args.zo_steps, zo_batch=32, zo_directions=4,
                          zo_rank=2, lr=args.pretrain_lr, score_every=args.zo_score_every, **common)

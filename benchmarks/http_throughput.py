@@ -32,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from helpers.fault_server import FaultServer, max_in_window  # noqa: E402
 
+from blackbox_rs.connectors.http import TransportSettings  # noqa: E402
 from blackbox_rs.connectors.kserve_v2 import KServeV2Connector  # noqa: E402
 
 SHAPE = (1, 4, 4)
@@ -99,7 +100,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
                                  "client_threads": threads}
     try:
         # run 1: saturate the server at max_in_flight = K
-        with KServeV2Connector(url, "toy", max_in_flight=k, timeout_s=10) as c:
+        with KServeV2Connector(url, "toy", transport=TransportSettings(max_in_flight=k, timeout_s=10)) as c:
             _drive(c, 0.5, threads)  # warm-up: open the pooled connections
             parent.send("reset")
             parent.recv()
@@ -119,7 +120,8 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
         # run 2: rate-limited
         parent.send("reset")
         parent.recv()
-        with KServeV2Connector(url, "toy", max_in_flight=k, rate_limit=rate, timeout_s=10) as c:
+        with KServeV2Connector(url, "toy",
+                               transport=TransportSettings(max_in_flight=k, rate_limit=rate, timeout_s=10)) as c:
             parent.send("reset")  # discovery requests are not part of the measurement
             parent.recv()
             n, secs = _drive(c, args.seconds, threads)

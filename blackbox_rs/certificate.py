@@ -3,18 +3,55 @@
 A :class:`Certificate` carries everything needed to recompute it from its counts (class, radius,
 lower bound, selection and estimation counts, n0, n, alpha, sigma, seed, noise key, method, queries
 spent, model fingerprint), so it can be re-derived at another alpha or re-audited without new queries.
+
+Query counts: ``queries`` are the queries charged by the run that finished the record, ``cache_hits``
+the samples that run got from the query cache, and ``queries_total`` the queries charged for the
+record's samples by every run that worked on it, an interrupted one included, as far as the
+dataset journal recorded them (see :mod:`blackbox_rs.journal`). ``queries_total`` is None only for a
+record read from a journal written before it was recorded.
+
+``prediction_name`` and ``label_name`` (the connector's class names, :func:`class_name`) are
+descriptive only: never part of what a record is bound to, never used to decide correctness.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from collections.abc import Sequence
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-__all__ = ["ABSTAIN", "Certificate", "SmoothedPrediction"]
+__all__ = ["ABSTAIN", "ABSTAIN_NAME", "Certificate", "SmoothedPrediction", "class_name", "with_names"]
 
 ABSTAIN = -1
 """Class index meaning "the smoothed classifier abstains"."""
+
+ABSTAIN_NAME = "abstain"
+"""``prediction_name`` of an abstention."""
+
+
+def _has_names(names: Sequence[str]) -> bool:
+    """False for the placeholder names ``"0" .. "K-1"`` that a connector without class names uses."""
+    return bool(names) and tuple(names) != tuple(str(i) for i in range(len(names)))
+
+
+def class_name(names: Sequence[str], index: int | None) -> str | None:
+    """The name of class ``index`` in ``names`` (a connector's ``info.class_names``): ``"abstain"``
+    for :data:`ABSTAIN`; None when ``index`` is None or outside the classes, or when the connector
+    has no names (its names are the placeholders ``"0" .. "K-1"``)."""
+    if index is None or not _has_names(names):
+        return None
+    if index == ABSTAIN:
+        return ABSTAIN_NAME
+    return names[index] if 0 <= index < len(names) else None
+
+
+def with_names(record: Any, names: Sequence[str]) -> Any:
+    """``record`` with ``prediction_name`` and ``label_name`` filled from ``names`` (a copy; the
+    record itself when nothing changes). Names are descriptive: no other field changes."""
+    update = {"prediction_name": class_name(names, record.prediction), "label_name": class_name(names, record.label)}
+    update = {k: v for k, v in update.items() if getattr(record, k, None) != v}
+    return record.model_copy(update=update) if update else record
 
 
 class _Record(BaseModel):
@@ -27,8 +64,19 @@ class _Record(BaseModel):
     seed: int
     key: str = Field(description="noise key of the input (content hash unless given)")
     fingerprint: str = Field(description="fingerprint of the base model the counts came from")
-    queries: int = Field(ge=0, description="queries charged for this record (cache hits excluded)")
-    cache_hits: int = Field(default=0, ge=0)
+    queries: int = Field(ge=0, description="queries charged for this record by the run that finished it "
+                                           "(cache hits excluded)")
+    cache_hits: int = Field(default=0, ge=0, description="samples the finishing run got from the query cache")
+    queries_total: int | None = Field(
+        default=None, ge=0,
+        description="queries charged for this record's samples by every run that worked on it (interrupted runs "
+        "recorded in the dataset journal included); defaults to `queries` when a record is created; None: not "
+        "recorded (a journal line written before this field existed)",
+    )
+    prediction_name: str | None = Field(
+        default=None, description="class name of `prediction` ('abstain' for ABSTAIN); None without names. "
+        "Descriptive only")
+    label_name: str | None = Field(default=None, description="class name of `label`; None without names")
     label: int | None = Field(default=None, description="reference label, if known")
     index: int | None = Field(default=None, description="position in the dataset, if certified as part of one")
     reference: Literal["labels", "clean_prediction"] | None = Field(
@@ -47,6 +95,15 @@ class _Record(BaseModel):
     model_version: str | None = Field(
         default=None, description="model version the endpoint reported while certifying, if it reports one"
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_total(cls, data: Any) -> Any:
+        """A record created without ``queries_total`` was made by one run: its total is ``queries``.
+        (The journal reader passes an explicit None for old lines: not recorded.)"""
+        if isinstance(data, dict) and "queries_total" not in data and "queries" in data:
+            data = {**data, "queries_total": data["queries"]}
+        return data
 
     @property
     def abstained(self) -> bool:

@@ -35,7 +35,7 @@ import torch
 
 from blackbox_rs import defaults, stats
 from blackbox_rs.binding import identified, noise_identity, transform_identity
-from blackbox_rs.certificate import ABSTAIN, SequentialCertificate
+from blackbox_rs.certificate import ABSTAIN, SequentialCertificate, class_name
 from blackbox_rs.connectors.base import Connector
 from blackbox_rs.core import (
     Transform,
@@ -174,8 +174,10 @@ def certify_radius(
     j = res.certified_index
     certified = j >= 0
     looks_used = len(res.looks)
+    names = engine.info.class_names
     return SequentialCertificate(
         prediction=cand if certified else ABSTAIN,
+        prediction_name=class_name(names, cand if certified else ABSTAIN), label_name=class_name(names, label),
         counts=est.tolist(), alpha=alpha, sigma=sigma, seed=seed, key=key,
         fingerprint=engine.info.fingerprint, queries=tally.queries, cache_hits=tally.cache_hits,
         label=label, index=index,

@@ -1,4 +1,5 @@
-"""The ``blackbox-rs`` command: ``demo``, ``fit``, ``certify``, ``report``.
+"""The ``blackbox-rs`` command: ``demo``, ``fit``, ``certify``, ``report``, and ``api <vendor>`` for hosted APIs
+(:mod:`blackbox_rs.api`).
 
 A run is described by a TOML file validated by pydantic (unknown keys are errors that name the key)::
 
@@ -316,7 +317,7 @@ def certify(
 
     def go() -> None:
         from blackbox_rs.data_files import load_images
-        from blackbox_rs.progress import ProgressBar
+        from blackbox_rs.progress import DatasetProgress, ProgressBar
         from blackbox_rs.reports import accuracy_table, write_report
         from blackbox_rs.smoother import BlackBoxSmoother
 
@@ -338,13 +339,13 @@ def certify(
             smoother = BlackBoxSmoother.load(module_dir, engine)
         else:
             smoother = BlackBoxSmoother(engine, module=None, sigma=c.sigma)
-        bar = ProgressBar(budget=c.budget)
+        bar = ProgressBar(budget=engine.budget)  # budget left from the persisted ledger, across runs
         tag = journal_tag(smoother.transform)
         journal = cfg.run.out_dir / f"certificates-{tag}.jsonl"
         res = smoother.certify_dataset(
             x, None if y is None else y.tolist(), n0=c.n0, n=c.n, alpha=c.alpha, sigma=c.sigma, seed=c.seed,
             batch_size=c.batch_size, radii=c.radii, output=journal,
-            progress=lambda i, cert: bar("certify", i + 1, len(x), {"queries": engine.stats.queries}),
+            progress=DatasetProgress(bar, len(x), engine=engine),
         )
         name = "fitted module" if module_dir is not None else "no module"
         files = write_report({name: res}, cfg.run.out_dir / f"report-{tag}",
@@ -366,7 +367,12 @@ def report(
 
     def go() -> None:
         from blackbox_rs.certify_sequential import SequentialDatasetCertification
-        from blackbox_rs.dataset import DatasetCertification, certified_accuracy, certified_other
+        from blackbox_rs.dataset import (
+            DatasetCertification,
+            certified_accuracy,
+            certified_other,
+            total_queries,
+        )
         from blackbox_rs.reports import accuracy_table, load_certificates, write_report
 
         try:
@@ -383,6 +389,7 @@ def report(
                                            else "clean_prediction")
             common = {"certificates": certs, "radii": rs, "certified_accuracy": certified_accuracy(certs, rs),
                       "reference": ref, "queries": sum(ce.queries for ce in certs),
+                      "queries_total": total_queries(certs),
                       "cache_hits": sum(ce.cache_hits for ce in certs), "cost": math.nan,  # not in the records
                       "certified_other": certified_other(certs, rs)}
             methods = {ce.method for ce in certs}
@@ -398,6 +405,32 @@ def report(
         typer.echo(f"report: {files.summary}")
 
     _run(go)
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True,
+                               "help_option_names": []})
+def api(
+    ctx: typer.Context,
+    vendor: Annotated[str, typer.Argument(help="huggingface | google-vision | aws-rekognition | azure-vision | "
+                                               "azure-custom-vision | clarifai | openai-chat | tf-serving | torchserve")],
+) -> None:
+    """Certify a hosted API: `blackbox-rs api VENDOR [certify|labels|check-encoding] IMAGES [flags]`
+    (`blackbox-rs api VENDOR certify --help` lists the flags)."""
+    if vendor in ("-h", "--help"):
+        from blackbox_rs.api.vendors import VENDORS
+
+        typer.echo("usage: blackbox-rs api VENDOR [certify|labels|check-encoding] IMAGES [flags]\n\n"
+                   "  certify         certify the images (default: the sequential test at --radius 0.25)\n"
+                   "  labels          list the vendor's raw labels and write a proposed label map\n"
+                   "  check-encoding  check that the image encoding leaves each clean answer unchanged\n\n"
+                   "vendors:\n" + "\n".join(f"  {n:20s}{VENDORS.get(n).description}" for n in VENDORS.names())
+                   + "\n\n`blackbox-rs api VENDOR ACTION --help` lists the flags.")
+        return
+    from blackbox_rs.api import main as api_main
+
+    code = api_main(vendor, list(ctx.args))
+    if code:
+        raise typer.Exit(code)
 
 
 def main() -> None:

@@ -25,22 +25,44 @@ import torch
 
 from blackbox_rs.errors import ConfigError, InvalidInputError
 
-__all__ = ["load_images"]
+__all__ = ["IMAGE_EXTENSIONS", "as_image_tensor", "list_image_files", "load_images"]
 
-_EXTS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
+"""File suffixes (lower case) read as images; other files in an image folder are ignored."""
+_EXTS = IMAGE_EXTENSIONS
 
 
-def _to_nchw(x: np.ndarray, shape: tuple[int, int, int]) -> torch.Tensor:
-    if x.ndim == 3 and shape[0] == 1:
-        x = x[:, None]
-    if x.ndim != 4:
-        raise InvalidInputError(f"x must be 4-D (N x C x H x W or N x H x W x C), got shape {x.shape}")
-    if tuple(x.shape[1:]) != shape and tuple(x.shape[1:]) == (shape[1], shape[2], shape[0]):
-        x = x.transpose(0, 3, 1, 2)
-    t = torch.from_numpy(np.ascontiguousarray(x))
-    if t.dtype == torch.uint8:
-        t = t.float() / 255.0
-    return t.float()
+def list_image_files(path: str | os.PathLike[str]) -> tuple[list[tuple[Path, str | None]], list[str]]:
+    """The image files of a folder in the order :func:`load_images` reads them, each with its class
+    sub-folder's name (``None`` in a flat folder), and the sorted sub-folder names."""
+    folder = Path(path)
+    subdirs = sorted(p for p in folder.iterdir() if p.is_dir())
+    if subdirs:
+        files = [(f, d.name) for d in subdirs for f in sorted(d.iterdir()) if f.suffix.lower() in _EXTS]
+    else:
+        files = [(f, None) for f in sorted(folder.iterdir()) if f.suffix.lower() in _EXTS]
+    return files, [d.name for d in subdirs]
+
+
+def as_image_tensor(x: np.ndarray, shape: tuple[int, ...], batched: bool) -> torch.Tensor:
+    """A numpy image array (a batch ``N x ...`` or, ``batched=False``, one image) as a float32
+    tensor in the model's ``C x H x W`` layout: uint8 is scaled from 0..255, float taken as [0, 1],
+    ``H x W`` images get their channel for a 1-channel model and channels-last arrays are moved to
+    channels-first. The one numpy-to-tensor converter of the SDK (files and in-memory fit data alike);
+    the shape itself is checked by the caller."""
+    if x.dtype == np.uint8:
+        t = torch.from_numpy(np.ascontiguousarray(x)).float() / 255.0
+    elif np.issubdtype(x.dtype, np.floating):
+        t = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+    else:
+        raise InvalidInputError(f"images must be a float array in [0, 1] or uint8 0..255, got numpy dtype {x.dtype}")
+    base = 1 if batched else 0
+    c, h, w = (int(d) for d in shape)
+    if t.ndim == base + 2 and c == 1 and tuple(t.shape[base:]) == (h, w):
+        t = t.unsqueeze(base)  # H x W images for a 1-channel model
+    elif t.ndim == base + 3 and tuple(t.shape[base:]) != (c, h, w) and tuple(t.shape[base:]) == (h, w, c):
+        t = t.movedim(-1, base)  # channels last -> channels first
+    return t
 
 
 def _known(class_names: Sequence[str]) -> str:
@@ -76,13 +98,10 @@ def _folder(path: Path, shape: tuple[int, int, int],
     mode = {1: "L", 3: "RGB"}.get(shape[0])
     if mode is None:
         raise ConfigError(f"image folders need a 1- or 3-channel model, this one has {shape[0]} channels")
-    subdirs = sorted(p for p in path.iterdir() if p.is_dir())
-    items: list[tuple[Path, int | None]] = []
-    if subdirs:
-        for label, d in zip(_folder_labels(subdirs, class_names), subdirs, strict=True):
-            items += [(f, label) for f in sorted(d.iterdir()) if f.suffix.lower() in _EXTS]
-    else:
-        items = [(f, None) for f in sorted(path.iterdir()) if f.suffix.lower() in _EXTS]
+    files, folders = list_image_files(path)
+    subdirs = [path / d for d in folders]
+    label_of = dict(zip(folders, _folder_labels(subdirs, class_names), strict=True))
+    items = [(f, None if d is None else label_of[d]) for f, d in files]
     if not items:
         raise InvalidInputError(f"no images ({', '.join(sorted(_EXTS))}) found in {path}")
     arrs = []
@@ -116,7 +135,10 @@ def load_images(path: str | os.PathLike[str], input_shape: tuple[int, int, int],
             with np.load(p, allow_pickle=False) as z:
                 if "x" not in z:
                     raise ConfigError(f"{p} has no array named 'x' (found: {', '.join(z.files)})")
-                x = _to_nchw(z["x"], shape)  # type: ignore[arg-type]
+                x = as_image_tensor(z["x"], shape, batched=True)
+                if x.ndim != 4:
+                    raise InvalidInputError(f"{p}: x must be 4-D (N x C x H x W or N x H x W x C), got shape "
+                                            f"{tuple(z['x'].shape)}")
                 y = torch.from_numpy(z["y"].astype(np.int64)) if "y" in z else None
         except (OSError, ValueError) as exc:
             raise ConfigError(f"cannot read {p}: {exc}") from exc

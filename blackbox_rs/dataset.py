@@ -4,7 +4,21 @@
 certification (:func:`blackbox_rs.certify_sequential.certify_radius_dataset`): it validates the whole
 dataset before the first query, skips inputs a journal has finished (after checking each finished
 record is for this input: key, label, reference), journals each new certificate as soon as it is final,
-and totals what was charged. Accuracy counts a certificate as correct only when it is not the catch-all
+and totals what was charged.
+
+Query counts after a resume (the three figures agree): each certificate's ``queries`` is what the run
+that finished it was charged for it, ``queries_total`` adds what interrupted runs recorded in the
+journal for that input (:mod:`blackbox_rs.journal`: a run that stops in the middle of an input writes
+a progress record with that input's charged queries, taken from the engine's counters, so the
+dataset loop must be the engine's only user while it runs). :class:`DatasetResult` states
+``queries`` (charged by this call) and ``queries_total`` (the sum of the certificates' totals: every
+run on this journal). A progress bar shows budget left from the budget's own (persisted) ledger
+(:class:`blackbox_rs.progress.ProgressBar`) and its ETA counts only the inputs left to do
+(:class:`blackbox_rs.progress.DatasetProgress`).
+
+Class names: every certificate gets ``prediction_name`` and ``label_name`` from the connector's
+``class_names`` (:func:`blackbox_rs.certificate.with_names`; None without names), records read from
+an older journal included. They are descriptive: not part of the resume check. Accuracy counts a certificate as correct only when it is not the catch-all
 class ``other`` (:func:`certified_accuracy`, via each record's ``certified_at``); ``other`` has its own
 column (:func:`certified_other`). Without labels the reference is the bare model's clean label f(x).
 """
@@ -23,7 +37,7 @@ from pydantic import BaseModel, ConfigDict
 
 from blackbox_rs import defaults, stats
 from blackbox_rs.binding import identified, noise_identity, transform_identity
-from blackbox_rs.certificate import Certificate
+from blackbox_rs.certificate import Certificate, with_names
 from blackbox_rs.connectors.base import Connector
 from blackbox_rs.core import (
     Transform,
@@ -35,7 +49,7 @@ from blackbox_rs.core import (
     validate_input,
 )
 from blackbox_rs.engine import QueryEngine, Tally, as_engine
-from blackbox_rs.errors import InvalidInputError, InvalidParameterError, ResumeMismatchError
+from blackbox_rs.errors import CacheError, InvalidInputError, InvalidParameterError, ResumeMismatchError
 from blackbox_rs.journal import CertificateJournal
 from blackbox_rs.noise import input_key
 
@@ -52,6 +66,7 @@ __all__ = [
     "observed_version",
     "open_journal",
     "run_dataset",
+    "total_queries",
     "validate_dataset",
 ]
 
@@ -69,8 +84,11 @@ REFERENCE_TEXT = {
 class DatasetResult(BaseModel):
     """What every dataset run reports, whatever the certification method: the radii, certified
     accuracy at each (``reference`` says what accuracy means, :data:`REFERENCE_TEXT`), queries charged
-    in this call, cache hits, cost, and the ``certified_other`` column (None without a catch-all
-    class). Subclasses add the certificates of their method."""
+    in this call (``queries``; ``cache_hits`` and ``cost`` of this call too), ``queries_total`` (charged
+    for these certificates by every run that worked on them, interrupted ones on the same journal
+    included: the sum of their ``queries_total``, using ``queries`` for records that predate it; None
+    when not stated), and the ``certified_other`` column (None without a catch-all class).
+    Subclasses add the certificates of their method."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -81,6 +99,14 @@ class DatasetResult(BaseModel):
     cache_hits: int
     cost: float
     certified_other: dict[str, float] | None = None
+    queries_total: int | None = None
+
+
+def total_queries(certificates: Sequence[Any]) -> int:
+    """Queries charged for ``certificates`` by every run that worked on them: the sum of their
+    ``queries_total`` (``queries`` for a record that predates that field: a lower bound)."""
+    return sum(int(c.queries if getattr(c, "queries_total", None) is None else c.queries_total)
+               for c in certificates)
 
 
 class DatasetCertification(DatasetResult):
@@ -174,11 +200,21 @@ def certify_each(
     journal has finished (after checking that each finished record is for this input: its key,
     label and reference), calls ``certify_one(index, x, label, key)`` on the rest, journals each
     result and totals its queries. Returns the certificates, the reference ("labels" or
-    "clean_prediction") and the queries charged in this call."""
+    "clean_prediction") and the queries charged in this call.
+
+    Every certificate gets its class names (:func:`~blackbox_rs.certificate.with_names`). A new one
+    gets ``queries_total`` = its ``queries`` + what the journal's progress records say earlier runs
+    were charged for that input. When ``certify_one`` raises (budget spent, service error, Ctrl-C),
+    the journal first records what this input was charged so far (the engine's counters over the
+    call), then the exception propagates unchanged. ``progress(index, cert)`` is called for every
+    certificate in order; a callback with a ``resumed(index, cert)`` method gets the certificates
+    read from the journal there instead (no work this run: :class:`blackbox_rs.progress.DatasetProgress`)."""
     inputs, reference = validate_dataset(engine, inputs, labels)
     certs: list[C] = []
     total = Tally()
     finished = journal.finished if journal is not None else {}
+    names = engine.info.class_names
+    resumed = getattr(progress, "resumed", None)
     for idx, (x, y) in enumerate(_iter_items(inputs, labels)):
         xt = validate_input(x, engine.info)
         key = input_key(xt)
@@ -188,21 +224,47 @@ def certify_each(
             if y is not None:
                 expected["label"] = y
             journal.check_record(cert, expected)  # type: ignore[union-attr]
+            if hasattr(cert, "prediction_name"):
+                cert = with_names(cert, names)  # descriptive: an older record gets them too (not rewritten)
         else:
-            cert = certify_one(idx, xt, y, key)
+            prior = journal.charged_before(idx, key) if journal is not None else (0, 0)
+            before = (engine.stats.queries, engine.stats.cache_hits)
+            try:
+                cert = certify_one(idx, xt, y, key)
+            except BaseException:
+                if journal is not None:
+                    _note_unfinished(journal, idx, key, engine, before)
+                raise
+            update: dict[str, Any] = {}
             version = observed_version(engine)
             if version is not None:  # recorded for the resume check (open_journal pins it)
-                cert = cert.model_copy(update={"model_version": version})
+                update["model_version"] = version
             q, hits = int(getattr(cert, "queries", 0)), int(getattr(cert, "cache_hits", 0))
+            if hasattr(cert, "queries_total"):
+                update["queries_total"] = q + prior[0]
+            if update:
+                cert = cert.model_copy(update=update)
+            if hasattr(cert, "prediction_name"):
+                cert = with_names(cert, names)
             total.add(Tally(queries=q, cache_hits=hits, cost=q * engine.info.cost_per_query))
             if journal is not None:
                 journal.append(cert)
         certs.append(cert)
         if progress is not None:
-            progress(idx, cert)
+            (resumed if idx in finished and callable(resumed) else progress)(idx, cert)
     if not certs:
         warnings.warn("no inputs to certify", stacklevel=3)
     return certs, reference, total
+
+
+def _note_unfinished(journal: CertificateJournal[Any], idx: int, key: str, engine: QueryEngine,
+                     before: tuple[int, int]) -> None:
+    """Record what input ``idx`` was charged before the run stopped; a failure to write warns and
+    never replaces the exception that stopped the run."""
+    try:
+        journal.note_unfinished(idx, key, engine.stats.queries - before[0], engine.stats.cache_hits - before[1])
+    except CacheError as exc:
+        warnings.warn(f"the queries charged for unfinished input {idx} could not be recorded: {exc}", stacklevel=3)
 
 
 def validate_dataset(engine: QueryEngine, inputs: Any, labels: Any) -> tuple[Any, str]:
@@ -363,7 +425,8 @@ def run_dataset(engine: QueryEngine, inputs: Any, labels: Sequence[int] | None, 
             journal.close()
     return certs, {"radii": [float(r) for r in radii], "certified_accuracy": certified_accuracy(certs, radii),
                    "reference": reference, "queries": total.queries, "cache_hits": total.cache_hits,
-                   "cost": total.cost, "certified_other": certified_other(certs, radii)}
+                   "cost": total.cost, "certified_other": certified_other(certs, radii),
+                   "queries_total": total_queries(certs)}
 
 
 def observed_version(engine: QueryEngine) -> str | None:

@@ -13,7 +13,8 @@ per look), which is where the -0.8 points above come from.
 
 from __future__ import annotations
 
-__all__ = ["ALPHA", "FUTILITY", "N", "N0", "N_HOSTED", "RADII", "SEQ_MAX_QUERIES", "SEQ_N0"]
+__all__ = ["ALPHA", "FUTILITY", "MODULE_HOSTED", "N", "N0", "N_HOSTED", "RADII", "RADII_HOSTED", "SEQ_MAX_QUERIES",
+           "SEQ_MAX_QUERIES_HOSTED", "SEQ_N0"]
 
 ALPHA = 0.001
 """Probability that a certificate is wrong (per certificate)."""
@@ -34,3 +35,14 @@ SEQ_MAX_QUERIES = 100_000
 """Per-input query cap of sequential certification."""
 FUTILITY = 0.05
 """Futility level of sequential certification (None: never give up early)."""
+
+RADII_HOSTED: tuple[float, ...] = (0.25,)
+"""Radii the vendor front door (``blackbox-rs api``) certifies sequentially unless ``--radius`` is given."""
+
+SEQ_MAX_QUERIES_HOSTED = 1 + N0 + N_HOSTED
+"""Per-image cap of the vendor front door's sequential certification: Cohen's cost there (1 clean +
+n0 + n = 1,101), so the sequential test never costs more than Cohen's CERTIFY would."""
+
+MODULE_HOSTED = "lowres"
+"""Input module the vendor front door fits by default: it works at reduced resolution, so a fit in
+front of a 224 x 224 model takes minutes on a CPU (docs/large-inputs.md)."""

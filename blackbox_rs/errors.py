@@ -210,5 +210,10 @@ class SplitOverlapError(ConfigError):
     measured on images the module was fitted on would be optimistic. The message names the files."""
 
 
+class FitTooSlowError(InvalidParameterError):
+    """A fit's measured time estimate exceeds the stated limit; the message names the estimate, the
+    limit and how to cut it (fewer steps, a smaller batch, the ``lowres`` module)."""
+
+
 class UnmappedLabelError(InvalidResponseError):
     """A vendor label has no task class and the label map has no ``other`` class to put it in."""

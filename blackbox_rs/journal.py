@@ -2,7 +2,10 @@
 
 Layout: the first line is a header ``{"blackbox_rs_journal": 2, "kind": ..., "params": {...}, "seed": ...}``
 written when the journal is created (before any query), then one certificate per line, each written
-as soon as it is final, flushed and fsynced.
+as soon as it is final, flushed and fsynced. A run that stops in the middle of an input (budget or
+quota spent, a service error, Ctrl-C: any exception out of that input's certification) appends a
+*progress record* ``{"blackbox_rs_progress": 1, "index": i, "key": ..., "queries": q, "cache_hits": h}``
+with what that input had been charged so far (:meth:`CertificateJournal.note_unfinished`).
 
 Guarantees:
 
@@ -14,6 +17,14 @@ Guarantees:
   refused, never mixed.
 * **The seed survives.** A run that asked for a fresh seed (``seed=None``) adopts the seed of the
   journal it resumes, so a crash at any point costs no repeated query (with a query cache).
+* **Queries add up across runs.** The resumed run that finishes input ``i`` records
+  ``queries_total = queries + (queries of every progress record for i)``: the queries charged for
+  that certificate's samples by every run that worked on it, so an interrupted run's spending (which
+  the resumed run sees as cache hits) is not lost. A progress record for ``i`` whose input key is not
+  the input's now is refused (:meth:`CertificateJournal.charged_before`). A process killed without a
+  chance to write (SIGKILL, power loss) leaves no progress record: what it paid for its unfinished
+  input then shows only as the resumed run's cache hits. Journals without progress records (older
+  ones included) resume as before; a record without ``queries_total`` reads as None (not recorded).
 * **Torn writes heal.** A torn last line (a crash in the middle of a write) is cut off before the next
   append, so every later resume and ``blackbox-rs report`` reads the file; its input is recomputed
   (from the query cache).
@@ -36,6 +47,7 @@ __all__ = ["JOURNAL_FORMAT", "CertificateJournal", "read_journal"]
 C = TypeVar("C", bound=BaseModel)
 JOURNAL_FORMAT = 2
 _HEADER_KEY = "blackbox_rs_journal"
+_PROGRESS_KEY = "blackbox_rs_progress"
 
 
 def _lines(path: Path) -> tuple[list[tuple[int, bytes]], int | None]:
@@ -60,21 +72,24 @@ def read_journal(path: str | os.PathLike[str], model: type[C]) -> tuple[dict[str
     only (a torn last line is skipped, not cut). Raises :class:`CacheError` on corruption."""
     p = Path(path)
     lines, tail = _lines(p)
-    header, records, _, _ = _parse(p, lines, tail, model)
+    header, records, _, _, _ = _parse(p, lines, tail, model)
     return header, records
 
 
 def _parse(path: Path, lines: list[tuple[int, bytes]], tail: int | None, model: type[C]
-           ) -> tuple[dict[str, Any] | None, list[C], int | None, bool]:
-    """(header, records, offset to truncate at or None, whether a newline must precede the next write)."""
+           ) -> tuple[dict[str, Any] | None, list[C], int | None, bool, list[dict[str, Any]]]:
+    """(header, records, offset to truncate at or None, whether a newline must precede the next write,
+    progress records)."""
     data = [(off, ln) for off, ln in lines if ln.strip()]
     tail_line: bytes | None = None
     if tail is not None:
         tail_line = path.read_bytes()[tail:]
     header: dict[str, Any] | None = None
     records: list[C] = []
+    progress: list[dict[str, Any]] = []
     cut: int | None = None
     needs_newline = False
+    fields = getattr(model, "model_fields", None)
     entries = [(off, ln, True) for off, ln in data]
     if tail_line is not None and tail_line.strip():
         entries.append((tail, tail_line, False))
@@ -91,15 +106,31 @@ def _parse(path: Path, lines: list[tuple[int, bytes]], tail: int | None, model: 
             if not terminated:
                 needs_newline = True
             if header.get("kind") != model.__name__ and model.__name__ != "_AnyCertificate":
-                return header, [], None, needs_newline  # another kind of journal: refused by the caller
+                return header, [], None, needs_newline, []  # another kind of journal: refused by the caller
             continue
+        if isinstance(obj, dict) and _PROGRESS_KEY in obj:
+            progress.append(_check_progress(path, i + 1, obj))
+            if not terminated:
+                needs_newline = True
+            continue
+        if isinstance(obj, dict) and "queries_total" not in obj and (fields is None or "queries_total" in fields):
+            obj["queries_total"] = None  # written before it was recorded: unknown, not `queries`
         try:
             records.append(model.model_validate(obj))
         except ValueError as exc:
             raise CacheError(f"output {path} line {i + 1} is not a {model.__name__}: {exc}") from None
         if not terminated:
             needs_newline = True
-    return header, records, cut, needs_newline
+    return header, records, cut, needs_newline, progress
+
+
+def _check_progress(path: Path, line: int, obj: dict[str, Any]) -> dict[str, Any]:
+    ok = (obj.get(_PROGRESS_KEY) == 1 and isinstance(obj.get("key"), str)
+          and all(isinstance(obj.get(k), int) and not isinstance(obj.get(k), bool) and obj[k] >= 0
+                  for k in ("index", "queries", "cache_hits")))
+    if not ok:
+        raise CacheError(f"output {path} line {line} is not a valid progress record")
+    return obj
 
 
 class CertificateJournal(Generic[C]):
@@ -119,14 +150,16 @@ class CertificateJournal(Generic[C]):
         self.path = Path(path)
         self.model = model
         self.finished: dict[int, C] = {}
+        self._progress: dict[int, list[dict[str, Any]]] = {}
         header: dict[str, Any] | None = None
         records: list[C] = []
+        progress: list[dict[str, Any]] = []
         cut: int | None = None
         needs_newline = False
         if self.path.exists():
             lines, tail = _lines(self.path)
-            header, records, cut, needs_newline = _parse(self.path, lines, tail, model)
-            if header is None and (records or cut):
+            header, records, cut, needs_newline, progress = _parse(self.path, lines, tail, model)
+            if header is None and (records or cut or progress):
                 raise ResumeMismatchError(
                     f"output {self.path} was written by an older blackbox-rs whose records are not bound to the "
                     "module, inputs and seed; it cannot be resumed safely: use another output path "
@@ -162,6 +195,9 @@ class CertificateJournal(Generic[C]):
             index = getattr(cert, "index", None)
             if index is not None:
                 self.finished[int(index)] = cert
+        for rec in progress:  # those of finished inputs are in their certificate's queries_total already
+            if int(rec["index"]) not in self.finished:
+                self._progress.setdefault(int(rec["index"]), []).append(rec)
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._fh = open(self.path, "r+b" if self.path.exists() else "w+b")  # noqa: SIM115 - closed by close()
@@ -191,6 +227,32 @@ class CertificateJournal(Generic[C]):
         diff = differences(got, expected)
         if diff:
             raise ResumeMismatchError(self._mismatch(diff, f"input {getattr(cert, 'index', '?')}"), diff)
+
+    def charged_before(self, index: int, key: str) -> tuple[int, int]:
+        """``(queries, cache_hits)`` that earlier, interrupted runs recorded for unfinished input
+        ``index`` (0, 0 without progress records). Raises :class:`ResumeMismatchError` when a record
+        was written for another input at that position (its key differs)."""
+        recs = self._progress.get(int(index), [])
+        for rec in recs:
+            if rec["key"] != key:
+                diff = {"key": (rec["key"], key)}
+                raise ResumeMismatchError(self._mismatch(diff, f"progress record of input {index}"), diff)
+        return sum(int(r["queries"]) for r in recs), sum(int(r["cache_hits"]) for r in recs)
+
+    def note_unfinished(self, index: int, key: str, queries: int, cache_hits: int) -> None:
+        """Durably record (flush + fsync) that this run stopped in the middle of input ``index`` after
+        being charged ``queries`` for it (and answered ``cache_hits`` of its samples from the cache);
+        the run that finishes it adds them to its ``queries_total``. Nothing is written when both are 0.
+        Raises :class:`CacheError` when the file cannot be written."""
+        if queries <= 0 and cache_hits <= 0:
+            return
+        rec = {_PROGRESS_KEY: 1, "index": int(index), "key": key, "queries": int(queries),
+               "cache_hits": int(cache_hits)}
+        try:
+            self._write(rec)
+        except OSError as exc:
+            raise CacheError(f"cannot write output {self.path}: {exc}") from exc
+        self._progress.setdefault(int(index), []).append(rec)
 
     def _write(self, obj: dict[str, Any]) -> None:
         self._fh.write(json.dumps(obj).encode() + b"\n")

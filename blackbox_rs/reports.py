@@ -12,6 +12,14 @@ can be certified beyond it with that run's settings, whatever the model does. Co
 shown as ``—`` ("not certifiable with these settings") in the markdown table and left empty in
 ``certified_accuracy.csv`` (whose last column, ``max_certifiable_radius``, gives the bound), never as a
 silent 0.
+
+Class names: the per-image CSV has ``prediction_name`` and ``label_name`` columns next to the
+indices, the JSON carries them in each certificate, and the markdown summary lists the certificates
+(the first :data:`MAX_LISTED` of each run) as ``index (name)``; a certificate without names (a
+connector without class names, an older journal) shows the index alone. Names never decide
+correctness. Query counts: each run states the queries charged (``queries``) and the queries in
+total over every run that worked on its certificates, interrupted runs on the same journal included
+(``queries_total``; records that predate it count their ``queries``, and the summary says so).
 """
 
 from __future__ import annotations
@@ -33,16 +41,51 @@ from blackbox_rs.dataset import (
     DatasetResult,
     certified_accuracy,
     certified_other,
+    total_queries,
 )
 from blackbox_rs.errors import CacheError, ConfigError, InvalidParameterError
 from blackbox_rs.journal import read_journal
 from blackbox_rs.paths import ensure_writable_dir
 
-__all__ = ["NOT_CERTIFIABLE", "ReportFiles", "accuracy_table", "load_certificates", "max_certifiable_radius",
+__all__ = ["MAX_LISTED", "NOT_CERTIFIABLE", "ReportFiles", "accuracy_table", "load_certificates", "max_certifiable_radius",
            "plot_curves", "write_report"]
 
-_CSV_FIELDS = ["index", "label", "reference", "prediction", "correct", "is_other", "radius", "p_lower", "n0", "n",
-               "alpha", "sigma", "seed", "queries", "cache_hits", "method", "key", "fingerprint", "transform", "noise"]
+_CSV_FIELDS = ["index", "label", "label_name", "reference", "prediction", "prediction_name", "correct", "is_other",
+               "radius", "p_lower", "n0", "n", "alpha", "sigma", "seed", "queries", "cache_hits", "queries_total",
+               "method", "key", "fingerprint", "transform", "noise"]
+
+#: Certificates listed per run in ``summary.md`` (all of them are in the CSV and JSON files).
+MAX_LISTED = 50
+
+
+def _named(index: int | None, name: str | None) -> str:
+    """``3 (cat)``; the index alone without a name; ``—`` without an index."""
+    if index is None:
+        return "—"
+    return f"{index} ({name})" if name else str(index)
+
+
+def _listing(res: DatasetResult) -> list[str]:
+    certs = res.certificates
+    if not certs:
+        return []
+    rows = ["| input | label | prediction | radius | correct | queries | queries in total |", "|---|---|---|---|---|---|---|"]
+    for c in certs[:MAX_LISTED]:
+        total = "not recorded" if getattr(c, "queries_total", None) is None else f"{c.queries_total:,}"
+        rows.append(f"| {'—' if c.index is None else c.index} | {_named(c.label, c.label_name)} | "
+                    f"{_named(c.prediction, c.prediction_name)} | {c.radius:.3f} | "
+                    f"{'—' if c.correct is None else ('yes' if c.correct else 'no')} | {c.queries:,} | {total} |")
+    if len(certs) > MAX_LISTED:
+        rows.append(f"\n(first {MAX_LISTED} of {len(certs)} certificates; all are in certificates.csv)")
+    return rows
+
+
+def _total_text(res: DatasetResult) -> str:
+    total = res.queries_total if res.queries_total is not None else total_queries(res.certificates)
+    old = sum(1 for c in res.certificates if getattr(c, "queries_total", None) is None)
+    note = (f" (at least: {old} record(s) predate this count and give only the queries of the run that "
+            f"finished them)" if old else "")
+    return f"queries in total, every run on these certificates (interrupted ones included): {total:,}{note}"
 
 
 #: Table cell of a radius above a run's largest certifiable radius.
@@ -255,6 +298,7 @@ def write_report(runs: Mapping[str, DatasetResult], directory: str | os.PathLike
                   f"noise `{s.get('noise')}`",
                   f"- accuracy means: {meaning}",
                   f"- queries charged: {res.queries:,} (cache hits: {res.cache_hits:,}); cost: {cost_text}",
+                  f"- {_total_text(res)}",
                   f"- abstained: {sum(c.abstained for c in res.certificates)}",
                   _reach_text(res, reaches[name])]
         if other is not None:
@@ -263,6 +307,10 @@ def write_report(runs: Mapping[str, DatasetResult], directory: str | os.PathLike
                                                          else f"{other[f'{r:g}']:.3f}") for r in radii))
         lines.append("")
     lines += ["## Certified accuracy", "", accuracy_table(runs, radii), ""]
+    for name, res in runs.items():
+        listing = _listing(res)
+        if listing:
+            lines += [f"## Certificates: {name}", "", *listing, ""]
     lines += [f"- {n}" for n in notes]
     if plot:
         lines += ["", "![certified accuracy](certified_accuracy.png)"]

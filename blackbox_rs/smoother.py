@@ -25,7 +25,7 @@ from blackbox_rs import defaults
 from blackbox_rs._version import __version__
 from blackbox_rs.budget import JointBudget, QueryBudget, chain
 from blackbox_rs.cache import QueryCache
-from blackbox_rs.certificate import Certificate, SequentialCertificate, SmoothedPrediction
+from blackbox_rs.certificate import Certificate, SequentialCertificate, SmoothedPrediction, with_names
 from blackbox_rs.certify_sequential import (
     SequentialDatasetCertification,
     certify_radius,
@@ -36,7 +36,7 @@ from blackbox_rs.core import certify, predict
 from blackbox_rs.dataset import DatasetCertification, certify_dataset
 from blackbox_rs.engine import QueryEngine
 from blackbox_rs.errors import ConfigError, InvalidParameterError
-from blackbox_rs.fitting.config import FitConfig
+from blackbox_rs.fitting.config import FitConfig, merge_fit_config
 from blackbox_rs.fitting.context import FitContext, FitReport, ProgressFn
 from blackbox_rs.fitting.data import as_fit_data
 from blackbox_rs.modules.base import InputModule, load_module
@@ -139,7 +139,7 @@ class BlackBoxSmoother:
         budget: int | QueryBudget | None = None,
         config: FitConfig | dict[str, Any] | None = None,
         checkpoint_dir: str | os.PathLike[str] | None = None,
-        surrogate: torch.nn.Module | None = None,
+        surrogate: torch.nn.Module | str | None = None,
         progress: ProgressFn | Literal["auto"] | None = "auto",
         **overrides: Any,
     ) -> FitReport:
@@ -155,15 +155,23 @@ class BlackBoxSmoother:
         With ``checkpoint_dir`` the full fit state is saved regularly and a rerun resumes from it; an
         int budget is then persisted there too, so the cap holds across the interrupted and the
         resumed run together (raise it to continue a fit that stopped at the budget).
-        Other keyword arguments override :class:`FitConfig` fields (unknown names are errors).
+        The settings are ``config`` (a strategy config from :class:`FitConfig`, or a dict) with the
+        other keyword arguments applied on top, and ``strategy=`` (if given) as the strategy. A
+        ``strategy=`` that differs from the config's carries the settings the config set explicitly
+        and takes the new strategy's defaults for the rest; a setting the strategy does not have (an
+        unknown name, or another strategy's setting such as ``zo_lr`` on a surrogate fit) raises
+        :class:`ConfigError` naming it and the strategy it belongs to.
+        ``surrogate=`` (a spec string or your ``nn.Module``) is the ``surrogate`` setting of the
+        ``surrogate`` strategy, set exactly like any other keyword.
         """
         from blackbox_rs.fitting.strategies import get_strategy, run_fit
 
         if self.module is None:
             raise InvalidParameterError("this smoother has no module to fit (module=None)")
-        base = config if isinstance(config, FitConfig) else FitConfig(**(config or {}))
+        if surrogate is not None:
+            overrides["surrogate"] = surrogate
         try:
-            cfg = FitConfig(**{**base.model_dump(), **overrides, **({"strategy": strategy} if strategy else {})})
+            cfg = merge_fit_config(config, strategy, overrides)
         except ValueError as exc:
             raise ConfigError(f"invalid fit settings: {exc}") from exc
         cls = get_strategy(cfg.strategy)
@@ -180,8 +188,6 @@ class BlackBoxSmoother:
         if progress == "auto":
             progress = _auto_bar("fit", engine, budget)
         ctx = FitContext(engine, self.module, data, self.sigmas, cfg, progress)  # type: ignore[arg-type]
-        if surrogate is not None:
-            ctx.surrogate_module = surrogate  # type: ignore[attr-defined]
         try:
             report = run_fit(ctx, cfg.strategy, checkpoint_dir=checkpoint_dir)
         finally:
@@ -201,9 +207,11 @@ class BlackBoxSmoother:
     def certify(self, x: torch.Tensor, *, n0: int = defaults.N0, n: int = defaults.N, alpha: float = defaults.ALPHA,
                 sigma: float | None = None, seed: int | None = None, batch_size: int | None = None,
                 label: int | None = None) -> Certificate:
-        """Cohen's CERTIFY for the smoothed classifier (see :func:`blackbox_rs.core.certify`)."""
-        return certify(self.engine, x, sigma=self._sigma(sigma), n0=n0, n=n, alpha=alpha, seed=seed,
+        """Cohen's CERTIFY for the smoothed classifier (see :func:`blackbox_rs.core.certify`), with the
+        connector's class names (``prediction_name``, ``label_name``)."""
+        cert = certify(self.engine, x, sigma=self._sigma(sigma), n0=n0, n=n, alpha=alpha, seed=seed,
                        batch_size=batch_size, label=label, transform=self.transform)
+        return with_names(cert, self.engine.info.class_names)
 
     def certify_dataset(self, inputs: Any, labels: Sequence[int] | None = None, *, n0: int = defaults.N0,
                         n: int = defaults.N, alpha: float = defaults.ALPHA, sigma: float | None = None,
@@ -246,21 +254,22 @@ class BlackBoxSmoother:
                                       progress=self._dataset_bar(progress, inputs))
 
     def _dataset_bar(self, progress: Any, inputs: Any) -> Any:
-        """``"auto"``: a progress bar on a terminal (queries and cost), nothing otherwise."""
+        """``"auto"``: a progress bar on a terminal, nothing otherwise: queries charged by this run,
+        queries in total (every run on the journal), budget left from the engine's budget ledger, and
+        an ETA over the inputs left (:class:`~blackbox_rs.progress.DatasetProgress`)."""
         if progress != "auto":
             return progress
-        bar = _auto_bar("certify", self.engine, None)
-        if bar is None:
+        import sys
+
+        from blackbox_rs.progress import DatasetProgress, ProgressBar
+
+        if not getattr(sys.stderr, "isatty", lambda: False)():
             return None
         try:
             total = len(inputs)
         except TypeError:
             total = 0
-
-        def show(i: int, cert: Any) -> None:
-            bar(i + 1, max(total, i + 1), {})
-
-        return show
+        return DatasetProgress(ProgressBar(budget=self.engine.budget), total, stage="certify", engine=self.engine)
 
     # ------------------------------------------------------------------------------------------
     def save(self, directory: str | os.PathLike[str]) -> Path:
@@ -352,15 +361,16 @@ def _under(budget: QueryBudget, cap: QueryBudget | None) -> QueryBudget:
 
 def _auto_bar(stage: str, engine: QueryEngine, budget: Any) -> Any:
     """A progress callback ``(done, total, info)`` drawing on stderr when it is a terminal (None
-    otherwise): steps or inputs done, ETA, queries charged by the engine and their cost."""
+    otherwise): steps or inputs done, ETA, queries charged by the engine in this run and their cost,
+    and budget left read from the engine's budget (its persisted ledger, so a resumed run shows what
+    is really left; ``budget`` when the engine has none)."""
     import sys
 
     from blackbox_rs.progress import ProgressBar
 
     if not getattr(sys.stderr, "isatty", lambda: False)():
         return None
-    limit = budget if isinstance(budget, int) else getattr(budget, "max_queries", None)
-    bar = ProgressBar(budget=limit)
+    bar = ProgressBar(budget=engine.budget if engine.budget is not None else budget)
     start = engine.stats.queries
     cpq = engine.info.cost_per_query
 

@@ -20,6 +20,7 @@ _LAZY: dict[str, str] = {
     "HTTPConnector": "http",
     "HTTPTransport": "http",
     "RetryPolicy": "http",
+    "TransportSettings": "http",
     "RateLimiter": "_ratelimit",
     "ImageEncoding": "_encoding",
     "KServeV2Connector": "kserve_v2",

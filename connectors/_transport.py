@@ -38,17 +38,16 @@ from blackbox_rs.redact import excerpt, redact, redact_url
 
 from ._auth import Auth
 from ._endpoint import _base_url
-from ._ratelimit import RateLimiter
 from ._response import parse_json
 from ._retry import (
     Classifier,
-    RetryPolicy,
     _is_read_timeout,
     _never_sent,
     _tls_handshake_failed,
     _Transient,
     parse_retry_after,
 )
+from .transport_settings import TransportSettings, as_transport_settings, refuse_flat_transport_keywords
 
 __all__ = ["HTTPTransport"]
 
@@ -63,50 +62,39 @@ class HTTPTransport:
         base_url: ``http(s)://host[:port][/prefix]``; request paths are appended to it. No
             credentials in it (use ``auth``).
         auth: how to attach a credential (:class:`Auth`); default none.
-        headers: static headers for every request (e.g. ``{"Host": "model.ns.example.com"}`` for
-            KServe behind Knative). Sensitive ones are redacted wherever they are shown.
-        timeout_s: read timeout of each request; connect_timeout_s: connect timeout.
-        max_in_flight: requests on the wire at once (across all threads).
-        rate_limit: requests per second (float) or a shared :class:`RateLimiter`; None = unlimited.
-        retry: the :class:`RetryPolicy`.
-        verify: TLS verification (True, False, or a CA bundle path).
+        transport: the :class:`TransportSettings` (or a dict of its fields): timeouts, requests in
+            flight (unset: 4), rate limit (unset or ``"default"``: none), retries (unset:
+            ``RetryPolicy()``), static headers (e.g. ``{"Host": "model.ns.example.com"}`` for KServe
+            behind Knative), TLS verification. A flat keyword (``timeout_s=``) raises
+            :class:`~blackbox_rs.errors.ConfigError` naming it.
         sleep: injectable sleep for backoff (tests).
         classify: optional hook ``(status, headers, body) -> ErrorClass | None`` for vendors whose
             throttling or quota errors are told by the body, not the status (``None``: the default
             status rules).
     """
 
+    @refuse_flat_transport_keywords
     def __init__(
         self,
         base_url: str,
         *,
         auth: Auth | None = None,
-        headers: Mapping[str, str] | None = None,
-        timeout_s: float = 30.0,
-        connect_timeout_s: float | None = None,
-        max_in_flight: int = 4,
-        rate_limit: float | RateLimiter | None = None,
-        retry: RetryPolicy | None = None,
-        verify: bool | str = True,
+        transport: TransportSettings | Mapping[str, Any] | None = None,
         sleep: Callable[[float], None] = time.sleep,
         classify: Classifier | None = None,
     ) -> None:
-        if not (timeout_s > 0):
-            raise InvalidParameterError(f"timeout_s must be > 0, got {timeout_s!r}")
-        if int(max_in_flight) < 1:
-            raise InvalidParameterError(f"max_in_flight must be >= 1, got {max_in_flight!r}")
+        settings = as_transport_settings(transport).with_defaults(max_in_flight=4)
+        self.settings = settings
         self.base_url = _base_url(base_url)
         self.auth = auth or Auth()
-        self._headers = dict(headers or {})
-        self.timeout_s = float(timeout_s)
-        self.connect_timeout_s = float(connect_timeout_s if connect_timeout_s is not None else min(timeout_s, 10.0))
-        self.max_in_flight = int(max_in_flight)
-        if rate_limit is None or isinstance(rate_limit, RateLimiter):
-            self.limiter = rate_limit
-        else:
-            self.limiter = RateLimiter(float(rate_limit))
-        self.retry = retry or RetryPolicy()
-        self.verify = verify
+        self._headers = dict(settings.headers)
+        self.timeout_s = settings.timeout_s
+        connect = settings.connect_timeout_s
+        self.connect_timeout_s = float(connect if connect is not None else min(self.timeout_s, 10.0))
+        self.max_in_flight = int(settings.max_in_flight or 4)
+        self.limiter = settings.resolved_limiter()
+        self.retry = settings.resolved_retry()
+        self.verify = settings.verify
         self._sleep = sleep
         self.classify = classify
         self._slots = threading.BoundedSemaphore(self.max_in_flight)

@@ -5,11 +5,12 @@ small hooks: :meth:`VendorConnector._request` (wire request for a list of encode
 :meth:`VendorConnector._parse` (one :data:`Item` per image) and, where the vendor tells throttling
 or quota apart in the body, :meth:`VendorConnector._classify`. Everything else is shared here:
 
-* **Encoding**: PNG or JPEG (fixed quality, deterministic), upscaled first (bilinear, deterministic)
+* **Encoding**: lossless PNG by default, or JPEG when asked (fixed quality, deterministic), upscaled first (bilinear, deterministic)
   when the image is smaller than the vendor's minimum side, and checked against the vendor's
   per-image byte limit. This is post-processing of the noisy input, so certificates stay valid.
-* **Transport**: :class:`~blackbox_rs.connectors.http.HTTPTransport` with the spec's
-  ``max_in_flight`` and ``rate_limit`` (requests/s) as defaults, its retry policy, and the
+* **Transport**: :class:`~blackbox_rs.connectors.http.HTTPTransport` configured by one
+  ``transport=`` :class:`~blackbox_rs.connectors.http.TransportSettings`, whose unset fields take the
+  spec's ``max_in_flight``, ``rate_limit`` (requests/s) and retried statuses, and the
   connector's error classifier (quota -> :class:`QuotaExhausted` at once, throttling -> backoff).
 * **Per-image errors** in batched answers (Google ``responses[i].error``, Clarifai per-output
   status): only the failed images are sent again, in a smaller request, with the transport's
@@ -52,7 +53,6 @@ from blackbox_rs.errors import (
 )
 
 from ._encoding import ImageEncoding, encode_images
-from ._ratelimit import RateLimiter
 from ._version_pin import VersionPin
 from .base import ConnectorInfo, Prediction
 from .http import (
@@ -66,6 +66,7 @@ from .http import (
     parse_json,
 )
 from .labelmap import LabelMap
+from .transport_settings import TransportSettings, as_transport_settings, refuse_flat_transport_keywords
 
 __all__ = [
     "Item", "ItemError", "Label", "VendorConnector", "VendorSpec", "WireRequest", "check_label_depth",
@@ -113,7 +114,7 @@ class VendorSpec:
     max_in_flight: int = 4
     rate_limit: float | None = None
     price_per_1k: float = 0.0
-    encoding: str = "jpeg"
+    encoding: str = "png"
     jpeg_quality: int = 90
     min_side: int = 1
     max_image_bytes: int | None = None
@@ -139,20 +140,25 @@ class VendorConnector(HTTPConnector):
         label_map: the task's :class:`LabelMap` (or its ``to_dict()`` form, or a list of task
             class names: vendor labels must then equal them, anything else is ``other``).
         input_shape: ``(C, H, W)`` of the images the SDK certifies (default ``(3, 224, 224)``).
-        max_batch, max_in_flight, rate_limit: override the vendor defaults (``rate_limit=None``:
-            no client-side limit); price_per_1k / cost_per_query: override the list price.
+        max_batch: override the vendor's most images per request; price_per_1k / cost_per_query:
+            override the list price.
         encoding (``"jpeg"``/``"png"``), jpeg_quality: how images travel.
         label_depth: how many of the vendor's ranked labels are searched for a task label; 1 (the
             default) = the vendor's top answer only; deeper matching certifies a different
             classifier (it is part of the fingerprint). How many labels are *requested*
             (``max_results``, ``max_labels``, ...) is a separate, vendor-specific setting and must be
             at least ``label_depth``.
-        timeout_s, connect_timeout_s, retry (a :class:`RetryPolicy` or its fields), headers, verify,
-        sleep: see :class:`HTTPTransport`.
+        transport: :class:`~blackbox_rs.connectors.http.TransportSettings` (or its dict form);
+            unset ``max_in_flight`` / ``rate_limit="default"`` / retries take the vendor's defaults
+            (its spec, its retried statuses); ``rate_limit=None``: no client-side limit. A flat
+            transport keyword (``timeout_s=``) raises :class:`~blackbox_rs.errors.ConfigError`.
+        auth: the credential (:class:`~blackbox_rs.connectors.http.Auth`); sleep: injectable backoff
+            sleep (tests).
     """
 
     spec: ClassVar[VendorSpec]
 
+    @refuse_flat_transport_keywords
     def __init__(
         self,
         base_url: str,
@@ -162,29 +168,20 @@ class VendorConnector(HTTPConnector):
         auth: Auth | None = None,
         input_shape: Sequence[int] = (3, 224, 224),
         max_batch: int | None = None,
-        max_in_flight: int | None = None,
-        rate_limit: float | RateLimiter | None | Literal["default"] = "default",
         price_per_1k: float | None = None,
         cost_per_query: float | None = None,
         encoding: str | None = None,
         jpeg_quality: int | None = None,
         label_depth: int = 1,
-        timeout_s: float = 30.0,
-        connect_timeout_s: float | None = None,
-        retry: RetryPolicy | Mapping[str, Any] | None = None,
-        headers: Mapping[str, str] | None = None,
-        verify: bool | str = True,
+        transport: TransportSettings | Mapping[str, Any] | None = None,
         sleep: Callable[[float], None] = time.sleep,
     ) -> None:
         spec = self.spec
         self.label_map = _as_label_map(label_map)
         self.label_depth = check_label_depth(label_depth)
-        if isinstance(retry, Mapping):
-            try:
-                retry = RetryPolicy(**{k: (frozenset(v) if k == "retry_statuses" else v) for k, v in retry.items()})
-            except TypeError as e:
-                raise ConfigError(f"invalid retry settings: {e}") from None
-        retry = retry or RetryPolicy(retry_statuses=spec.retry_statuses)
+        settings = as_transport_settings(transport).with_defaults(
+            max_in_flight=spec.max_in_flight, rate_limit=spec.rate_limit,
+            retry=RetryPolicy(retry_statuses=spec.retry_statuses))
         self.encoding = ImageEncoding(encoding or spec.encoding)
         if not self.encoding.is_bytes:
             raise InvalidParameterError(f"{spec.vendor} takes image files: encoding must be png or jpeg, got "
@@ -202,22 +199,10 @@ class VendorConnector(HTTPConnector):
         self._sleep = sleep
         self.item_retries = 0  # images re-sent because of a per-image error in a batched answer
         self._version = VersionPin()
-        self.transport = HTTPTransport(
-            base_url,
-            auth=auth,
-            headers=headers,
-            timeout_s=timeout_s,
-            connect_timeout_s=connect_timeout_s,
-            max_in_flight=int(max_in_flight if max_in_flight is not None else spec.max_in_flight),
-            rate_limit=spec.rate_limit if rate_limit == "default" else rate_limit,
-            retry=retry,
-            verify=verify,
-            sleep=sleep,
-            classify=self._classify,
-        )
+        self.transport = HTTPTransport(base_url, auth=auth, transport=settings, sleep=sleep, classify=self._classify)
         enc = self.encoding.value + (f"{self.jpeg_quality}" if self.encoding is ImageEncoding.JPEG else "")
         # a Host header routes to another model behind one address; other headers never change answers
-        host = next((v for k, v in (headers or {}).items() if k.lower() == "host"), None)
+        host = settings.host
         self._info = ConnectorInfo(
             input_shape=shape,  # type: ignore[arg-type]
             class_names=self.label_map.class_names,
@@ -315,12 +300,17 @@ class VendorConnector(HTTPConnector):
             self._sleep(random.uniform(0.0, cap))  # full jitter, as the transport's backoff
         return Prediction(labels=torch.tensor(labels, dtype=torch.int64))
 
+    #: called with each answer's ranked raw labels ``[(label, score), ...]`` before mapping (None: off)
+    label_observer: Callable[[list[tuple[str, float]]], None] | None = None
+
     def map_labels(self, item: list[Label]) -> int:
         """Task class of one answer: labels ranked by descending score (ties keep the vendor's order),
         first mapped alternative per label; only the first ``label_depth`` labels are searched, so
         by default the answer is the vendor's top label's class, or ``other``."""
         lm = self.label_map
         ranked = sorted(item, key=lambda p: -float(p[1]))
+        if self.label_observer is not None:  # raw labels for `blackbox-rs api <vendor> labels`
+            self.label_observer([(str(alts[0]), float(s)) for alts, s in ranked if alts])
         names = [next((a for a in alts if lm.lookup(a) is not None), alts[0]) for alts, _ in ranked if alts]
         return lm.map_ranked(names, depth=self.label_depth)
 

@@ -34,6 +34,7 @@ from ._vendor import (
     json_error_text,
 )
 from .http import DEFAULT_RETRY_STATUSES, ErrorClass
+from .transport_settings import as_transport_settings
 
 __all__ = ["GoogleVisionConnector"]
 
@@ -68,10 +69,11 @@ class GoogleVisionConnector(VendorConnector):
             raise InvalidParameterError(f"max_results must be >= 1, got {max_results!r}")
         check_label_depth(common.get("label_depth", 1), int(max_results), "max_results")
         self._feature = [{"type": "LABEL_DETECTION", "maxResults": int(max_results)}]
-        headers = dict(common.pop("headers", None) or {})
-        if quota_project:
-            headers["x-goog-user-project"] = quota_project
-        super().__init__(base_url, identity={"max_results": int(max_results)}, headers=headers, **common)
+        if quota_project:  # a routing header, not a credential: it joins the transport's static headers
+            settings = as_transport_settings(common.pop("transport", None))
+            headers = {**settings.headers, "x-goog-user-project": quota_project}
+            common["transport"] = settings.model_copy(update={"headers": headers})
+        super().__init__(base_url, identity={"max_results": int(max_results)}, **common)
 
     def _request(self, images: list[bytes]) -> WireRequest:
         reqs = [{"image": {"content": b64encode(b)}, "features": self._feature} for b in images]

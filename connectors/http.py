@@ -26,6 +26,9 @@
   :class:`EndpointUnreachableError`, :class:`TLSError`. No error raised here carries another
   exception in ``__cause__`` or ``__context__`` (the raw ``requests`` exceptions hold the full URL,
   query-string credentials included).
+* **Settings**: one :class:`TransportSettings` object (``transport=``) holds every setting below
+  (timeouts, ``max_in_flight``, ``rate_limit``, retries, extra headers, TLS verification);
+  credentials travel separately (``auth=``).
 * **Timeouts**: ``(connect_timeout_s, timeout_s)`` on every request; ``timeout_s`` bounds each wait
   for the server's bytes (requests' read timeout), not the total transfer time.
 * **Bounded concurrency**: at most ``max_in_flight`` requests on the wire at once, whatever the
@@ -75,6 +78,7 @@ from ._transport import _CHUNK_IMAGES, HTTPTransport
 from ._transport import _detached as _detached
 from ._transport import _RequestState as _RequestState
 from .base import BaseConnector, Prediction
+from .transport_settings import TransportSettings
 
 __all__ = [
     "Auth",
@@ -84,6 +88,7 @@ __all__ = [
     "HTTPTransport",
     "RateLimiter",
     "RetryPolicy",
+    "TransportSettings",
     "endpoint_fingerprint",
 ]
 

@@ -43,14 +43,12 @@ setting that changes answers; never a credential, a query string, a timeout or a
 
 from __future__ import annotations
 
-import math
 import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
 from urllib.parse import quote
 
-import numpy as np
 import torch
 
 from blackbox_rs.errors import (
@@ -61,19 +59,18 @@ from blackbox_rs.errors import (
     ModelNotReadyError,
 )
 
-from ._encoding import ImageEncoding, Layout, b64encode, encode_images, to_float32_array, to_uint8_array
-from ._ratelimit import RateLimiter
+from ._encoding import ImageEncoding, Layout
+from ._kserve_wire import FLOAT_TYPES, INT_TYPES, check_envelope, decode_output, encode_input
 from ._version_pin import VersionPin
 from .base import ConnectorInfo, Prediction
-from .http import Auth, HTTPConnector, HTTPTransport, RetryPolicy, endpoint_fingerprint, parse_json
+from .http import Auth, HTTPConnector, HTTPTransport, endpoint_fingerprint, parse_json
 from .labelmap import LabelMap
+from .transport_settings import TransportSettings, as_transport_settings, refuse_flat_transport_keywords
 
 __all__ = ["KServeV2Connector"]
 
 OutputKind = Literal["auto", "scores", "index", "label"]
 
-_FLOAT_TYPES = {"FP16", "FP32", "FP64", "BF16"}
-_INT_TYPES = {"INT8", "INT16", "INT32", "INT64", "UINT8", "UINT16", "UINT32", "UINT64"}
 
 
 class KServeV2Connector(HTTPConnector):
@@ -90,11 +87,13 @@ class KServeV2Connector(HTTPConnector):
         encoding, layout, jpeg_quality, bytes_content_type: how images travel (module docstring).
         output: how to read the answer (module docstring); label_depth: labels of a ranked label
             output searched for a task class (default 1: the top answer only; None: all of them).
-        max_batch: most images per request; max_in_flight: concurrent requests (= the connector's
-            ``info.max_concurrency``); rate_limit: requests/s or a shared :class:`RateLimiter`.
-        timeout_s, connect_timeout_s, retry, auth, headers, verify: see :class:`HTTPTransport`
-            (``retry`` may be a dict of :class:`RetryPolicy` fields, ``label_map`` a
-            :meth:`LabelMap.to_dict` dict, for config files).
+        max_batch: most images per request.
+        transport: :class:`~blackbox_rs.connectors.http.TransportSettings` (or its dict form, for
+            config files): timeouts, ``max_in_flight`` (default 4; = the connector's
+            ``info.max_concurrency``), ``rate_limit`` (default: none), retries, static headers (a
+            ``Host`` header is in the fingerprint), TLS verification. A flat transport keyword
+            (``timeout_s=``) raises :class:`~blackbox_rs.errors.ConfigError`.
+        auth: the credential (:class:`Auth`); ``label_map`` may be a :meth:`LabelMap.to_dict` dict.
         check_ready: call the readiness endpoint first (raises :class:`ModelNotReadyError`).
         cost_per_query: price of one image query, for budgets.
         metadata: skip discovery and use this metadata dict instead (endpoints without it).
@@ -103,6 +102,7 @@ class KServeV2Connector(HTTPConnector):
             that truly identifies the model: cached answers are shared by equal fingerprints.
     """
 
+    @refuse_flat_transport_keywords
     def __init__(
         self,
         base_url: str,
@@ -122,14 +122,8 @@ class KServeV2Connector(HTTPConnector):
         output: OutputKind = "auto",
         label_depth: int | None = 1,
         max_batch: int = 32,
-        max_in_flight: int = 4,
-        rate_limit: float | RateLimiter | None = None,
-        timeout_s: float = 30.0,
-        connect_timeout_s: float | None = None,
-        retry: RetryPolicy | Mapping[str, Any] | None = None,
+        transport: TransportSettings | Mapping[str, Any] | None = None,
         auth: Auth | None = None,
-        headers: Mapping[str, str] | None = None,
-        verify: bool | str = True,
         check_ready: bool = True,
         cost_per_query: float = 0.0,
         metadata: Mapping[str, Any] | None = None,
@@ -150,29 +144,14 @@ class KServeV2Connector(HTTPConnector):
         self._version = VersionPin()
         if isinstance(label_map, Mapping):  # from a config file: LabelMap.to_dict() form
             label_map = LabelMap.from_dict(label_map)
-        if isinstance(retry, Mapping):
-            try:
-                retry = RetryPolicy(**{k: (frozenset(v) if k == "retry_statuses" else v) for k, v in retry.items()})
-            except TypeError as e:
-                raise ConfigError(f"invalid retry settings: {e}") from None
+        settings = as_transport_settings(transport).with_defaults(max_in_flight=4, rate_limit=None)
         self.encoding = ImageEncoding(encoding)
         self.layout: Layout = layout
         self.jpeg_quality = int(jpeg_quality)
         self.bytes_content_type = bytes_content_type
         self.model_name = model_name
         self.model_version = model_version
-        self.transport = HTTPTransport(
-            base_url,
-            auth=auth,
-            headers=headers,
-            timeout_s=timeout_s,
-            connect_timeout_s=connect_timeout_s,
-            max_in_flight=max_in_flight,
-            rate_limit=rate_limit,
-            retry=retry,
-            verify=verify,
-            sleep=sleep,
-        )
+        self.transport = HTTPTransport(base_url, auth=auth, transport=settings, sleep=sleep)
         prefix = f"/v2/models/{quote(model_name, safe='')}"
         if model_version:
             prefix += f"/versions/{quote(str(model_version), safe='')}"
@@ -183,7 +162,7 @@ class KServeV2Connector(HTTPConnector):
             meta = dict(metadata) if metadata is not None else self._fetch_metadata()
             self.metadata: dict[str, Any] = meta
             self._configure(meta, input_shape, class_names, num_classes, label_map, input_name,
-                            output_name, output, max_batch, cost_per_query, headers)
+                            output_name, output, max_batch, cost_per_query, settings.host)
         except BaseException:
             self.transport.close()
             raise
@@ -231,7 +210,7 @@ class KServeV2Connector(HTTPConnector):
         output: OutputKind,
         max_batch: int,
         cost_per_query: float,
-        headers: Mapping[str, str] | None,
+        host: str | None,
     ) -> None:
         inputs = [t for t in meta.get("inputs") or [] if isinstance(t, dict)]
         outputs = [t for t in meta.get("outputs") or [] if isinstance(t, dict)]
@@ -247,7 +226,7 @@ class KServeV2Connector(HTTPConnector):
         want = {"fp32": "FP32", "uint8": "UINT8", "png": "BYTES", "jpeg": "BYTES"}[self.encoding.value]
         declared = str(tin.get("datatype", "")).upper() if tin else ""
         if declared and declared != want:
-            if self.encoding is ImageEncoding.FP32 and declared in _FLOAT_TYPES:
+            if self.encoding is ImageEncoding.FP32 and declared in FLOAT_TYPES:
                 want = declared  # send floats, declared as the model's float type
             else:
                 raise ConfigError(
@@ -290,9 +269,9 @@ class KServeV2Connector(HTTPConnector):
         if output == "auto":
             if odtype == "BYTES":
                 output = "label"
-            elif odtype in _INT_TYPES:
+            elif odtype in INT_TYPES:
                 output = "index"
-            elif odtype in _FLOAT_TYPES:
+            elif odtype in FLOAT_TYPES:
                 output = "scores"
             elif label_map is not None:
                 output = "label"
@@ -327,7 +306,6 @@ class KServeV2Connector(HTTPConnector):
         if seen_version is None and isinstance(versions, list) and len(versions) == 1:
             seen_version = str(versions[0])
         self._version.value = seen_version
-        host = next((v for k, v in (headers or {}).items() if k.lower() == "host"), None)
         enc = self.encoding.value + (f"-q{self.jpeg_quality}" if self.encoding is ImageEncoding.JPEG else "")
         labels_read = self.label_map is not None  # a label output: class order and label map decide answers
         fingerprint = endpoint_fingerprint(
@@ -359,21 +337,9 @@ class KServeV2Connector(HTTPConnector):
     # ---- inference -------------------------------------------------------------------------------
 
     def _input_tensor(self, batch: torch.Tensor) -> dict[str, Any]:
-        n = int(batch.shape[0])
-        if self.encoding is ImageEncoding.FP32:
-            arr = to_float32_array(batch, self.layout)
-            return {"name": self.input_name, "shape": [n, *arr.shape[1:]], "datatype": self.input_datatype,
-                    "data": arr.ravel().tolist()}
-        if self.encoding is ImageEncoding.UINT8:
-            arr = to_uint8_array(batch, self.layout)
-            return {"name": self.input_name, "shape": [n, *arr.shape[1:]], "datatype": "UINT8",
-                    "data": arr.ravel().tolist()}
-        blobs = encode_images(batch, self.encoding, jpeg_quality=self.jpeg_quality)
-        t: dict[str, Any] = {"name": self.input_name, "shape": [n, 1] if self._bytes_shape_2d else [n],
-                             "datatype": "BYTES", "data": [b64encode(b) for b in blobs]}
-        if self.bytes_content_type:
-            t["parameters"] = {"content_type": self.bytes_content_type}
-        return t
+        return encode_input(batch, name=self.input_name, datatype=self.input_datatype, encoding=self.encoding,
+                            layout=self.layout, jpeg_quality=self.jpeg_quality,
+                            bytes_2d=getattr(self, "_bytes_shape_2d", False), content_type=self.bytes_content_type)
 
     def _query_chunk(self, batch: torch.Tensor) -> Prediction:
         n = int(batch.shape[0])
@@ -386,66 +352,11 @@ class KServeV2Connector(HTTPConnector):
 
     def _parse(self, doc: Any, n: int, rid: str) -> Prediction:
         where = f"model {self.model_name!r} (request {rid})"
-        if not isinstance(doc, dict) or not isinstance(doc.get("outputs"), list):
-            raise InvalidResponseError(f"{where}: the answer has no 'outputs' list: {str(doc)[:200]!r}")
-        if doc.get("id") not in (None, "", rid):
-            raise InvalidResponseError(f"{where}: the answer carries id {doc.get('id')!r}, not the request's id")
+        outs = check_envelope(doc, rid, where)
         self._check_version(doc.get("model_version"), where)
-        outs = [o for o in doc["outputs"] if isinstance(o, dict)]
-        if self.output_name is not None:
-            match = [o for o in outs if o.get("name") == self.output_name]
-            if not match:
-                raise InvalidResponseError(
-                    f"{where}: no output named {self.output_name!r} in the answer (got {[o.get('name') for o in outs]})"
-                )
-            out = match[0]
-        elif len(outs) == 1:
-            out = outs[0]
-        else:
-            raise InvalidResponseError(
-                f"{where}: the answer has {len(outs)} outputs {[o.get('name') for o in outs]}; pass output_name="
-            )
-        shape, data = out.get("shape"), out.get("data")
-        if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape) or not shape:
-            raise InvalidResponseError(f"{where}: output shape {shape!r} is not a list of sizes")
-        if not isinstance(data, list):
-            raise InvalidResponseError(f"{where}: output data is {type(data).__name__}, not a list")
-        if shape[0] != n:
-            raise InvalidResponseError(f"{where}: the server returned predictions for {shape[0]} images, {n} were sent")
-        if len(data) != math.prod(shape):
-            raise InvalidResponseError(
-                f"{where}: output shape {shape} needs {math.prod(shape)} values, the answer has {len(data)}"
-            )
-        k = self._info.num_classes
-        if self.output_kind == "scores":
-            width = math.prod(shape[1:]) if len(shape) > 1 else 1
-            if width != k:
-                raise InvalidResponseError(
-                    f"{where}: the model returned scores of width {width} (shape {shape}), the connector has "
-                    f"{k} classes"
-                )
-            try:
-                arr = np.asarray(data, dtype=np.float64).reshape(n, k)
-            except (TypeError, ValueError):
-                raise InvalidResponseError(f"{where}: score output contains non-numeric values") from None
-            if not np.isfinite(arr).all():
-                raise InvalidResponseError(f"{where}: the model returned NaN or inf scores")
-            labels = torch.from_numpy(np.argmax(arr, axis=1).astype(np.int64))
-            return Prediction(labels=labels, scores=torch.from_numpy(arr.astype(np.float32)))
-        if self.output_kind == "index":
-            if math.prod(shape[1:]) != 1:
-                raise InvalidResponseError(f"{where}: an index output must be [N] or [N, 1], got shape {shape}")
-            if not all(isinstance(v, int | float) and float(v).is_integer() for v in data):
-                raise InvalidResponseError(f"{where}: the index output contains non-integer values")
-            return Prediction(labels=torch.tensor([int(v) for v in data], dtype=torch.int64))
-        # labels: [N] or [N, k] ranked lists
-        assert self.label_map is not None
-        if not all(isinstance(v, str) for v in data):
-            raise InvalidResponseError(f"{where}: a label output must contain strings")
-        per = math.prod(shape[1:]) if len(shape) > 1 else 1
-        rows = [data[i * per : (i + 1) * per] for i in range(n)]
-        lm, depth = self.label_map, self.label_depth
-        return Prediction(labels=torch.tensor([lm.map_ranked(r, depth=depth) for r in rows], dtype=torch.int64))
+        return decode_output(outs, n, where, output_name=self.output_name, kind=self.output_kind,
+                             num_classes=self._info.num_classes, label_map=self.label_map,
+                             label_depth=self.label_depth)
 
     def _check_version(self, version: Any, where: str) -> None:
         self._version.observe(version, f"{where}: the server answered with model version {{seen}}, expected "

@@ -4,6 +4,22 @@
 Settings are the connector's keyword arguments; unknown keys are :class:`ConfigError` naming the key.
 Credentials are given by *environment variable name* only (``bearer_token_env``, ``api_key_env`` with
 ``api_key_header``), so a config file never holds a secret.
+
+Transport settings of an HTTP connector are one ``transport`` sub-table, validated as
+:class:`~blackbox_rs.connectors.http.TransportSettings`::
+
+    [connector]
+    name = "kserve_v2"
+    base_url = "http://127.0.0.1:8080"
+    model_name = "resnet"
+
+    [connector.transport]
+    timeout_s = 60
+    max_in_flight = 2
+    retry = { max_attempts = 3 }
+
+A transport key at the top level (``timeout_s = 60`` under ``[connector]``) is a :class:`ConfigError`
+naming the key and its place, ``[connector.transport]``.
 """
 
 from __future__ import annotations
@@ -61,15 +77,31 @@ def _auth(settings: dict[str, Any]) -> Any:
     return None
 
 
+def _takes_transport(cls: type) -> bool:
+    """True if ``cls`` (or the base its ``**kwargs`` reach) takes ``transport=``: an HTTP connector."""
+    return any("transport" in inspect.signature(k.__init__).parameters
+               for k in cls.__mro__ if "__init__" in vars(k))
+
+
 def build_connector(name: str, settings: Mapping[str, Any] | None = None) -> Connector:
     """Instantiate the connector registered as ``name`` with ``settings``."""
     cls = CONNECTORS.get(name)  # unknown: ConfigError listing the known names
     kwargs = dict(settings or {})
+    from .transport_settings import FLAT_TRANSPORT_KEYWORDS
+
+    params = inspect.signature(cls.__init__).parameters
+    flat = sorted(FLAT_TRANSPORT_KEYWORDS & kwargs.keys()) if _takes_transport(cls) else []
+    if flat:
+        what = "is a transport setting" if len(flat) == 1 else "are transport settings"
+        raise ConfigError(
+            f"connector {name!r}: {', '.join(flat)} {what}: "
+            f"put {'it' if len(flat) == 1 else 'them'} in the [connector.transport] sub-table "
+            f"([connector.transport] {flat[0]} = ...; in a dict: settings['transport'] = {{{flat[0]!r}: ...}})"
+        )
     if _AUTH_KEYS & kwargs.keys():
         auth = _auth(kwargs)
         if auth is not None:
             kwargs["auth"] = auth
-    params = inspect.signature(cls.__init__).parameters
     if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
         known = [p for p in params if p != "self"]
         for key in kwargs:

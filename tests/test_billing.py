@@ -11,7 +11,7 @@ import torch
 from helpers.fault_server import Fault, FaultServer
 
 from blackbox_rs.budget import QueryBudget
-from blackbox_rs.connectors.http import RetryPolicy
+from blackbox_rs.connectors.http import RetryPolicy, TransportSettings
 from blackbox_rs.connectors.kserve_v2 import KServeV2Connector
 from blackbox_rs.engine import QueryEngine
 from blackbox_rs.errors import (
@@ -39,8 +39,11 @@ def server() -> Iterator[FaultServer]:
 
 
 def connect(srv: FaultServer, **kw: object) -> KServeV2Connector:
-    kw.setdefault("retry", RetryPolicy(max_attempts=4, backoff_base_s=0.0, backoff_max_s=0.0))
-    return KServeV2Connector(srv.url, srv.model_name, sleep=NoSleep(), **kw)  # type: ignore[arg-type]
+    """A connector for ``srv``; transport fields among ``kw`` go into its :class:`TransportSettings`."""
+    t = {k: kw.pop(k) for k in list(kw) if k in TransportSettings.model_fields}
+    t.setdefault("retry", RetryPolicy(max_attempts=4, backoff_base_s=0.0, backoff_max_s=0.0))
+    return KServeV2Connector(srv.url, srv.model_name, sleep=NoSleep(),  # type: ignore[arg-type]
+                             transport=TransportSettings(**t), **kw)
 
 
 def batch(n: int, seed: int = 0) -> torch.Tensor:

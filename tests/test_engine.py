@@ -296,9 +296,10 @@ _HEADER = '"blackbox_rs_journal"'
 
 
 def _journal_records(path) -> list[dict]:
-    """The complete certificate lines of a journal (its header line, if any, left out)."""
+    """The complete certificate lines of a journal (its header line and progress records left out)."""
     lines = path.read_text().splitlines()
-    return [json.loads(s) for s in lines if s.strip().endswith("}") and _HEADER not in s]
+    return [json.loads(s) for s in lines if s.strip().endswith("}") and _HEADER not in s
+            and "blackbox_rs_progress" not in s]
 
 
 def test_resume_with_other_settings_or_model_is_refused(tmp_path):

@@ -23,7 +23,7 @@ from blackbox_rs.connectors.aws_rekognition import RekognitionConnector
 from blackbox_rs.connectors.azure_vision import AzureCustomVisionConnector, AzureImageAnalysisConnector
 from blackbox_rs.connectors.clarifai import ClarifaiConnector
 from blackbox_rs.connectors.google_vision import GoogleVisionConnector
-from blackbox_rs.connectors.http import Auth, RetryPolicy
+from blackbox_rs.connectors.http import Auth, RetryPolicy, TransportSettings
 from blackbox_rs.connectors.huggingface import HuggingFaceConnector
 from blackbox_rs.connectors.kserve_v2 import KServeV2Connector
 from blackbox_rs.connectors.labelmap import LabelMap
@@ -43,16 +43,18 @@ LM_ORDER = LabelMap(["dog", "cat"], {"cat": ["tabby"], "dog": ["golden retriever
 ENV = ["HF_TOKEN", "GOOGLE_API_KEY", "AWS_SECRET_ACCESS_KEY", "AZURE_VISION_KEY", "AZURE_CUSTOM_VISION_KEY",
        "CLARIFAI_PAT", "TORCHSERVE_TOKEN", "OPENAI_API_KEY", "OTHER_TOKEN"]
 
-#: answer-neutral settings every HTTP connector takes
+#: answer-neutral settings every HTTP connector takes (transport settings, one field at a time; a
+#: credential-like header such as X-Api-Key is refused outright: tests/test_transport_settings.py)
 HTTP_NEUTRAL: list[dict[str, Any]] = [
-    {"timeout_s": 3.0},
-    {"connect_timeout_s": 1.0},
-    {"retry": RetryPolicy(max_attempts=9)},
-    {"max_in_flight": 1},
-    {"rate_limit": 0.5},
+    {"transport": TransportSettings(timeout_s=3.0)},
+    {"transport": TransportSettings(connect_timeout_s=1.0)},
+    {"transport": TransportSettings(retry=RetryPolicy(max_attempts=9))},
+    {"transport": {"max_attempts": 2}},  # the config-file (dict) form
+    {"transport": TransportSettings(max_in_flight=1)},
+    {"transport": TransportSettings(rate_limit=0.5)},
     {"sleep": lambda s: None},
-    {"verify": False},
-    {"headers": {"X-Trace": "abc", "X-Api-Key": SECRET}},
+    {"transport": TransportSettings(verify=False)},
+    {"transport": TransportSettings(headers={"X-Trace": "abc"})},
 ]
 #: answer-changing settings of every hosted-vendor connector
 VENDOR_CHANGES: list[dict[str, Any]] = [
@@ -61,7 +63,7 @@ VENDOR_CHANGES: list[dict[str, Any]] = [
     {"encoding": "png"},
     {"jpeg_quality": 75},
     {"label_depth": 2},
-    {"headers": {"Host": "other-model.example.com"}},
+    {"transport": TransportSettings(headers={"Host": "other-model.example.com"})},
 ]
 VENDOR_NEUTRAL: list[dict[str, Any]] = [
     *HTTP_NEUTRAL,
@@ -137,7 +139,7 @@ def _cases(tmp_path: Path) -> dict[str, Case]:
              {"class_names": None, "label_map": LM_SYN}, {"encoding": "jpeg"},
              {"encoding": "jpeg", "jpeg_quality": 80}, {"bytes_content_type": None}, {"label_depth": None},
              {"model_name": "clf2"}, {"model_version": "4"}, {"base_url": OTHER_URL}, {"identity": "clf-file-abc"},
-             {"headers": {"Host": "clf.ns.example.com"}}, {"output_name": "label_top1", "output": "label"},
+             {"transport": TransportSettings(headers={"Host": "clf.ns.example.com"})}, {"output_name": "label_top1", "output": "label"},
              {"input_name": "image_b64"}, {"metadata": {**KSERVE_META, "versions": ["2"]}}],
             [*HTTP_NEUTRAL, {"max_batch": 4}, {"cost_per_query": 1.0}, {"auth": Auth.bearer("OTHER_TOKEN")},
              {"jpeg_quality": 50}],  # png: the JPEG quality is never used
@@ -317,3 +319,13 @@ def test_label_depth_cannot_exceed_the_labels_requested() -> None:
         ClarifaiConnector(base_url=URL, label_map=LM, max_concepts=1, label_depth=2)
     with pytest.raises(InvalidParameterError, match="top_k"):
         HuggingFaceConnector("m", base_url=URL, label_map=LM, top_k=1, label_depth=2)
+
+
+def test_every_transport_setting_is_answer_neutral() -> None:
+    """Each :class:`TransportSettings` field is varied in ``HTTP_NEUTRAL`` (a new field must be classified)."""
+    varied = set()
+    for change in HTTP_NEUTRAL:
+        t = change.get("transport")
+        if t is not None:
+            varied |= set(t.model_fields_set if isinstance(t, TransportSettings) else t)
+    assert varied == set(TransportSettings.model_fields)

@@ -89,3 +89,59 @@ def test_a_registered_third_party_strategy_runs_a_fit_and_is_estimated() -> None
         assert spent == est > 0
     finally:
         STRATEGIES.pop("probe_test_strategy", None)
+
+
+def test_a_third_party_strategy_with_its_own_config_runs_end_to_end() -> None:
+    """One registration call: the strategy's own setting is validated by its own config, reaches the
+    strategy through ``fit(**overrides)``, and its ``estimate_queries`` bounds what it spends."""
+    from typing import Literal
+
+    from pydantic import Field
+
+    from blackbox_rs.errors import ConfigError
+    from blackbox_rs.fitting.config import StrategyConfig
+
+    class ProbeConfig(StrategyConfig):
+        """Query cost: the shared rounds plus ``probe_images`` per step."""
+
+        strategy: Literal["probe_cfg_strategy"] = "probe_cfg_strategy"
+        probe_images: int = Field(default=2, ge=1, le=50, description="images queried per step")
+
+    class ConfiguredProbe(Strategy):
+        name: ClassVar[str] = "probe_cfg_strategy"
+        config_class = ProbeConfig
+        seen: ClassVar[list[int]] = []
+
+        @classmethod
+        def step_queries(cls, config: Any) -> int:
+            return config.steps * config.probe_images
+
+        def main_step(self, k: int) -> dict[str, float]:
+            ctx = self.ctx
+            type(self).seen.append(ctx.config.probe_images)
+            idx = ctx.batch_indices(k, ctx.config.probe_images, labelled_only=True)
+            labels = ctx.query(ctx.module_outputs(ctx.noisy(ctx.data.x[idx], k)))
+            return {"agreement": float((labels == ctx.targets(idx)).float().mean())}
+
+    register_strategy(ConfiguredProbe)
+    try:
+        assert ConfiguredProbe.config_class is ProbeConfig
+        cfg = FitConfig(strategy="probe_cfg_strategy", steps=4, probe_images=5, **SMALL)
+        assert isinstance(cfg, ProbeConfig) and isinstance(cfg, FitConfig) and cfg.probe_images == 5
+        est = estimate_fit_queries(cfg, 24)
+        model = Logits()
+        engine = QueryEngine(CallableConnector(model, input_shape=SHAPE, num_classes=3))
+        sm = BlackBoxSmoother(engine, module={"name": "dncnn", "depth": 2, "width": 4}, sigma=0.25)
+        x = torch.rand(24, *SHAPE, generator=torch.Generator().manual_seed(1))
+        report = sm.fit(x, strategy="probe_cfg_strategy", steps=4, probe_images=5, **SMALL)
+        assert ConfiguredProbe.seen == [5, 5, 5, 5]  # every step read the fit's own setting
+        assert report.queries == engine.stats.queries == est > 4 * 5  # the estimate bounds (here: is) the spend
+        with pytest.raises(ConfigError, match="probe_images is not a setting of strategy 'surrogate'; "
+                                              "it belongs to 'probe_cfg_strategy'"):
+            sm.fit(x, probe_images=5)
+        with pytest.raises(ConfigError, match="probe_images"):  # its own validation (le=50)
+            sm.fit(x, strategy="probe_cfg_strategy", probe_images=500)
+    finally:
+        STRATEGIES.pop("probe_cfg_strategy", None)
+    with pytest.raises(ValueError, match="unknown strategy 'probe_cfg_strategy'"):
+        FitConfig(strategy="probe_cfg_strategy")

@@ -19,7 +19,14 @@ from pydantic import SecretStr
 
 from blackbox_rs.connectors._encoding import ImageEncoding, encode_images, to_uint8_array
 from blackbox_rs.connectors._ratelimit import RateLimiter
-from blackbox_rs.connectors.http import Auth, Credential, HTTPTransport, RetryPolicy, parse_retry_after
+from blackbox_rs.connectors.http import (
+    Auth,
+    Credential,
+    HTTPTransport,
+    RetryPolicy,
+    TransportSettings,
+    parse_retry_after,
+)
 from blackbox_rs.connectors.kserve_v2 import KServeV2Connector
 from blackbox_rs.connectors.labelmap import LabelMap
 from blackbox_rs.errors import (
@@ -60,8 +67,11 @@ def server() -> Iterator[FaultServer]:
 
 
 def make(srv: FaultServer, sleep: SleepRecorder | None = None, **kw: object) -> KServeV2Connector:
-    kw.setdefault("retry", RetryPolicy(max_attempts=5, backoff_base_s=0.01, backoff_max_s=0.05))
-    return KServeV2Connector(srv.url, srv.model_name, sleep=sleep or SleepRecorder(), **kw)  # type: ignore[arg-type]
+    """A connector for ``srv``; transport fields among ``kw`` go into its :class:`TransportSettings`."""
+    t = {k: kw.pop(k) for k in list(kw) if k in TransportSettings.model_fields}
+    t.setdefault("retry", RetryPolicy(max_attempts=5, backoff_base_s=0.01, backoff_max_s=0.05))
+    return KServeV2Connector(srv.url, srv.model_name, sleep=sleep or SleepRecorder(),  # type: ignore[arg-type]
+                             transport=TransportSettings(**t), **kw)
 
 
 def batch(n: int, seed: int = 0) -> torch.Tensor:
@@ -301,7 +311,7 @@ def test_unreachable_host_is_retried_then_typed_and_not_billed() -> None:
     port = closed_port()
     with pytest.raises(EndpointUnreachableError, match="cannot connect after 3 attempts") as ei:
         KServeV2Connector(f"http://127.0.0.1:{port}", "toy", sleep=sleep,
-                          retry=RetryPolicy(max_attempts=3, backoff_base_s=0.01))
+                          transport=TransportSettings(retry=RetryPolicy(max_attempts=3, backoff_base_s=0.01)))
     assert ei.value.billed is False and len(sleep.waits) == 2
 
 
@@ -356,10 +366,10 @@ def test_config_file_forms_of_labelmap_and_retry() -> None:
     with FaultServer(input_shape=SHAPE, num_classes=6, output_kind="label", labels_fn=_labels_fn,
                      model=_pixel_model) as srv, \
             KServeV2Connector(srv.url, "toy", label_map=lm.to_dict(),
-                              retry={"max_attempts": 2, "retry_statuses": [503]}) as c:
+                              transport={"retry": {"max_attempts": 2, "retry_statuses": [503]}}) as c:
         assert c.label_map == lm and c.transport.retry.retry_statuses == frozenset({503})
     with pytest.raises(ConfigError, match="invalid retry settings"):
-        KServeV2Connector("http://127.0.0.1:1", "toy", retry={"attempts": 2})
+        KServeV2Connector("http://127.0.0.1:1", "toy", transport={"retry": {"attempts": 2}})
 
 
 def test_unknown_label_without_labelmap_raises() -> None:
@@ -545,8 +555,9 @@ def test_certify_through_faults_equals_clean_run_and_charges_every_billable_atte
         faulty, engine, budget = run(extra=16 * billable_faults)
         assert srv.pending_faults() == 0, "every fault was served"
         assert len(srv.infer_records()) == 2 * n_clean + len(faults)  # each fault cost exactly one retry
-    same = [{k: v for k, v in c.model_dump().items() if k != "queries"} for c in faulty]
-    assert same == [{k: v for k, v in c.model_dump().items() if k != "queries"} for c in clean]
+    paid = {"queries", "queries_total"}  # retries are charged: only what was paid differs
+    same = [{k: v for k, v in c.model_dump().items() if k not in paid} for c in faulty]
+    assert same == [{k: v for k, v in c.model_dump().items() if k not in paid} for c in clean]
     assert [c.prediction for c in clean] == [0, 1, 2] and all(c.radius > 0 for c in clean)
     assert clean_engine.stats.queries == len(xs) * per_input
     # every attempt that may have been billed is charged (16 images a request), throttled ones are not

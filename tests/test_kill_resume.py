@@ -12,7 +12,8 @@ import time
 from pathlib import Path
 
 WORKER = Path(__file__).with_name("_kill_worker.py")
-ACCOUNTING = {"queries", "cache_hits"}  # legitimately differ: resumed queries are cache hits
+ACCOUNTING = {"queries", "cache_hits", "queries_total"}  # legitimately differ: resumed queries are cache hits
+# (a SIGKILL leaves no progress record, so queries_total cannot see what the killed run paid)
 
 
 def run(work: Path, kill_at: int = 0) -> int:

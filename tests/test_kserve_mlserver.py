@@ -27,7 +27,7 @@ from helpers.mlserver_fixture import (
 )
 
 from blackbox_rs.connectors.callable import CallableConnector
-from blackbox_rs.connectors.http import RetryPolicy
+from blackbox_rs.connectors.http import RetryPolicy, TransportSettings
 from blackbox_rs.connectors.kserve_v2 import KServeV2Connector
 from blackbox_rs.connectors.labelmap import LabelMap
 from blackbox_rs.errors import ConfigError, HTTPStatusError, InvalidResponseError
@@ -108,7 +108,7 @@ def test_discovery_from_real_metadata(mlserver: Served) -> None:
 def test_scores_match_the_model_in_batches_and_threads(mlserver: Served) -> None:
     x = rand(10)
     ref = mlserver.logits(x.numpy())
-    with KServeV2Connector(mlserver.url, "linear", max_batch=4, max_in_flight=3) as c:
+    with KServeV2Connector(mlserver.url, "linear", max_batch=4, transport=TransportSettings(max_in_flight=3)) as c:
         pred = c.query(x)
         np.testing.assert_allclose(pred.scores.numpy(), ref, rtol=1e-5, atol=1e-5)
         assert pred.labels.tolist() == ref.argmax(1).tolist()
@@ -140,7 +140,7 @@ def test_vendor_labels_through_labelmap(mlserver: Served) -> None:
 
 def test_model_error_is_http_500_with_body(mlserver: Served) -> None:
     with KServeV2Connector(mlserver.url, "broken", num_classes=2,
-                           retry=RetryPolicy(max_attempts=3, backoff_base_s=0.0)) as c:
+                           transport=TransportSettings(retry=RetryPolicy(max_attempts=3, backoff_base_s=0.0))) as c:
         with pytest.raises(HTTPStatusError) as ei:
             c.query(rand(1))
         assert ei.value.status == 500 and ei.value.attempts == 1
@@ -178,7 +178,7 @@ def test_certify_end_to_end_through_mlserver(mlserver: Served) -> None:
     ref_conn = CallableConnector(local, input_shape=SHAPE, num_classes=K, returns_scores=True, max_batch=50)
     xs = [torch.from_numpy(p.reshape(SHAPE)).float() for p in mlserver.prototypes]
     kw = dict(sigma=0.25, n0=20, n=200, alpha=0.01, seed=3)
-    with KServeV2Connector(mlserver.url, "linear", max_batch=50, max_in_flight=4) as remote:
+    with KServeV2Connector(mlserver.url, "linear", max_batch=50, transport=TransportSettings(max_in_flight=4)) as remote:
         engine = QueryEngine(remote, max_in_flight=4)
         certs = [certify_mod.certify(engine, x, **kw) for x in xs]
         assert engine.stats.queries == len(xs) * 220

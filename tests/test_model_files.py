@@ -251,7 +251,7 @@ def test_a_power_tower_in_a_shape_expression_is_refused() -> None:
     """Review finding: `9**9**9**9` passed the grammar and would hang sympy (no code, but no end)."""
     from pathlib import Path
 
-    from blackbox_rs.connectors.torchscript import _check_expr
+    from blackbox_rs.connectors._pt2 import _check_expr
     from blackbox_rs.errors import UnsafeModelFileError
 
     _check_expr(Path("m.pt2"), "s0**2 + 2*s1")  # small literal exponents are fine

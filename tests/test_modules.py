@@ -36,6 +36,7 @@ from blackbox_rs.modules.base import CONFIG_FILENAME, WEIGHTS_FILENAME
 SMALL: dict[str, dict] = {
     "dncnn": {"depth": 4, "width": 8},
     "lora_dncnn": {"depth": 4, "width": 8, "rank": 2},
+    "lowres": {"factor": 2, "depth": 2, "width": 4},
     "prompt_full": {},
     "prompt_pad": {"pad": 2},
     "unet": {"widths": (4, 8)},

@@ -157,7 +157,7 @@ def test_dry_run_reports_the_split_and_the_fits_real_query_cap(
         est = json.loads(capsys.readouterr().out)
         assert mod.main(args(work, fake, "--fit", "surrogate", "--fit-budget", "500", "--dry-run")) == 0
         capped = json.loads(capsys.readouterr().out)
-        assert mod.main(args(work, fake, "--fit", "zeroth_order", "--fit-steps", "10", "--dry-run")) == 0
+        assert mod.main(args(work, fake, "--fit", "zeroth_order", "--module", "dncnn", "--fit-steps", "10", "--dry-run")) == 0
         zo = json.loads(capsys.readouterr().out)
         assert fake.log == []
     assert est["images"] == 3 and est["fit_images"] == 3 and est["split"] == "fraction"

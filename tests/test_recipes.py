@@ -33,13 +33,14 @@ CASES: dict[str, tuple[str, str | None, list[str]]] = {
     "tf_serving": ("tf_serving", None, ["--model", "classifier", "--vocabulary", "cat,dog,sofa"]),
     "openai_chat": ("openai_chat", "OPENAI_API_KEY", []),
 }
-TINY = ["--size", "32", "--n0", "5", "--n", "20", "--alpha", "0.01", "--rate-limit", "0"]
+# Cohen's CERTIFY at tiny n (the sequential default has its own tests: tests/test_api_vendor.py)
+TINY = ["--size", "32", "--method", "cohen", "--n0", "5", "--n", "20", "--alpha", "0.01", "--rate-limit", "0"]
 
 
 def n_certificates(out: Path) -> int:
-    """Certificates in OUT/certificates.jsonl (a journal header line does not count)."""
+    """Certificates in OUT/certificates.jsonl (the header and progress records do not count)."""
     lines = (out / "certificates.jsonl").read_text().splitlines()
-    return sum(1 for line in lines if line.strip() and "blackbox_rs_journal" not in json.loads(line))
+    return sum(1 for line in lines if line.strip() and "prediction" in json.loads(line))
 
 
 def load(name: str) -> ModuleType:
@@ -153,7 +154,7 @@ def test_user_errors_are_one_line_exit_2(
 
 def test_recipe_runs_as_a_script(folder: Path) -> None:
     proc = subprocess.run([sys.executable, str(RECIPES / "clarifai.py"), str(folder / "images"), "--dry-run",
-                           "--n", "100"], capture_output=True, text=True, timeout=60, cwd=folder)
+                           "--method", "cohen", "--n", "100"], capture_output=True, text=True, timeout=60, cwd=folder)
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["estimated_cost_usd"] == pytest.approx(3 * 200 * 1.2 / 1000)  # labelled: n0 + n each
     bad = subprocess.run([sys.executable, str(RECIPES / "clarifai.py"), str(folder / "nowhere")],
@@ -242,19 +243,25 @@ def test_a_timeout_exits_with_the_service_code_not_the_user_error_code(
     folder: Path, planted: None, capsys: pytest.CaptureFixture[str], via: str
 ) -> None:
     mod = load("google_vision")
-    import _common
+    from blackbox_rs.api import main as api_main
+    from blackbox_rs.api.vendors import VENDORS, Vendor, get_vendor
+    from blackbox_rs.connectors.http import TransportSettings
 
     common = [str(folder / "images"), "--out", str(folder / "out"), "--label-map", str(folder / "map.json"), *TINY]
     with _Silent() as server:
         if via == "flags":  # the shared --timeout / --max-attempts flags
             rc = mod.main([*common, "--base-url", server.url, "--timeout", "0.3", "--max-attempts", "1"])
         else:  # the same settings given by a recipe's own build function
-            def build(args: Any, kw: dict[str, Any]) -> Any:
-                return mod.build(args, {**kw, "timeout_s": 0.3, "retry": {"max_attempts": 1}})
+            gv = get_vendor("google-vision")
 
-            recipe = _common.Recipe(name="gv", connector=mod.RECIPE.connector, build=build, env=mod.RECIPE.env,
-                                    add_arguments=mod.RECIPE.add_arguments)
-            rc = _common.run(recipe, [*common, "--base-url", server.url])
+            def build(args: Any, kw: dict[str, Any]) -> Any:
+                return gv.build(args, {**kw, "transport": TransportSettings(timeout_s=0.3, max_attempts=1)})
+
+            VENDORS.register("gv-timeout", Vendor("gv-timeout", gv.connector, build, gv.env, gv.add_arguments))
+            try:
+                rc = api_main("gv-timeout", [*common, "--base-url", server.url])
+            finally:
+                VENDORS.pop("gv-timeout")
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 5, err
     assert len(err) == 1 and err[0].startswith("service failure:") and "resume" in err[0]
@@ -283,20 +290,22 @@ def test_a_spent_budget_ledger_says_raise_the_limit_not_resume(
 
 # ---- label depth and seeds ------------------------------------------------------------------------------
 def test_label_depth_flag_reaches_every_vendor_connector(folder: Path, planted: None) -> None:
-    mod = load("google_vision")  # puts recipes/ on sys.path
-    import _common
+    from blackbox_rs.api import main as api_main
+    from blackbox_rs.api.args import build_parser
+    from blackbox_rs.api.run import connector_kwargs
+    from blackbox_rs.api.vendors import VENDORS, Vendor, get_vendor
 
-    recipe = mod.RECIPE
-    helps = {a.dest: a.help for a in _common._parser(recipe)._actions}
+    gv = get_vendor("google_vision")
+    helps = {a.dest: a.help for a in build_parser(gv, "certify")._actions}
     assert "--label-depth" in helps["max_results"] and "> 1" in helps["max_results"]
-    assert _common._parser(recipe).parse_args(["imgs"]).label_depth == 1  # the vendor's top answer
-    for name in CASES:  # every recipe builds its connector with the shared flag
-        rec = load(name).RECIPE
-        ns = _common._parser(rec).parse_args([str(folder / "images"), "--label-depth", "3", "--base-url",
-                                              "http://127.0.0.1:9", *CASES[name][2]])
-        kw = _common._kwargs(ns, ["cat", "dog"])
+    assert build_parser(gv, "certify").parse_args(["imgs"]).label_depth == 1  # the vendor's top answer
+    for name in CASES:  # every vendor builds its connector with the shared flag
+        vendor = get_vendor(load(name).VENDOR)
+        ns = build_parser(vendor, "certify").parse_args([str(folder / "images"), "--label-depth", "3", "--base-url",
+                                                         "http://127.0.0.1:9", *CASES[name][2]])
+        kw = connector_kwargs(ns, ["cat", "dog"])
         assert kw["label_depth"] == 3
-        conn = rec.build(ns, {**kw, "input_shape": (3, 32, 32)})
+        conn = vendor.build(ns, {**kw, "input_shape": (3, 32, 32)})
         try:
             assert conn.label_depth == 3, name
         finally:
@@ -304,16 +313,18 @@ def test_label_depth_flag_reaches_every_vendor_connector(folder: Path, planted: 
     built: list[Any] = []
 
     def spy(args: Any, kw: dict[str, Any]) -> Any:
-        built.append(mod.build(args, kw))
+        built.append(gv.build(args, kw))
         return built[-1]
 
     with FAKES["google_vision"]() as fake:
-        spied = _common.Recipe(name="gv", connector=recipe.connector, build=spy, env=recipe.env,
-                               add_arguments=recipe.add_arguments)
-        assert _common.run(spied, argv(folder, fake, "google_vision", "--label-depth", "2")) == 0
+        VENDORS.register("gv-spy", Vendor("gv-spy", gv.connector, spy, gv.env, gv.add_arguments))
+        try:
+            assert api_main("gv-spy", argv(folder, fake, "google_vision", "--label-depth", "2")) == 0
+        finally:
+            VENDORS.pop("gv-spy")
     assert built[0].label_depth == 2
     with pytest.raises(SystemExit):
-        _common._parser(recipe).parse_args(["imgs", "--label-depth", "x"])
+        build_parser(gv, "certify").parse_args(["imgs", "--label-depth", "x"])
 
 
 @pytest.mark.parametrize("flags, expected", [([], None), (["--seed", "7"], 7)])
@@ -338,8 +349,9 @@ def test_seed_defaults_to_none_and_is_passed_through(
 
 
 def _common_parser_seed(mod: ModuleType) -> Any:
-    import _common
+    from blackbox_rs.api.args import build_parser
+    from blackbox_rs.api.vendors import get_vendor
 
-    action = next(a for a in _common._parser(mod.RECIPE)._actions if a.dest == "seed")
+    action = next(a for a in build_parser(get_vendor(mod.VENDOR), "certify")._actions if a.dest == "seed")
     assert "random" in (action.help or "") and "reproducible" in (action.help or "")
     return action.default

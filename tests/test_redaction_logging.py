@@ -16,7 +16,7 @@ import torch
 from helpers.fault_server import Fault, FaultServer
 from pydantic import SecretStr
 
-from blackbox_rs.connectors.http import Auth, Credential, HTTPTransport, RetryPolicy
+from blackbox_rs.connectors.http import Auth, Credential, HTTPTransport, RetryPolicy, TransportSettings
 from blackbox_rs.connectors.kserve_v2 import KServeV2Connector
 from blackbox_rs.errors import BlackBoxRSError, EndpointUnreachableError, RequestTimeoutError
 from blackbox_rs.redact import redact
@@ -119,8 +119,8 @@ def test_query_string_secret_never_reaches_a_log_record_on_success(logs) -> None
 
 def test_query_string_secret_never_reaches_logs_or_errors_when_unreachable(logs) -> None:
     caplog, stream = logs
-    t = HTTPTransport(f"http://127.0.0.1:{closed_port()}", auth=auth(), timeout_s=1.0,
-                      retry=RetryPolicy(max_attempts=2, backoff_base_s=0.0), sleep=lambda s: None)
+    t = HTTPTransport(f"http://127.0.0.1:{closed_port()}", auth=auth(), sleep=lambda s: None,
+                      transport=TransportSettings(timeout_s=1.0, retry=RetryPolicy(max_attempts=2, backoff_base_s=0.0)))
     with pytest.raises(EndpointUnreachableError) as ei:
         t.request("GET", "/v2/health/ready")
     logging.getLogger("blackbox_rs.test").warning("giving up: %s", ei.value)
@@ -157,20 +157,20 @@ def test_redact_masks_every_encoding() -> None:
 
 def test_transport_errors_carry_no_chain_with_the_secret() -> None:
     errors: list[BlackBoxRSError] = []
-    t = HTTPTransport(f"http://127.0.0.1:{closed_port()}", auth=auth(), timeout_s=1.0,
-                      retry=RetryPolicy(max_attempts=2, backoff_base_s=0.0), sleep=lambda s: None)
+    t = HTTPTransport(f"http://127.0.0.1:{closed_port()}", auth=auth(), sleep=lambda s: None,
+                      transport=TransportSettings(timeout_s=1.0, retry=RetryPolicy(max_attempts=2, backoff_base_s=0.0)))
     with pytest.raises(EndpointUnreachableError) as ei:
         t.request("GET", "/v2/health/ready")
     errors.append(ei.value)
     with FaultServer(input_shape=SHAPE, num_classes=4) as srv:
-        t2 = HTTPTransport(srv.url, auth=auth(), timeout_s=0.15,
-                           retry=RetryPolicy(max_attempts=2, backoff_base_s=0.0), sleep=lambda s: None)
+        t2 = HTTPTransport(srv.url, auth=auth(), sleep=lambda s: None, transport=TransportSettings(
+            timeout_s=0.15, retry=RetryPolicy(max_attempts=2, backoff_base_s=0.0)))
         srv.push(Fault("slow", delay=0.4), Fault("slow", delay=0.4))
         with pytest.raises(RequestTimeoutError) as ei2:
             t2.request("POST", f"/v2/models/{srv.model_name}/infer", json_body=BODY)
         errors.append(ei2.value)
-        t3 = HTTPTransport(srv.url, auth=auth(), timeout_s=0.15, sleep=lambda s: None,
-                           retry=RetryPolicy(max_attempts=1, retry_timeouts=False))
+        t3 = HTTPTransport(srv.url, auth=auth(), sleep=lambda s: None, transport=TransportSettings(
+            timeout_s=0.15, retry=RetryPolicy(max_attempts=1, retry_timeouts=False)))
         srv.push(Fault("slow", delay=0.4))
         with pytest.raises(RequestTimeoutError) as ei3:
             t3.request("POST", f"/v2/models/{srv.model_name}/infer", json_body=BODY)
@@ -187,7 +187,7 @@ def test_chain_is_cut_even_where_the_message_was_already_redacted() -> None:
     ``raise ... from None`` left in ``__context__`` was not."""
     secret = "sk-CHAIN-5b1f0c9e77a2"
     t = HTTPTransport(f"http://127.0.0.1:{closed_port()}", auth=Auth.query("key", Credential(secret=SecretStr(secret))),
-                      timeout_s=1.0, retry=RetryPolicy(max_attempts=1), sleep=lambda s: None)
+                      transport=TransportSettings(timeout_s=1.0, retry=RetryPolicy(max_attempts=1)), sleep=lambda s: None)
     with pytest.raises(EndpointUnreachableError) as ei:
         t.request("GET", "/v2/health/ready")
     assert secret not in str(ei.value)

@@ -57,9 +57,10 @@ def mean_p_correct(smoother: BlackBoxSmoother, x, y, n=200) -> float:
 
 def small_fit(**kw):
     base = {"lr": 3e-3, "pretrain_steps": 150, "steps": 60, "batch_size": 32, "checkpoint_every": 20, "clean_queries": 600,
-            "distill_queries": 1200, "redistill_every": 30, "zo_batch": 16, "zo_directions": 2,
             "score_images": 64, "score_draws": 4}
-    return FitConfig(**{**base, **kw})
+    own = {"surrogate": {"distill_queries": 1200, "redistill_every": 30},  # each strategy's own settings
+           "zeroth_order": {"zo_batch": 16, "zo_directions": 2}}
+    return FitConfig(**{**base, **own.get(kw.get("strategy", "surrogate"), {}), **kw})
 
 
 def test_fitted_modules_beat_no_module(model_file, digits):

@@ -24,7 +24,7 @@ from blackbox_rs.connectors.aws_rekognition import RekognitionConnector
 from blackbox_rs.connectors.azure_vision import AzureCustomVisionConnector, AzureImageAnalysisConnector
 from blackbox_rs.connectors.clarifai import ClarifaiConnector
 from blackbox_rs.connectors.google_vision import GoogleVisionConnector
-from blackbox_rs.connectors.http import Auth, RetryPolicy
+from blackbox_rs.connectors.http import Auth, RetryPolicy, TransportSettings
 from blackbox_rs.connectors.huggingface import HuggingFaceConnector
 from blackbox_rs.connectors.kserve_v2 import KServeV2Connector
 from blackbox_rs.connectors.labelmap import LabelMap
@@ -88,9 +88,11 @@ def vendor(request: pytest.FixtureRequest) -> Iterator[str]:
 
 def make(name: str, fake: VendorFake, sleep: Sleeps | None = None, **kw: Any) -> VendorConnector:
     statuses = frozenset({429, 500, 502, 503, 504}) if name == "google_vision" else frozenset({429, 502, 503, 504})
-    kw = {"label_map": LM, "input_shape": (3, 32, 32), "rate_limit": None, "sleep": Sleeps() if sleep is None else sleep,
-          "retry": RetryPolicy(max_attempts=4, backoff_base_s=0.001, backoff_max_s=0.002, retry_statuses=statuses),
-          **kw}
+    transport = {"rate_limit": None,
+                 "retry": RetryPolicy(max_attempts=4, backoff_base_s=0.001, backoff_max_s=0.002, retry_statuses=statuses),
+                 **{k: kw.pop(k) for k in list(kw) if k in TransportSettings.model_fields}}
+    kw = {"label_map": LM, "input_shape": (3, 32, 32), "sleep": Sleeps() if sleep is None else sleep,
+          "transport": TransportSettings(**transport), **kw}
     return BUILD[name](fake.url, kw)
 
 
@@ -158,7 +160,9 @@ def test_rekognition_retries_internal_errors_but_not_bad_requests() -> None:
         assert len(fake.log) == 2
         assert conn.model_version == "3.0"
         small = make("aws_rekognition", fake, input_shape=(3, 32, 32))
-        assert small.encode(images(0.5))[0][:4] == b"\xff\xd8\xff\xe0"  # JPEG, upscaled to the 80 px minimum
+        assert small.encode(images(0.5))[0][:4] == b"\x89PNG"  # lossless PNG by default, upscaled to the 80 px minimum
+        jpeg = make("aws_rekognition", fake, input_shape=(3, 32, 32), encoding="jpeg")
+        assert jpeg.encode(images(0.5))[0][:4] == b"\xff\xd8\xff\xe0"  # JPEG only when asked for
 
 
 def test_rekognition_wrong_secret_is_a_signature_error(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -223,7 +227,7 @@ def test_every_vendor_is_registered(tmp_path: Any) -> None:
     with FAKES["tf_serving"]() as fake:
         conn = build_connector("tf_serving", {"model_name": "classifier", "base_url": fake.url,
                                               "label_map": LM.to_dict(), "input_shape": [3, 32, 32],
-                                              "vocabulary": ["cat", "dog", "sofa"], "rate_limit": None})
+                                              "vocabulary": ["cat", "dog", "sofa"], "transport": {"rate_limit": None}})
         assert conn.query(images(0.9)).labels.tolist() == [CAT]
 
 
@@ -318,7 +322,7 @@ def _kserve(fake: VendorFake, **kw: Any) -> KServeV2Connector:
             "outputs": [{"name": "label", "datatype": "BYTES", "shape": [-1, 2]}]}
     kw.setdefault("class_names", ["cat", "dog"])
     return KServeV2Connector(fake.url, "clf", metadata=meta, check_ready=False, encoding="png", input_shape=(3, 8, 8),
-                             retry=RetryPolicy(max_attempts=1), **kw)
+                             transport=TransportSettings(retry=RetryPolicy(max_attempts=1)), **kw)
 
 
 def test_kserve_unpinned_version_is_observed_and_enforced() -> None:

@@ -94,6 +94,7 @@ def run_demo(cfg: DemoConfig | None = None, *, event: Event | None = None) -> De
     progress; the library never prints. Rerunning reuses the base model, and the query cache makes
     a rerun after an interruption repeat no query."""
     from blackbox_rs._demo.datasets import load_digits
+    from blackbox_rs.connectors.http import TransportSettings
     from blackbox_rs.connectors.kserve_v2 import KServeV2Connector
 
     cfg = cfg or DemoConfig()
@@ -119,7 +120,7 @@ def run_demo(cfg: DemoConfig | None = None, *, event: Event | None = None) -> De
         # the local port changes between runs: identify the endpoint by the model file instead, so a
         # rerun hits the query cache
         conn = KServeV2Connector(server.url, "digits", model_version="1", num_classes=10, max_batch=1000,
-                                 max_in_flight=2, identity=f"local-demo:sha256:{file_sha256(model_path)}")
+                                 transport=TransportSettings(max_in_flight=2), identity=f"local-demo:sha256:{file_sha256(model_path)}")
         engine = QueryEngine(conn, cache=cache / "queries", max_in_flight=2)
         try:
             fit_progress = lambda k, total, info: ev("fit", k, total, info)  # noqa: E731

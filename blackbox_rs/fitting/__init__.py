@@ -1,61 +1,23 @@
-"""Fitting building blocks for input modules: objectives and zeroth-order estimators.
+"""Fitting building blocks for input modules: objectives, noise-draw layout and zeroth order.
 
-- :mod:`blackbox_rs.fitting.objectives`: loss terms (``mse``, ``stability``, ``classification``,
-  label-only ``label_disagreement``, score-based ``score_ce``) and the weighted :class:`Objective`.
-- :mod:`blackbox_rs.fitting.zo`: zeroth-order gradient estimators (RGE, SPSA, CGE) on a flat
-  parameter vector, their query cost, momentum SGD and bridges to modules and autograd.
+- :mod:`blackbox_rs.fitting.objectives`: the ``mse`` loss term.
+- :mod:`blackbox_rs.fitting.draws`: the one (image-major) row layout of noise draws.
+- :mod:`blackbox_rs.fitting.zo`: the random-direction zeroth-order gradient estimator on a flat
+  parameter vector and momentum SGD.
 
 Fit strategies (denoise, surrogate, zeroth-order, pass-through) build on these and the QueryEngine.
 """
 
-from blackbox_rs.fitting.objectives import (
-    TERM_NAMES,
-    Objective,
-    ObjectiveConfig,
-    ObjectiveInputs,
-    ObjectiveResult,
-    classification_loss,
-    label_disagreement_loss,
-    mse_loss,
-    repeat_per_draw,
-    score_cross_entropy_loss,
-    stability_loss,
-)
-from blackbox_rs.fitting.zo import (
-    ZOSGD,
-    GradientEstimate,
-    SPSAGains,
-    cge_gradient,
-    estimate_gradient,
-    inject_gradient,
-    module_loss,
-    queries_per_step,
-    rge_gradient,
-    sample_directions,
-    spsa_gradient,
-)
+from blackbox_rs.fitting.draws import per_image, repeat_draws
+from blackbox_rs.fitting.objectives import mse_loss
+from blackbox_rs.fitting.zo import ZOSGD, GradientEstimate, rge_gradient, sample_directions
 
 __all__ = [
-    "TERM_NAMES",
     "ZOSGD",
     "GradientEstimate",
-    "Objective",
-    "ObjectiveConfig",
-    "ObjectiveInputs",
-    "ObjectiveResult",
-    "SPSAGains",
-    "cge_gradient",
-    "classification_loss",
-    "estimate_gradient",
-    "inject_gradient",
-    "label_disagreement_loss",
-    "module_loss",
     "mse_loss",
-    "queries_per_step",
-    "repeat_per_draw",
+    "per_image",
+    "repeat_draws",
     "rge_gradient",
     "sample_directions",
-    "score_cross_entropy_loss",
-    "spsa_gradient",
-    "stability_loss",
 ]

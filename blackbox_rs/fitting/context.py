@@ -15,7 +15,7 @@ import torch
 from pydantic import BaseModel, Field
 
 from blackbox_rs.engine import QueryEngine, Tally
-from blackbox_rs.fitting.config import FitConfig
+from blackbox_rs.fitting.config import StrategyConfig
 from blackbox_rs.fitting.data import FitData
 from blackbox_rs.modules.base import InputModule
 
@@ -54,7 +54,7 @@ class FitContext:
     """Shared state of one fit (see the module docstring)."""
 
     def __init__(self, engine: QueryEngine, module: InputModule, data: FitData, sigmas: list[float],
-                 config: FitConfig, progress: ProgressFn | None = None) -> None:
+                 config: StrategyConfig, progress: ProgressFn | None = None) -> None:
         self.engine = engine
         self.module = module
         self.data = data

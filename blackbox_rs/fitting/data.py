@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from blackbox_rs.connectors.base import ConnectorInfo, check_images
+from blackbox_rs.data_files import as_image_tensor
 from blackbox_rs.errors import InvalidInputError
 
 __all__ = ["FitData", "as_fit_data"]
@@ -32,24 +33,6 @@ class FitData:
         return int(self.x.shape[0])
 
 
-def _np_images(x: np.ndarray, shape: tuple[int, ...], batched: bool) -> torch.Tensor:
-    """A numpy image array (a batch ``N x ...`` or, ``batched=False``, one image) as a float32
-    tensor in the model's ``C x H x W`` layout; the shape itself is checked by the caller."""
-    if x.dtype == np.uint8:
-        t = torch.from_numpy(np.ascontiguousarray(x)).float() / 255.0
-    elif np.issubdtype(x.dtype, np.floating):
-        t = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
-    else:
-        raise InvalidInputError(f"images must be a float array in [0, 1] or uint8 0..255, got numpy dtype {x.dtype}")
-    base = 1 if batched else 0
-    c, h, w = (int(d) for d in shape)
-    if t.ndim == base + 2 and c == 1 and tuple(t.shape[base:]) == (h, w):
-        t = t.unsqueeze(base)  # H x W images for a 1-channel model
-    elif t.ndim == base + 3 and tuple(t.shape[base:]) != (c, h, w) and tuple(t.shape[base:]) == (h, w, c):
-        t = t.movedim(-1, base)  # channels last -> channels first
-    return t
-
-
 def _np_labels(y: Any) -> torch.Tensor:
     """Labels (numpy array, list or tensor) as a tensor; non-integer numpy labels are an error."""
     if isinstance(y, np.ndarray):
@@ -63,7 +46,7 @@ def _np_labels(y: Any) -> torch.Tensor:
 
 
 def _item_image(x: Any, shape: tuple[int, ...]) -> torch.Tensor:
-    return _np_images(x, shape, batched=False) if isinstance(x, np.ndarray) else torch.as_tensor(x)
+    return as_image_tensor(x, shape, batched=False) if isinstance(x, np.ndarray) else torch.as_tensor(x)
 
 
 def _stack_dataset(dataset: Any, shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -106,10 +89,10 @@ def as_fit_data(dataset: Any, info: ConnectorInfo) -> FitData:
     if isinstance(dataset, torch.Tensor):
         x, y = dataset, None
     elif isinstance(dataset, np.ndarray):
-        x, y = _np_images(dataset, shape, batched=True), None
+        x, y = as_image_tensor(dataset, shape, batched=True), None
     elif (isinstance(dataset, (tuple, list)) and len(dataset) == 2
           and isinstance(dataset[0], (torch.Tensor, np.ndarray))):
-        x = dataset[0] if isinstance(dataset[0], torch.Tensor) else _np_images(dataset[0], shape, batched=True)
+        x = dataset[0] if isinstance(dataset[0], torch.Tensor) else as_image_tensor(dataset[0], shape, batched=True)
         y = _np_labels(dataset[1])
     else:
         x, y = _stack_dataset(dataset, shape)

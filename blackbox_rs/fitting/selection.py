@@ -35,6 +35,7 @@ import torch
 from scipy.special import ndtri
 
 from blackbox_rs.errors import InvalidParameterError
+from blackbox_rs.fitting.draws import per_image, repeat_draws
 
 if TYPE_CHECKING:
     from blackbox_rs.fitting.context import FitContext
@@ -70,7 +71,7 @@ class ScoreRound:
     def __init__(self, outputs: torch.Tensor, labels: torch.Tensor, targets: torch.Tensor, draws: int,
                  sigmas: list[float]) -> None:
         self.outputs, self.labels, self.targets, self.draws = outputs, labels, targets, draws
-        correct = (labels == targets).view(-1, draws).sum(1)
+        correct = per_image(labels == targets, labels.shape[0] // draws, draws).sum(1)
         self.per_image = radius_scores(correct, draws)
         self.score = float(self.per_image.mean())
         self.agreement = float((labels == targets).float().mean())
@@ -88,10 +89,10 @@ def score_round(ctx: FitContext) -> ScoreRound:
     perm = ctx.subset[torch.randperm(len(ctx.subset), generator=g)]
     idx = perm[: cfg.score_images]
     m, draws = len(idx), cfg.score_draws
-    clean = ctx.data.x[idx].repeat_interleave(draws, dim=0)
-    sig = torch.tensor(ctx.sigmas, dtype=torch.float32)[torch.arange(m) % len(ctx.sigmas)].repeat_interleave(draws)
+    clean = repeat_draws(ctx.data.x[idx], draws)
+    sig = repeat_draws(torch.tensor(ctx.sigmas, dtype=torch.float32)[torch.arange(m) % len(ctx.sigmas)], draws)
     z = torch.randn(clean.shape, generator=ctx.generator(-1, "score-noise"))
     noisy = clean + sig.view(-1, 1, 1, 1) * z
     out = ctx.module_outputs(noisy)
     labels = ctx.query(out)
-    return ScoreRound(out, labels, ctx.targets(idx).repeat_interleave(draws), draws, list(ctx.sigmas))
+    return ScoreRound(out, labels, repeat_draws(ctx.targets(idx), draws), draws, list(ctx.sigmas))

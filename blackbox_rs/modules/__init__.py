@@ -8,7 +8,9 @@ pickle). Built-in modules:
 - ``prompt_full`` / ``prompt_pad``: additive visual prompts (:mod:`blackbox_rs.modules.prompt`);
 - ``unet``: residual U-Net denoiser with whole-image context (:mod:`blackbox_rs.modules.unet`);
 - ``lora_dncnn``: frozen DnCNN + peft LoRA adapters (:mod:`blackbox_rs.modules.lora_denoiser`;
-  ``peft`` is imported only when one is built).
+  ``peft`` is imported only when one is built);
+- ``lowres``: denoiser at reduced resolution for large inputs such as 224×224
+  (:mod:`blackbox_rs.modules.lowres`).
 
 Use :func:`create_module` / :func:`load_module`; extend with :func:`register_module`.
 """
@@ -17,6 +19,7 @@ Use :func:`create_module` / :func:`load_module`; extend with :func:`register_mod
 from blackbox_rs.modules.base import InputModule, ModuleConfig, load_module
 from blackbox_rs.modules.denoiser import DnCNN, DnCNNConfig
 from blackbox_rs.modules.lora_denoiser import LoRADnCNN, LoRADnCNNConfig
+from blackbox_rs.modules.lowres import LowResDenoiser, LowResDenoiserConfig
 from blackbox_rs.modules.prompt import (
     FullFramePrompt,
     FullFramePromptConfig,
@@ -40,6 +43,8 @@ __all__ = [
     "InputModule",
     "LoRADnCNN",
     "LoRADnCNNConfig",
+    "LowResDenoiser",
+    "LowResDenoiserConfig",
     "ModuleConfig",
     "PaddingPrompt",
     "PaddingPromptConfig",

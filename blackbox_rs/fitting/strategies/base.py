@@ -20,7 +20,9 @@ from blackbox_rs.fitting.checkpoint import (
     optimizer_to_tensors,
     save_checkpoint,
 )
+from blackbox_rs.fitting.config import StrategyConfig, config_class_for
 from blackbox_rs.fitting.context import FitContext, FitReport
+from blackbox_rs.fitting.draws import repeat_draws
 from blackbox_rs.fitting.objectives import mse_loss
 from blackbox_rs.fitting.selection import ScoreRound, score_round, worst_gain
 from blackbox_rs.fitting.strategy_registry import STRATEGIES
@@ -30,9 +32,18 @@ __all__ = ["STRATEGIES", "Strategy", "estimate_fit_queries", "get_strategy", "re
 
 
 def register_strategy(cls: type[Strategy]) -> type[Strategy]:
-    """Class decorator: make ``cls`` usable as ``FitConfig(strategy=cls.name)``; a taken name raises
-    :class:`InvalidParameterError` naming it."""
-    return STRATEGIES.register(cls.name, cls)
+    """Class decorator, the one registration call: make ``cls`` usable as ``FitConfig(strategy=cls.name)``
+    and ``fit(..., strategy=cls.name)``, with its settings validated by its config class.
+
+    A class that sets its own ``config_class`` must point at a
+    :class:`~blackbox_rs.fitting.config.StrategyConfig` subclass whose ``strategy`` is
+    ``Literal[cls.name]`` (else :class:`InvalidParameterError` names the mismatch); a class without
+    one gets a generated subclass of the config it inherits with that Literal (its ``config_class``
+    afterwards). A taken name raises :class:`InvalidParameterError` naming it (nothing is changed)."""
+    config = config_class_for(cls.name, cls)
+    STRATEGIES.register(cls.name, cls)
+    cls.config_class = config
+    return cls
 
 
 def get_strategy(name: str) -> type[Strategy]:
@@ -58,7 +69,9 @@ def phase_lr(base: float, j: int, length: int, schedule: str) -> float:
 class Strategy(abc.ABC):
     """One way of fitting the module. Steps ``0 .. pretrain_steps-1`` are MSE denoising (zero
     queries); steps after that are the strategy's own. Subclasses implement :meth:`main_step` and,
-    if they hold state, :meth:`state` / :meth:`load_state`.
+    if they hold state, :meth:`state` / :meth:`load_state`; their settings are ``config_class`` (a
+    :class:`~blackbox_rs.fitting.config.StrategyConfig` subclass, see :func:`register_strategy`), the
+    type of ``self.ctx.config``, and :meth:`estimate_queries` bounds what they spend.
 
     A strategy that queries is scored by scoring rounds (:func:`~blackbox_rs.fitting.selection.score_round`)
     before its first step (the MSE-pretrained module is a candidate), every ``score_every`` steps and
@@ -67,6 +80,8 @@ class Strategy(abc.ABC):
 
     name: ClassVar[str]
     needs_queries: ClassVar[bool] = True
+    #: the pydantic model of this strategy's settings (``strategy: Literal[name]``; see register_strategy)
+    config_class: ClassVar[type[StrategyConfig]] = StrategyConfig
 
     def __init__(self, ctx: FitContext) -> None:
         self.ctx = ctx
@@ -162,7 +177,7 @@ class Strategy(abc.ABC):
         ctx = self.ctx
         ctx.module.train()
         idx = ctx.batch_indices(k, ctx.config.batch_size)
-        clean = ctx.data.x[idx].repeat(ctx.config.noise_draws, 1, 1, 1)
+        clean = repeat_draws(ctx.data.x[idx], ctx.config.noise_draws)
         loss = mse_loss(ctx.module(ctx.noisy(clean, k)), clean)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -180,10 +195,10 @@ class Strategy(abc.ABC):
         ctx, cfg = self.ctx, self.ctx.config
         ctx.module.train()
         idx = ctx.batch_indices(k, cfg.batch_size, labelled_only=True)
-        clean = ctx.data.x[idx].repeat(cfg.noise_draws, 1, 1, 1)
+        clean = repeat_draws(ctx.data.x[idx], cfg.noise_draws)
         out = ctx.module(ctx.noisy(clean, k))
         logits = classify(out.clamp(0.0, 1.0))
-        targets = ctx.targets(idx).repeat(cfg.noise_draws)
+        targets = repeat_draws(ctx.targets(idx), cfg.noise_draws)
         w = cfg.weights
         parts: dict[str, torch.Tensor] = {}
         if w.get("mse", 0) > 0:
@@ -192,7 +207,7 @@ class Strategy(abc.ABC):
             parts["stability"] = F.cross_entropy(logits, targets)
         if w.get("classification", 0) > 0:
             assert ctx.data.y is not None
-            parts["classification"] = F.cross_entropy(logits, ctx.data.y[idx].repeat(cfg.noise_draws))
+            parts["classification"] = F.cross_entropy(logits, repeat_draws(ctx.data.y[idx], cfg.noise_draws))
         loss = sum(w[name] * v for name, v in parts.items())
         self.opt.zero_grad(set_to_none=True)
         loss.backward()  # type: ignore[union-attr]
@@ -223,7 +238,7 @@ def _config_digest(ctx: FitContext, strategy: str) -> str:
     """What a fit checkpoint is bound to: the settings, strategy, sigmas, model fingerprint, module
     config and the fit data itself (images and labels, by content), so a rerun on other data of the
     same size never resumes it."""
-    cfg = ctx.config.model_dump(exclude={"checkpoint_every", "steps"})
+    cfg = ctx.config.model_dump(mode="json", exclude={"checkpoint_every", "steps"})  # a module surrogate: its digest
     blob = json.dumps({"cfg": cfg, "strategy": strategy, "sigmas": ctx.sigmas,
                        "fingerprint": ctx.engine.info.fingerprint, "n": len(ctx.data),
                        "module": ctx.module.config.model_dump(mode="json")}, sort_keys=True)

@@ -2,7 +2,22 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
+from pydantic import Field
+
+from blackbox_rs.fitting.config import StrategyConfig
 from blackbox_rs.fitting.strategies.base import Strategy, phase_lr, register_strategy
+
+__all__ = ["DenoiseConfig", "DenoiseStrategy"]
+
+
+class DenoiseConfig(StrategyConfig):
+    """Settings of ``denoise``: the shared ones only.
+
+    Query cost: 0 (it never queries; the query-paid shared settings are not used)."""
+
+    strategy: Literal["denoise"] = Field(default="denoise", description="MSE denoising only, zero queries")
 
 
 @register_strategy
@@ -12,6 +27,7 @@ class DenoiseStrategy(Strategy):
 
     name = "denoise"
     needs_queries = False
+    config_class = DenoiseConfig
 
     def learning_rate(self, k: int) -> float:
         cfg = self.ctx.config

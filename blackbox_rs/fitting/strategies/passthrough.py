@@ -8,15 +8,32 @@ rounds (see :class:`Strategy`) decide which state is kept.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
+
+from pydantic import Field
 
 from blackbox_rs.errors import InvalidParameterError
+from blackbox_rs.fitting.config import StrategyConfig
 from blackbox_rs.fitting.strategies.base import Strategy, register_strategy
+
+__all__ = ["PassthroughConfig", "PassthroughStrategy"]
+
+
+class PassthroughConfig(StrategyConfig):
+    """Settings of ``passthrough``: the shared ones only (``batch_size``, ``noise_draws`` and
+    ``weights`` shape its steps).
+
+    Query cost: the shared clean labels and scoring rounds (:class:`StrategyConfig`), plus
+    ``batch_size * noise_draws`` differentiable forwards per step."""
+
+    strategy: Literal["passthrough"] = Field(
+        default="passthrough", description="true gradients through a differentiable connector")
 
 
 @register_strategy
 class PassthroughStrategy(Strategy):
     name = "passthrough"
+    config_class = PassthroughConfig
 
     @classmethod
     def step_queries(cls, config: Any) -> int:

@@ -17,20 +17,77 @@ black box on the module's new outputs, before training on them.
 
 from __future__ import annotations
 
+import hashlib
 import math
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import torch
 import torch.nn.functional as F
+from pydantic import ConfigDict, Field, PlainSerializer, WithJsonSchema, field_validator
 from torch import nn
 
+from blackbox_rs.binding import hash_state
 from blackbox_rs.errors import InvalidParameterError
 from blackbox_rs.fitting.checkpoint import optimizer_from_tensors, optimizer_to_tensors
+from blackbox_rs.fitting.config import StrategyConfig
 from blackbox_rs.fitting.selection import ScoreRound
 from blackbox_rs.fitting.strategies.base import Strategy, register_strategy
 from blackbox_rs.surrogates import predict_logits
 
-__all__ = ["SurrogateStrategy", "build_surrogate"]
+__all__ = ["SurrogateConfig", "SurrogateStrategy", "build_surrogate", "surrogate_identity"]
+
+
+def surrogate_identity(spec: str | nn.Module) -> str:
+    """What a surrogate setting stands for in hashes and JSON: a spec string as it is; a module as
+    ``"module:<module>.<qualname>:sha256:<hex>"`` over its state_dict tensors (names, dtypes, shapes,
+    bytes), stable across processes and never its repr."""
+    if isinstance(spec, str):
+        return spec
+    h = hashlib.sha256()
+    hash_state(h, spec.state_dict())
+    cls = type(spec)
+    return f"module:{cls.__module__}.{cls.__qualname__}:sha256:{h.hexdigest()}"
+
+
+SurrogateSpec = Annotated[
+    str | nn.Module,
+    PlainSerializer(surrogate_identity, return_type=str, when_used="json"),
+    WithJsonSchema({"type": "string", "description": "'small_cnn', 'timm:<model name>' (from Python also an "
+                    "nn.Module)"}),
+]
+
+
+class SurrogateConfig(StrategyConfig):
+    """Settings of ``surrogate``: the shared ones plus the surrogate and its distillation.
+
+    Query cost: the shared clean labels and scoring rounds (:class:`StrategyConfig`), plus
+    ``distill_queries`` per distillation round, one every ``redistill_every`` strategy steps
+    (``ceil(steps / redistill_every)`` rounds)."""
+
+    model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=True)
+
+    strategy: Literal["surrogate"] = Field(
+        default="surrogate", description="gradients through a white-box surrogate distilled from the black box")
+    surrogate: SurrogateSpec = Field(
+        default="small_cnn",
+        description="the white-box surrogate: 'small_cnn', 'timm:<model name>' (randomly initialised, no "
+        "download) or an nn.Module mapping [0, 1] images to one logit per class (trained in place)",
+    )
+    distill_queries: int = Field(default=10_000, ge=1,
+                                 description="black-box labels (queries) per distillation round")
+    redistill_every: int = Field(default=150, ge=1, description="strategy steps between distillation rounds")
+    surrogate_epochs: float = Field(default=2.0, gt=0,
+                                    description="passes over the distillation buffer per round (batches of 128)")
+    surrogate_lr: float = Field(default=2e-3, gt=0, description="Adam learning rate of the surrogate")
+    surrogate_buffer: int = Field(default=60_000, ge=1,
+                                  description="most labelled examples kept for distillation (oldest dropped)")
+
+    @field_validator("surrogate")
+    @classmethod
+    def _spec(cls, v: str | nn.Module) -> str | nn.Module:
+        if isinstance(v, str) and not (v == "small_cnn" or (v.startswith("timm:") and len(v) > len("timm:"))):
+            raise ValueError(f"unknown surrogate {v!r}: use 'small_cnn', 'timm:<model>' or an nn.Module")
+        return v
 
 
 def build_surrogate(spec: str | nn.Module, input_shape: tuple[int, int, int], num_classes: int) -> nn.Module:
@@ -62,18 +119,20 @@ class _Standardise(nn.Module):
 
 @register_strategy
 class SurrogateStrategy(Strategy):
+    """The surrogate strategy (see the module docstring); its surrogate is ``config.surrogate``."""
+
     name = "surrogate"
+    config_class = SurrogateConfig
 
     @classmethod
     def step_queries(cls, config: Any) -> int:
         """``distill_queries`` per distillation round, one every ``redistill_every`` steps."""
         return math.ceil(config.steps / config.redistill_every) * config.distill_queries
 
-    def __init__(self, ctx: Any, surrogate: str | nn.Module | None = None) -> None:
+    def __init__(self, ctx: Any) -> None:
         super().__init__(ctx)
         info = ctx.engine.info
-        spec = surrogate if surrogate is not None else getattr(ctx, "surrogate_module", None) or ctx.config.surrogate
-        self.surrogate = build_surrogate(spec, info.input_shape, info.num_classes)
+        self.surrogate = build_surrogate(ctx.config.surrogate, info.input_shape, info.num_classes)
         self.s_opt = torch.optim.Adam(self.surrogate.parameters(), lr=ctx.config.surrogate_lr)
         self.buf_x = torch.empty((0, *info.input_shape))
         self.buf_y = torch.empty(0, dtype=torch.int64)

@@ -19,22 +19,58 @@ in tens of thousands of dimensions are noise at any affordable query count.
 from __future__ import annotations
 
 import copy
-from typing import Any
+from typing import Any, Literal
 
 import torch
+from pydantic import Field
 
 from blackbox_rs.errors import InvalidParameterError
 from blackbox_rs.fitting.checkpoint import optimizer_from_tensors, optimizer_to_tensors
+from blackbox_rs.fitting.config import StrategyConfig
+from blackbox_rs.fitting.draws import repeat_draws
 from blackbox_rs.fitting.strategies.base import Strategy, register_strategy
 from blackbox_rs.fitting.zo import ZOSGD, rge_gradient
 from blackbox_rs.modules.denoiser import DnCNN
 
-__all__ = ["ZerothOrderStrategy"]
+__all__ = ["ZerothOrderConfig", "ZerothOrderStrategy"]
+
+
+class ZerothOrderConfig(StrategyConfig):
+    """Settings of ``zeroth_order``: the shared ones plus the ``zo_*`` settings of the estimator.
+
+    Query cost: the shared clean labels and scoring rounds (:class:`StrategyConfig`), plus
+    ``2 * zo_directions * zo_batch * noise_draws`` per step (antithetic directions)."""
+
+    strategy: Literal["zeroth_order"] = Field(
+        default="zeroth_order", description="gradient estimates from black-box answers only")
+    zo_max_parameters: int = Field(
+        default=20_000, ge=1,
+        description="most trainable parameters the tuned parametrisation may have (a larger one is refused "
+        "before any query)")
+    zo_rank: int = Field(default=2, ge=1, description="LoRA rank of the DnCNN tuned by zeroth order")
+    zo_directions: int = Field(
+        default=4, ge=1,
+        description="random directions per gradient estimate (each costs 2 * zo_batch * noise_draws queries)")
+    zo_mu: float = Field(default=0.05, gt=0,
+                         description="perturbation size: scale of each random direction, in parameter units")
+    zo_batch: int = Field(default=32, ge=1, description="labelled images per loss evaluation")
+    zo_lr: float = Field(
+        default=0.002, gt=0,
+        description="step size of the zeroth-order updates (parameter units per unit of estimated gradient; "
+        "with momentum m the steady-state step is zo_lr / (1 - m))",
+    )
+    zo_momentum: float = Field(default=0.9, ge=0, lt=1,
+                               description="Nesterov momentum of the zeroth-order updates (0 <= m < 1)")
+    zo_loss: Literal["auto", "labels", "scores"] = Field(
+        default="auto",
+        description="black-box loss: label disagreement, score cross-entropy, or (auto) scores if the "
+        "connector returns them")
 
 
 @register_strategy
 class ZerothOrderStrategy(Strategy):
     name = "zeroth_order"
+    config_class = ZerothOrderConfig
 
     @classmethod
     def step_queries(cls, config: Any) -> int:
@@ -85,9 +121,9 @@ class ZerothOrderStrategy(Strategy):
         module = ctx.module
         module.eval()
         idx = ctx.batch_indices(k, cfg.zo_batch, labelled_only=True)
-        clean = ctx.data.x[idx].repeat(cfg.noise_draws, 1, 1, 1)
+        clean = repeat_draws(ctx.data.x[idx], cfg.noise_draws)
         noisy = ctx.noisy(clean, k)
-        target = ctx.targets(idx).repeat(cfg.noise_draws)
+        target = repeat_draws(ctx.targets(idx), cfg.noise_draws)
         use_scores = ctx.engine.info.returns_scores and cfg.zo_loss != "labels"
 
         def batched_loss(thetas: torch.Tensor) -> torch.Tensor:
