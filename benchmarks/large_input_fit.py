@@ -206,6 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--probe-steps", type=int, default=3)
     ap.add_argument("--skip-bare", action="store_true", help="do not certify the bare model")
+    ap.add_argument("--no-certify", action="store_true", help="stop after the fit (time figures only)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     ap.add_argument("--max-fit-seconds", type=float, default=1800.0, help="refuse a fit estimated above this")
     args = ap.parse_args(argv)
@@ -270,12 +271,15 @@ def main(argv: list[str] | None = None) -> int:
     total_steps = report.steps_done
     out["fit"] = {"wall_seconds": round(fit_s, 1), "steps": total_steps, "seconds_per_step": fit_s / max(1, total_steps),
                   "queries": report.queries, "stopped": report.stopped}
+    if len(steps_seen) > 20:  # after the first tenth of the steps (warm-up, allocator growth)
+        (a, ta), (b, tb) = steps_seen[len(steps_seen) // 10], steps_seen[-1]
+        out["fit"]["seconds_per_step_after_first_tenth"] = (tb - ta) / max(1, b - a)
     per_phase = est.phases[0].seconds_per_step if est.phases else math.nan
     out["estimate_vs_measured"] = {"estimated_total_s": round(est.total_seconds, 1), "measured_total_s": round(fit_s, 1),
                                    "ratio_estimate_over_measured": round(est.total_seconds / fit_s, 3),
                                    "estimated_s_per_step": per_phase,
                                    "measured_s_per_step": fit_s / max(1, total_steps)}
-    module_dir = work / "fitted_lowres"
+    module_dir = work / f"fitted_{module_spec.get('name', 'module')}_{module_spec.get('output', '')}".rstrip("_")
     smoother.module.save(module_dir)  # type: ignore[union-attr]
     out["fitted_module"] = {"dir": str(module_dir), "digest": smoother.module.digest()}  # type: ignore[union-attr]
 
@@ -287,6 +291,9 @@ def main(argv: list[str] | None = None) -> int:
         mse_mod = float((den - x_held).pow(2).mean())
     out["heldout_psnr_db"] = {"noisy": round(-10 * math.log10(mse_noisy), 2), "module": round(-10 * math.log10(mse_mod), 2)}
 
+    if args.no_certify:
+        print(json.dumps(out, indent=2))
+        return 0
     radii = [0.0, 0.25, 0.5]
     cert: dict[str, Any] = {"sigma": args.sigma, "n0": args.n0, "n": args.n, "alpha": args.alpha, "seed": args.seed,
                             "radii": radii, "images": len(x_held)}

@@ -365,7 +365,7 @@ class QueryEngine:
         if not info.differentiable or fwd is None:
             raise InvalidParameterError(
                 f"{type(self.connector).__name__} is not differentiable: gradient pass-through needs a local "
-                "model (TorchScriptConnector); use strategy 'surrogate' or 'zeroth_order' instead"
+                "model (TorchScriptConnector, ModuleConnector); use strategy 'surrogate' or 'zeroth_order' instead"
             )
         if self.validate_inputs:
             validate_batch(batch.detach(), info)

@@ -215,5 +215,10 @@ class FitTooSlowError(InvalidParameterError):
     limit and how to cut it (fewer steps, a smaller batch, the ``lowres`` module)."""
 
 
+class MissingDependencyError(ConnectorError, ImportError):
+    """An optional package a connector needs is not installed; the message names it and the
+    ``pip install`` command that adds it."""
+
+
 class UnmappedLabelError(InvalidResponseError):
     """A vendor label has no task class and the label map has no ``other`` class to put it in."""

@@ -11,6 +11,7 @@ from typing import Any
 
 from .base import BaseConnector, Connector, ConnectorInfo, Prediction
 from .callable import CallableConnector
+from .module import ModuleConnector
 from .torchscript import TorchScriptConnector
 
 # name -> submodule, for connectors imported on first use
@@ -23,6 +24,7 @@ _LAZY: dict[str, str] = {
     "TransportSettings": "http",
     "RateLimiter": "_ratelimit",
     "ImageEncoding": "_encoding",
+    "ONNXConnector": "onnx",
     "KServeV2Connector": "kserve_v2",
     "HuggingFaceConnector": "huggingface",
     "GoogleVisionConnector": "google_vision",
@@ -43,6 +45,7 @@ __all__ = [
     "CallableConnector",
     "Connector",
     "ConnectorInfo",
+    "ModuleConnector",
     "Prediction",
     "TorchScriptConnector",
     *_LAZY,

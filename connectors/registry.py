@@ -38,6 +38,7 @@ __all__ = ["CONNECTORS", "build_connector", "list_connectors", "register_connect
 #: Every connector by name, as a lazy ``module:class`` entry: listing them imports no backend.
 CONNECTORS: Registry[type[Connector]] = Registry("connector", unknown=ConfigError, lazy={
     "torchscript": ("blackbox_rs.connectors.torchscript", "TorchScriptConnector"),
+    "onnx": ("blackbox_rs.connectors.onnx", "ONNXConnector"),
     "kserve_v2": ("blackbox_rs.connectors.kserve_v2", "KServeV2Connector"),
     "huggingface": ("blackbox_rs.connectors.huggingface", "HuggingFaceConnector"),
     "google_vision": ("blackbox_rs.connectors.google_vision", "GoogleVisionConnector"),

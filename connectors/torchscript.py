@@ -35,7 +35,6 @@ the file supplies**.
 from __future__ import annotations
 
 import os
-import re
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -45,7 +44,8 @@ import torch
 from blackbox_rs.errors import ConnectorError, InvalidParameterError
 
 from ._pt2 import file_sha256, inspect_exported_program, load_exported_program
-from .base import BaseConnector, ConnectorInfo, Prediction
+from .base import ConnectorInfo
+from .module import _TS_INTERPRETER, TorchModelConnector, _complaint, resolve_device  # noqa: F401 - re-exported
 
 __all__ = ["TorchScriptConnector", "file_sha256", "inspect_exported_program", "load_exported_program"]
 
@@ -54,23 +54,9 @@ _EXPORT_SUFFIXES = {".pt2"}
 
 # torch >= 2.9 warns on every torch.jit.load; the SDK's own load silences exactly this notice
 _JIT_LOAD_DEPRECATED = r"`torch\.jit\.load` is deprecated"
-_TS_INTERPRETER = "The following operation failed in the TorchScript interpreter"
 
 
-def _complaint(exc: BaseException) -> str:
-    """The one line of a model failure that says what is wrong: for a TorchScript interpreter error
-    (a traceback of serialized and original code) its last line, else the first line."""
-    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
-    if not lines:
-        return type(exc).__name__
-    line = lines[-1] if lines[0].startswith(_TS_INTERPRETER) else lines[0]
-    if not re.match(r"[A-Za-z_][A-Za-z0-9_.]*(Error|Exception|Warning):", line):
-        line = f"{type(exc).__name__}: {line}"
-    return line if len(line) <= 300 else line[:297] + "..."
-
-
-
-class TorchScriptConnector(BaseConnector):
+class TorchScriptConnector(TorchModelConnector):
     """A TorchScript or torch.export model file behind the connector protocol.
 
     Args:
@@ -83,12 +69,20 @@ class TorchScriptConnector(BaseConnector):
         label_only: hide scores (simulates a label-only API; strategies that need scores refuse it).
         max_batch: most images per forward pass.
         threads: torch intra-op threads for inference (``None`` leaves torch's setting alone).
+        device: where the model runs (``"cpu"``, ``"cuda"``, ``"cuda:1"``, a :class:`torch.device`):
+            a TorchScript archive is loaded with ``map_location=device``, an exported program's module
+            is moved there. Batches are moved to it; labels and scores come back on the CPU, and
+            :meth:`forward_logits` returns logits on the batch's own device.
 
     At construction the model runs once on a zero batch of ``input_shape`` (1 image, and 2 to check
     that the batch dimension is dynamic, unless ``max_batch=1``): a model that cannot run it raises
     :class:`~blackbox_rs.errors.InvalidParameterError` with one line naming the declared shape and
     the model's own complaint (the last line of a TorchScript traceback), before any query is made.
-    The probe is local (nothing is sent anywhere) and does not change the fingerprint. torch's
+    The probe is local (nothing is sent anywhere) and does not change the fingerprint. Neither does
+    the device (same file, same model), but fp32 kernels on different devices may differ in the last
+    bits of a logit, so scores can differ slightly and an argmax tie or near-tie can break the other
+    way: answers cached on one device type are served, as they were computed there, on another (use a
+    cache directory per device type if that matters). torch's
     ``torch.jit.load`` deprecation ``FutureWarning`` is silenced around the SDK's own load only.
 
     The model is differentiable (``info.differentiable``): :meth:`forward_logits` runs it with autograd
@@ -110,37 +104,30 @@ class TorchScriptConnector(BaseConnector):
         max_batch: int = 256,
         cost_per_query: float = 0.0,
         threads: int | None = None,
+        device: str | torch.device = "cpu",
     ) -> None:
         self.path = Path(path)
+        self._name = f"model {self.path.name}"
+        self._batch_remedy = ("trace or export it with a dynamic batch dimension, e.g. "
+                              "dynamic_shapes={0: Dim('batch')}, or pass max_batch=1")
         if not self.path.is_file():
             raise ConnectorError(f"model file not found: {self.path}")
         if threads is not None:
             torch.set_num_threads(int(threads))
+        self.device = resolve_device(device)
         digest = file_sha256(self.path)  # the file that is loaded is the file the fingerprint names
-        self._model = self._load(self.path)
+        self._model = self._load(self.path, self.device)
         if file_sha256(self.path) != digest:
             raise ConnectorError(f"model file {self.path} changed while it was being loaded; load it again")
         shape = tuple(int(d) for d in input_shape)
         if len(shape) != 3:
             raise InvalidParameterError(f"input_shape must be (C, H, W), got {tuple(input_shape)}")
-        if class_names is not None and num_classes is not None and num_classes != len(class_names):
-            raise InvalidParameterError(
-                f"num_classes={num_classes} disagrees with {len(class_names)} class_names"
-            )
-        width = self._probe(shape, int(max_batch))  # type: ignore[arg-type]
-        if class_names is None:
-            if num_classes is None:
-                num_classes = width
-            class_names = [str(i) for i in range(int(num_classes))]
-        if len(class_names) != width:
-            given = f"num_classes={num_classes}" if num_classes is not None else f"{len(class_names)} class_names"
-            raise InvalidParameterError(
-                f"model {self.path.name} returns {width} logits per image, not the declared {given}"
-            )
+        names = self._declare(shape=shape, class_names=class_names, num_classes=num_classes,  # type: ignore[arg-type]
+                              max_batch=int(max_batch))
         self.label_only = bool(label_only)
         self._info = ConnectorInfo(
             input_shape=shape,  # type: ignore[arg-type]
-            class_names=tuple(class_names),
+            class_names=names,
             returns_scores=not self.label_only,
             max_batch=max_batch,
             cost_per_query=cost_per_query,
@@ -150,14 +137,20 @@ class TorchScriptConnector(BaseConnector):
         )
 
     @staticmethod
-    def _load(path: Path) -> torch.nn.Module:
+    def _load(path: Path, device: torch.device | None = None) -> torch.nn.Module:
+        device = device or torch.device("cpu")
         try:
             if path.suffix in _EXPORT_SUFFIXES:
-                module = load_exported_program(path).module()
+                program = load_exported_program(path)
+                if device.type != "cpu":  # weights, constants and device arguments baked into the graph
+                    from torch.export.passes import move_to_device_pass
+
+                    program = move_to_device_pass(program, device)
+                module = program.module()
             else:
                 with warnings.catch_warnings():  # exactly torch's own deprecation notice, nothing else
                     warnings.filterwarnings("ignore", message=_JIT_LOAD_DEPRECATED, category=FutureWarning)
-                    module = torch.jit.load(str(path), map_location="cpu")
+                    module = torch.jit.load(str(path), map_location=device)
                 module.eval()
         except ConnectorError:
             raise
@@ -167,74 +160,7 @@ class TorchScriptConnector(BaseConnector):
             p.requires_grad_(False)
         return module
 
-    def _probe(self, shape: tuple[int, int, int], max_batch: int) -> int:
-        """Run a zero batch of the declared shape (1 image, then 2 unless ``max_batch`` is 1) and
-        return the model's output width. A model that cannot run it raises one line
-        (:class:`InvalidParameterError`) naming the declared shape and the model's own complaint;
-        a model that does not return ``N x K`` logits raises :class:`ConnectorError`."""
-        width = 0
-        for n in (1, 2) if max_batch >= 2 else (1,):
-            batch = torch.zeros((n, *shape), dtype=torch.float32)
-            try:
-                with torch.inference_mode():
-                    out = self._model(batch)
-            except Exception as exc:  # torch raises many unrelated types from inside a model
-                complaint = _complaint(exc)
-                if n == 1:
-                    hint = ""
-                    if re.search(r"size\(\)\[0\]|shape\[0\]", complaint):
-                        hint = (" (export the program with a dynamic batch dimension: "
-                                "dynamic_shapes={0: Dim('batch')})")
-                    msg = (f"model {self.path.name} cannot run on the declared input_shape={shape} "
-                           f"(a zero batch of shape {tuple(batch.shape)}): {complaint}{hint}")
-                else:
-                    msg = (f"model {self.path.name} runs on one image of input_shape={shape} but fails on "
-                           f"a batch of 2, so its batch dimension is not dynamic: {complaint} (trace or "
-                           f"export it with a dynamic batch dimension, e.g. dynamic_shapes={{0: Dim('batch')}}, "
-                           f"or pass max_batch=1)")
-                raise InvalidParameterError(msg) from None
-            try:
-                logits = self._check_logits(out, n)
-            except ConnectorError as exc:
-                if n == 1:
-                    raise
-                raise InvalidParameterError(
-                    f"model {self.path.name} answers a batch of 2 images wrongly, so its batch dimension is not "
-                    f"dynamic ({exc}); trace or export it with a dynamic batch dimension, or pass max_batch=1"
-                ) from None
-            width = width or int(logits.shape[1])
-        return width
-
-    def _forward(self, batch: torch.Tensor) -> object:
-        """Run the model; any failure inside it (a shape guard of an exported program, a dtype or
-        size mismatch) becomes a :class:`ConnectorError` naming the file and the batch shape."""
-        try:
-            return self._model(batch)
-        except Exception as exc:  # torch raises many unrelated types from inside a model
-            hint = ""
-            text = str(exc)
-            if self.path.suffix in _EXPORT_SUFFIXES and ("Guard failed" in text or ".shape[0]" in text):
-                hint = " (export the program with a dynamic batch dimension: dynamic_shapes={0: Dim('batch')})"
-            raise ConnectorError(
-                f"model {self.path.name} failed on a batch of shape {tuple(batch.shape)}: "
-                f"{type(exc).__name__}: {exc}{hint}"
-            ) from exc
-
-    def _check_logits(self, out: object, n: int) -> torch.Tensor:
-        if isinstance(out, (tuple, list)) and out:
-            out = out[0]
-        if not isinstance(out, torch.Tensor) or out.ndim != 2 or out.shape[0] != n:
-            shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-            raise ConnectorError(f"model must return logits of shape (N, K) for N={n}, got {shape}")
-        return out
-
-    def forward_logits(self, batch: torch.Tensor) -> torch.Tensor:
-        """Differentiable forward pass (autograd enabled); logits ``N x K``."""
-        return self._check_logits(self._forward(batch), int(batch.shape[0])).float()
-
-    def _query(self, batch: torch.Tensor) -> Prediction:
-        with torch.inference_mode():
-            logits = self._check_logits(self._forward(batch), int(batch.shape[0])).float()
-        labels = logits.argmax(dim=1)
-        scores = None if self.label_only else torch.softmax(logits, dim=1)
-        return Prediction(labels=labels, scores=scores)
+    def _failure_hint(self, text: str) -> str:
+        if self.path.suffix in _EXPORT_SUFFIXES and ("Guard failed" in text or ".shape[0]" in text):
+            return " (export the program with a dynamic batch dimension: dynamic_shapes={0: Dim('batch')})"
+        return ""

@@ -10,6 +10,7 @@ address nothing listens on. Planted secrets must never appear in a fingerprint.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,7 @@ from blackbox_rs.connectors.http import Auth, RetryPolicy, TransportSettings
 from blackbox_rs.connectors.huggingface import HuggingFaceConnector
 from blackbox_rs.connectors.kserve_v2 import KServeV2Connector
 from blackbox_rs.connectors.labelmap import LabelMap
+from blackbox_rs.connectors.onnx import ONNXConnector
 from blackbox_rs.connectors.openai_chat import OpenAIChatConnector
 from blackbox_rs.connectors.registry import list_connectors
 from blackbox_rs.connectors.tf_serving import TFServingConnector
@@ -104,6 +106,15 @@ def _script(path: Path, seed: int) -> Path:
     return path
 
 
+def _onnx(path: Path, seed: int) -> Path:
+    torch.manual_seed(seed)
+    with warnings.catch_warnings():  # the legacy exporter: no onnxscript needed
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.onnx.export(Tiny().eval(), (torch.zeros(2, 3, 4, 4),), str(path), dynamo=False, input_names=["x"],
+                          dynamic_axes={"x": {0: "N"}})
+    return path
+
+
 KSERVE_META = {"name": "clf", "versions": ["3"], "platform": "test",
                "inputs": [{"name": "image", "datatype": "BYTES", "shape": [-1]}],
                "outputs": [{"name": "label", "datatype": "BYTES", "shape": [-1, 5]}]}
@@ -130,7 +141,14 @@ def _cases(tmp_path: Path) -> dict[str, Case]:
             TorchScriptConnector, {"path": model, "input_shape": (3, 4, 4)},
             [{"label_only": True}, {"path": other}],
             [{"max_batch": 7}, {"cost_per_query": 0.5}, {"num_classes": 3}, {"threads": 1},
-             {"class_names": ["x", "y", "z"]}],  # names only: the label indices are the same
+             {"class_names": ["x", "y", "z"]},  # names only: the label indices are the same
+             {"device": "cpu"}],  # the device is not the model (its last-bit differences: the docstring)
+        ),
+        "onnx": Case(
+            ONNXConnector, {"path": _onnx(tmp_path / "a.onnx", 0), "input_shape": (3, 4, 4)},
+            [{"label_only": True}, {"path": _onnx(tmp_path / "b.onnx", 1)}],
+            [{"max_batch": 7}, {"cost_per_query": 0.5}, {"num_classes": 3}, {"threads": 1},
+             {"class_names": ["x", "y", "z"]}, {"device": "cpu"}, {"providers": ["CPUExecutionProvider"]}],
         ),
         "kserve_v2": Case(
             _kserve,
@@ -226,7 +244,7 @@ def cases(_planted: None, tmp_path_factory: pytest.TempPathFactory) -> dict[str,
     return _cases(tmp_path_factory.mktemp("fp"))
 
 
-NAMES = ["torchscript", "kserve_v2", "kserve_v2_scores", "huggingface", "google_vision", "aws_rekognition",
+NAMES = ["torchscript", "onnx", "kserve_v2", "kserve_v2_scores", "huggingface", "google_vision", "aws_rekognition",
          "azure_image_analysis", "azure_custom_vision", "clarifai", "torchserve", "tf_serving", "openai_chat"]
 
 

@@ -58,13 +58,26 @@ def test_defaults_are_those_of_the_former_flat_config():
     shared = {"steps": 600, "pretrain_steps": 600, "batch_size": 64, "noise_draws": 1, "lr": 1e-3, "pretrain_lr": None,
               "lr_schedule": "constant", "clean_fraction": 0.1, "weights": {"mse": 1.0, "stability": 1.0}, "seed": 0,
               "checkpoint_every": 50, "clean_queries": 10_000, "score_images": 256, "score_draws": 8,
-              "score_every": 150}
+              "score_every": 150,
+              "patience": 2, "gain_alpha": 0.1}  # added by issue #23: query-paid fits stop when rounds show no gain
     own = {"surrogate": {"surrogate": "small_cnn", "distill_queries": 10_000, "redistill_every": 150,
                          "surrogate_epochs": 2.0, "surrogate_lr": 2e-3, "surrogate_buffer": 60_000},
            "zeroth_order": {"zo_max_parameters": 20_000, "zo_rank": 2, "zo_directions": 4, "zo_mu": 0.05,
                             "zo_batch": 32, "zo_lr": 0.002, "zo_momentum": 0.9, "zo_loss": "auto"}}
     for name in BUILT_IN:
         assert FitConfig(strategy=name).model_dump() == {"strategy": name, **shared, **own.get(name, {})}
+
+
+def test_the_early_stop_settings_are_shared_and_validated():
+    for name in BUILT_IN:
+        cfg = FitConfig(strategy=name, patience=0, gain_alpha=0.05)
+        assert (cfg.patience, cfg.gain_alpha) == (0, 0.05)
+    for bad in ({"patience": -1}, {"gain_alpha": 0.0}, {"gain_alpha": 0.6}, {"patience": 1.5}):
+        with pytest.raises(ValidationError, match=next(iter(bad))):
+            FitConfig(**bad)
+    fields = FitConfig.config_class("surrogate").model_fields
+    assert "0: never stop early" in (fields["patience"].description or "")
+    assert "paired test" in (fields["gain_alpha"].description or "")
 
 
 def test_a_setting_of_another_strategy_is_an_error_naming_both():

@@ -12,7 +12,13 @@ import torch
 
 from blackbox_rs import BlackBoxSmoother, FitConfig, QueryEngine
 from blackbox_rs.connectors import CallableConnector
-from blackbox_rs.fitting.strategies import STRATEGIES, Strategy, estimate_fit_queries, register_strategy
+from blackbox_rs.fitting.strategies import (
+    STRATEGIES,
+    Strategy,
+    estimate_fit_queries,
+    expected_fit_queries,
+    register_strategy,
+)
 
 SHAPE = (1, 6, 6)
 
@@ -40,7 +46,7 @@ def _fit(strategy: str, n_images: int = 24, **cfg: Any) -> tuple[int, int]:
 
 
 SMALL = {"pretrain_steps": 2, "batch_size": 4, "clean_queries": 10, "score_images": 6, "score_draws": 2,
-         "score_every": 3}
+         "score_every": 3, "patience": 0}  # uninterrupted fits: no early stop for no gain (tests/test_fit_early_stop.py)
 
 
 @pytest.mark.parametrize("strategy,extra", [
@@ -63,6 +69,33 @@ def test_the_estimate_is_capped_by_the_budget_and_never_below_a_capped_spend() -
     assert estimate_fit_queries(cfg, 100, budget=500) == 500
     assert estimate_fit_queries(cfg, 100) > 500
     assert estimate_fit_queries(FitConfig(strategy="surrogate", steps=0), 100) == 0
+
+
+@pytest.mark.parametrize("strategy,extra,per_step", [
+    ("surrogate", {"distill_queries": 9, "redistill_every": 4}, None),
+    ("zeroth_order", {"zo_batch": 3, "zo_directions": 2, "noise_draws": 2}, 2 * 2 * 3 * 2),
+    ("passthrough", {"noise_draws": 2}, 4 * 2),
+])
+def test_the_expected_spend_is_the_earliest_patience_point_and_never_above_the_cap(
+        strategy: str, extra: dict[str, Any], per_step: int | None) -> None:
+    """With no gain the fit stops after the pretrained module's round and ``patience`` more rounds:
+    clean labels + (patience + 1) rounds + the steps between them. It equals the cap when the fit
+    cannot stop early and is never above it."""
+    base = {**SMALL, **extra}
+    for steps in (0, 1, 3, 6, 7, 40):
+        for patience in (0, 1, 2, 5):
+            cfg = FitConfig(strategy=strategy, **{**base, "steps": steps, "patience": patience})
+            cap, exp = estimate_fit_queries(cfg, 24), expected_fit_queries(cfg, 24)
+            assert exp <= cap
+            done = patience * cfg.score_every
+            if patience == 0 or done >= steps:
+                assert exp == cap, (steps, patience)
+                continue
+            own = -(-done // 4) * 9 if per_step is None else done * per_step
+            assert exp == 10 + (patience + 1) * 6 * 2 + own < cap, (steps, patience)
+    cfg = FitConfig(strategy=strategy, **{**base, "steps": 40, "patience": 2})
+    assert expected_fit_queries(cfg, 24, budget=20) == 20  # capped by the budget like the estimate
+    assert expected_fit_queries(FitConfig(strategy="denoise", steps=40), 24) == 0
 
 
 def test_a_registered_third_party_strategy_runs_a_fit_and_is_estimated() -> None:

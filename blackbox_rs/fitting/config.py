@@ -45,8 +45,11 @@ class StrategyConfig(BaseModel):
     ``score_images * score_draws`` per scoring round, one when its own steps begin (the
     MSE-pretrained module), one every ``score_every`` steps and one after the last step. The fit keeps
     the best-scoring module state (:mod:`blackbox_rs.fitting.selection`; with several sigmas: the
-    state whose worst sigma gained most over the pretrained module). A strategy that never queries
-    (``denoise``) ignores the query-paid settings.
+    state whose worst sigma gained most over the pretrained module). After ``patience`` rounds in a
+    row whose gain over the best round so far is not significant (a one-sided paired test at level
+    ``gain_alpha``), the fit stops early: ``FitReport.stopped == "no_gain"``, the best state is kept
+    and ``FitReport.queries_saved`` says what the cap left unspent (``patience=0``: never). A strategy
+    that never queries (``denoise``) ignores the query-paid settings.
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -79,6 +82,18 @@ class StrategyConfig(BaseModel):
     score_images: int = Field(default=256, ge=1, description="images of the fixed scoring set (labelled subset)")
     score_draws: int = Field(default=8, ge=1, description="noise draws per scoring image (queries per image per round)")
     score_every: int = Field(default=150, ge=1, description="strategy steps between scoring rounds")
+    # stop paying when the rounds show no gain (query-paid; see blackbox_rs.fitting.selection.gain_test)
+    patience: int = Field(
+        default=2, ge=0,
+        description="scoring rounds in a row (after the pretrained module's round) without a significant gain "
+        "over the best state so far before a query-paid fit stops (stopped='no_gain', best state kept); "
+        "0: never stop early",
+    )
+    gain_alpha: float = Field(
+        default=0.1, gt=0, le=0.5,
+        description="level of the one-sided paired test (per-image scores, same images and noise) that a "
+        "round gained over the best so far; with several sigmas every sigma must gain",
+    )
 
     @model_validator(mode="before")
     @classmethod

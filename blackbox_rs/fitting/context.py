@@ -31,7 +31,10 @@ class FitReport(BaseModel):
     sigmas: list[float]
     steps_done: int
     steps_total: int
-    stopped: Literal["completed", "budget"]
+    stopped: Literal["completed", "budget", "no_gain"] = Field(
+        description="why the fit ended: all steps done, the budget spent, or `patience` scoring rounds in a row "
+        "without a significant gain over the best state so far (the best state is kept)"
+    )
     queries: int = Field(description="black-box queries charged during this fit call (cache hits excluded)")
     cache_hits: int
     cost: float
@@ -43,6 +46,12 @@ class FitReport(BaseModel):
     best_step: int | None
     history: list[dict[str, float]] = Field(default_factory=list)
     resumed_from: int | None = None
+    queries_saved: int | None = Field(
+        default=None,
+        description="for a fit that stopped for no gain: the strategy's query cap of the uninterrupted fit "
+        "(estimate_queries) minus the queries charged by this fit over all its calls (a resumed fit included); "
+        "None for a fit that completed or stopped at the budget",
+    )
 
 
 def _step_seed(seed: int, step: int, salt: str) -> int:
@@ -70,6 +79,15 @@ class FitContext:
         self.best_score: float | None = None
         self.best_step: int | None = None
         self.best_state: dict[str, torch.Tensor] | None = None
+        #: per-image scores of the best scoring round so far
+        self.best_per_image: torch.Tensor | None = None
+        #: per-image scores of the reference round, which later rounds are tested against: the best
+        #: round so far as of the last significant gain (at first the pretrained module's round)
+        self.gain_reference: torch.Tensor | None = None
+        #: scoring rounds in a row without a significant gain over the reference (the patience counter)
+        self.no_gain_rounds = 0
+        #: the step whose scoring round has been run (a fit resumed inside that step does not re-run it)
+        self.scored_step: int | None = None
         self.history: list[dict[str, float]] = []
 
     # -- randomness --------------------------------------------------------------------------
@@ -125,20 +143,24 @@ class FitContext:
         return t
 
     # -- best so far ------------------------------------------------------------------------------
-    def offer(self, step: int, score: float, **extra: float) -> None:
-        """Record a score (higher is better) of the module's *current* state; keep it if best."""
+    def offer(self, step: int, score: float, *, per_image: torch.Tensor | None = None, **extra: float) -> None:
+        """Record a score (higher is better) of the module's *current* state; keep it if best (with
+        ``per_image``, the round's per-image scores)."""
         self.record(step, score=score, **extra)
         if self.best_score is None or score > self.best_score:
             self.best_score, self.best_step = float(score), step
             self.best_state = {k: v.detach().clone() for k, v in self.module.state_dict().items()}
+            self.best_per_image = None if per_image is None else per_image.detach().clone()
 
     def record(self, step: int, **extra: float) -> None:
         """Add a history entry that is not a score (diagnostics)."""
         self.history.append({"step": float(step), **{k: float(v) for k, v in extra.items()}})
 
     def forget_best(self) -> None:
-        """Drop the best-so-far state (when later scores are not comparable with earlier ones)."""
+        """Drop the best-so-far state (when later scores are not comparable with earlier ones) and
+        restart the patience counter."""
         self.best_state, self.best_score, self.best_step = None, None, None
+        self.best_per_image, self.gain_reference, self.no_gain_rounds = None, None, 0
 
     def restore_best(self) -> None:
         if self.best_state is not None:

@@ -25,14 +25,21 @@ the pretrained module only if it is better at *every* sigma, and among those the
 sigma gained most is kept. (On Fashion-MNIST the mean over sigmas kept a state that gained at 0.25
 and certified 3.6 points less than the pretrained module at sigma = 0.5, r = 0.5; the minimum of the
 raw per-sigma scores would ignore the smaller sigma, whose scores in units of sigma are always higher.)
+
+Whether a round *gained* at all is a separate question, asked by :func:`gain_test`: a one-sided paired
+t-test on the per-image score differences between the round and the best round so far (same images,
+same noise), so a fit can stop paying when its steps stop helping (``patience``, ``gain_alpha`` of
+:class:`~blackbox_rs.fitting.config.StrategyConfig`). A multi-sigma round gains only if it gains at
+every sigma (the worst sigma's test decides, as in :func:`worst_gain`).
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 from scipy.special import ndtri
+from scipy.stats import t as student_t
 
 from blackbox_rs.errors import InvalidParameterError
 from blackbox_rs.fitting.draws import per_image, repeat_draws
@@ -40,7 +47,7 @@ from blackbox_rs.fitting.draws import per_image, repeat_draws
 if TYPE_CHECKING:
     from blackbox_rs.fitting.context import FitContext
 
-__all__ = ["ScoreRound", "radius_scores", "score_round", "worst_gain"]
+__all__ = ["GainTest", "ScoreRound", "gain_test", "paired_t_pvalue", "radius_scores", "score_round", "worst_gain"]
 
 
 def radius_scores(correct: torch.Tensor, draws: int) -> torch.Tensor:
@@ -63,6 +70,66 @@ def worst_gain(by_sigma: dict[float, float], baseline: dict[float, float]) -> fl
             f"a round scored at sigmas {sorted(by_sigma)} cannot be compared with a baseline at {sorted(baseline)}"
         )
     return min(by_sigma[sg] - baseline[sg] for sg in by_sigma)
+
+
+def paired_t_pvalue(diff: torch.Tensor) -> float:
+    """One-sided p-value of the paired t-test of ``mean(diff) > 0`` (``diff``: per-pair differences
+    ``a_i - b_i``), ``P(T_{n-1} >= mean / (sd / sqrt(n)))`` with ``sd`` the sample standard deviation;
+    equal to ``scipy.stats.ttest_rel(a, b, alternative="greater").pvalue`` wherever scipy defines it.
+
+    Where scipy returns NaN or a division by zero the result is defined so that no change is never a
+    gain: differences that are all zero (``|d| <= 1e-12``: the same counts) give 1.0; equal non-zero
+    differences give 0.0 if they are positive, else 1.0; a single pair gives its sign test, 0.5 if
+    positive, else 1.0 (never significant at a level below 0.5)."""
+    d = torch.as_tensor(diff, dtype=torch.float64).flatten()
+    d = torch.where(d.abs() <= 1e-12, torch.zeros_like(d), d)
+    n = d.numel()
+    if n == 0 or not bool(d.ne(0).any()):
+        return 1.0
+    mean = float(d.mean())
+    if n == 1:
+        return 0.5 if mean > 0 else 1.0
+    sd = float(d.std(correction=1))
+    if sd <= 1e-12 * max(1.0, abs(mean)):
+        return 0.0 if mean > 0 else 1.0
+    return float(student_t.sf(mean / (sd / n ** 0.5), n - 1))
+
+
+class GainTest(NamedTuple):
+    """The outcome of :func:`gain_test`: the p-value that decides and the worst per-sigma mean gain."""
+
+    p_value: float  #: the largest per-sigma one-sided p-value (the worst sigma's test)
+    gain: float  #: the smallest per-sigma mean per-image score difference (round minus best)
+
+    def significant(self, alpha: float) -> bool:
+        """True when the round gained at level ``alpha`` (at every sigma)."""
+        return self.p_value <= alpha
+
+
+def gain_test(current: torch.Tensor, best: torch.Tensor, levels: int = 1) -> GainTest:
+    """Did a scoring round gain over the best round so far? ``current`` and ``best`` are the per-image
+    scores (:attr:`ScoreRound.per_image`) of two rounds on the *same* images and noise (common random
+    numbers), so the per-image differences ``current - best`` are paired observations; with ``levels``
+    sigmas image ``i`` was scored at sigma ``i % levels``. Each sigma's differences get a one-sided
+    paired t-test of a positive mean (:func:`paired_t_pvalue`); the round gains at level ``alpha`` only
+    if every sigma's test rejects, i.e. if the largest p-value is ``<= alpha`` (an intersection-union
+    test, so with no true gain at some sigma a gain is declared at most about ``alpha`` of the time).
+
+    The test is a stopping rule, not a certificate; rounds that differ in images or noise cannot be
+    compared (:class:`InvalidParameterError`)."""
+    a = torch.as_tensor(current, dtype=torch.float64).flatten()
+    b = torch.as_tensor(best, dtype=torch.float64).flatten()
+    if a.shape != b.shape or a.numel() == 0:
+        raise InvalidParameterError(
+            f"a round of {a.numel()} image scores cannot be compared with one of {b.numel()} (not the same scoring set)"
+        )
+    if levels < 1:
+        raise InvalidParameterError(f"levels must be >= 1, got {levels}")
+    d = a - b
+    n = min(levels, d.numel())
+    p = max(paired_t_pvalue(d[lv::n]) for lv in range(n))
+    gain = min(float(d[lv::n].mean()) for lv in range(n))
+    return GainTest(p_value=p, gain=gain)
 
 
 class ScoreRound:

@@ -2,8 +2,8 @@
 
 :func:`estimate_fit_time` runs ``probe_steps`` real steps (after ``warmup_steps`` untimed ones) of each
 phase the configured strategy runs, with the strategy's own code, on a deep copy of the module and on
-synthetic images of the input shape, and scales the measured seconds per step by the configured step
-counts. Phases:
+synthetic images of the input shape, and scales the measured seconds per step (the median of the timed
+steps) by the configured step counts. Phases:
 
 - ``mse``: MSE denoising steps (``pretrain_steps``; for ``denoise`` every step);
 - ``<strategy> steps``: the strategy's own steps after pretraining (a ``surrogate`` step goes through
@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import copy
 import math
+import statistics
 import time
 import warnings
 from collections.abc import Sequence
@@ -136,13 +137,16 @@ def _fit_config(config: Any, **fields: Any) -> Any:
 
 
 def _timed(fn: Any, warmup: int, probe: int) -> float:
-    """Mean seconds of ``fn(i)`` over ``probe`` calls after ``warmup`` untimed ones."""
+    """Median seconds of ``fn(i)`` over ``probe`` calls after ``warmup`` untimed ones (the median:
+    one call slowed by another process on a shared machine does not set the estimate)."""
     for i in range(warmup):
         fn(i)
-    t0 = time.perf_counter()
+    times = []
     for i in range(warmup, warmup + probe):
+        t0 = time.perf_counter()
         fn(i)
-    return (time.perf_counter() - t0) / probe
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
 
 
 def estimate_fit_time(

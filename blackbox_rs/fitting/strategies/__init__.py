@@ -5,9 +5,11 @@ from blackbox_rs.fitting.strategies.base import (
     STRATEGIES,
     Strategy,
     estimate_fit_queries,
+    expected_fit_queries,
     get_strategy,
     register_strategy,
     run_fit,
 )
 
-__all__ = ["STRATEGIES", "Strategy", "estimate_fit_queries", "get_strategy", "register_strategy", "run_fit"]
+__all__ = ["STRATEGIES", "Strategy", "estimate_fit_queries", "expected_fit_queries", "get_strategy", "register_strategy",
+           "run_fit"]

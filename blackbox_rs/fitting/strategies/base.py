@@ -1,4 +1,5 @@
-"""Strategy protocol, registry, and the driver loop (checkpointing, budget stop, resume)."""
+"""Strategy protocol, registry, and the driver loop (checkpointing, budget stop, early stop for no
+gain, resume)."""
 
 from __future__ import annotations
 
@@ -24,11 +25,15 @@ from blackbox_rs.fitting.config import StrategyConfig, config_class_for
 from blackbox_rs.fitting.context import FitContext, FitReport
 from blackbox_rs.fitting.draws import repeat_draws
 from blackbox_rs.fitting.objectives import mse_loss
-from blackbox_rs.fitting.selection import ScoreRound, score_round, worst_gain
+from blackbox_rs.fitting.selection import ScoreRound, gain_test, score_round, worst_gain
 from blackbox_rs.fitting.strategy_registry import STRATEGIES
 
-__all__ = ["STRATEGIES", "Strategy", "estimate_fit_queries", "get_strategy", "register_strategy", "run_fit"]
+__all__ = ["STRATEGIES", "Strategy", "estimate_fit_queries", "expected_fit_queries", "get_strategy",
+           "register_strategy", "run_fit"]
 
+
+class _NoGain(Exception):  # noqa: N818 - control flow inside run_fit, never escapes it
+    """Raised by :meth:`Strategy.step` when ``patience`` scoring rounds in a row showed no gain."""
 
 
 def register_strategy(cls: type[Strategy]) -> type[Strategy]:
@@ -58,6 +63,16 @@ def estimate_fit_queries(config: Any, n_images: int, budget: int | None = None) 
     return q if budget is None else min(q, int(budget))
 
 
+def expected_fit_queries(config: Any, n_images: int, budget: int | None = None) -> int:
+    """The queries of a fit of ``n_images`` images with ``config`` (a ``FitConfig``) *when no scoring
+    round shows a gain*: the fit then stops at its earliest patience point (the pretrained module's
+    round, ``patience`` more rounds and the steps between them; see :meth:`Strategy.expected_queries`),
+    capped by ``budget``. Not a bound: a fit whose rounds gain spends more, up to
+    :func:`estimate_fit_queries` (the cap), which this never exceeds. Dry runs show both."""
+    q = get_strategy(config.strategy).expected_queries(config, n_images)
+    return q if budget is None else min(q, int(budget))
+
+
 def phase_lr(base: float, j: int, length: int, schedule: str) -> float:
     """Learning rate of step ``j`` of a phase of ``length`` steps: ``base`` (constant), or a cosine from
     ``base`` at the first step to ``0.05 * base`` at the last."""
@@ -76,7 +91,11 @@ class Strategy(abc.ABC):
     A strategy that queries is scored by scoring rounds (:func:`~blackbox_rs.fitting.selection.score_round`)
     before its first step (the MSE-pretrained module is a candidate), every ``score_every`` steps and
     after its last step; the fit keeps the best-scoring state, so its own steps can only replace the
-    pretrained module by one that scores higher on the black box."""
+    pretrained module by one that scores higher on the black box. Each round after the first is tested
+    (:func:`~blackbox_rs.fitting.selection.gain_test`) against the *reference round*: the best round
+    so far as of the last significant gain (at first the pretrained module's round). After
+    ``patience`` rounds in a row without a significant gain over it the fit stops before the step the
+    last of them precedes (``stopped="no_gain"``); the best state is kept either way."""
 
     name: ClassVar[str]
     needs_queries: ClassVar[bool] = True
@@ -108,6 +127,24 @@ class Strategy(abc.ABC):
         """Queries of the strategy's own steps (beyond clean labels and scoring rounds)."""
         return 0
 
+    @classmethod
+    def expected_queries(cls, config: Any, n_images: int) -> int:
+        """The black-box images an uncached fit queries if it stops at its earliest patience point, i.e.
+        when no scoring round gains: clean labels, ``patience + 1`` scoring rounds (the pretrained
+        module's and ``patience`` more) and :meth:`step_queries` of the ``patience * score_every``
+        steps between them (``config.steps`` replaced by that number). It is :meth:`estimate_queries`
+        when the fit cannot stop early (``patience == 0``, or no round left to stop at:
+        ``patience * score_every >= steps``) and never more than it. The expected spend when the steps
+        do not help, not a bound: a fit whose rounds gain spends more."""
+        cap = cls.estimate_queries(config, n_images)
+        p = int(getattr(config, "patience", 0))
+        done = p * config.score_every
+        if cap == 0 or p == 0 or done >= config.steps:
+            return cap
+        subset = max(1, min(int(n_images), config.clean_queries))
+        scoring = (p + 1) * min(config.score_images, subset) * config.score_draws
+        return min(cap, subset + scoring + cls.step_queries(config.model_copy(update={"steps": done})))
+
     # -- phases ----------------------------------------------------------------------------------
     @property
     def pretrain_steps(self) -> int:
@@ -131,22 +168,46 @@ class Strategy(abc.ABC):
         if k < self.pretrain_steps:
             return self.mse_step(k)
         j = k - self.pretrain_steps
-        if self.needs_queries and j % self.ctx.config.score_every == 0:
-            self.score(k)
+        if self.needs_queries and j % self.ctx.config.score_every == 0 and self.ctx.scored_step != k:
+            self.score(k)  # (a fit resumed inside step k has its round already: it is not re-run)
+            if self.no_gain():
+                raise _NoGain
         return self.main_step(k)
 
+    def no_gain(self) -> bool:
+        """True when ``patience`` (> 0) scoring rounds in a row showed no significant gain."""
+        patience = int(getattr(self.ctx.config, "patience", 0))
+        return patience > 0 and self.ctx.no_gain_rounds >= patience
+
     def score(self, k: int) -> None:
-        """Run a scoring round on the module's current state and offer it as a candidate."""
+        """Run a scoring round on the module's current state and offer it as a candidate. A round
+        after the first is tested against the reference round (same images and noise): a
+        significant gain (level ``gain_alpha``) restarts the patience counter and makes the best
+        round so far the new reference; any other round adds one to the counter (history:
+        ``gain_over_reference``, ``gain_p``, ``no_gain_rounds``). Comparing with the reference rather
+        than the latest best lets gains that accumulate over several rounds, each too small to be
+        told from noise, count (the best state is still the best-scoring one)."""
         ctx = self.ctx
-        if k == self.pretrain_steps:  # MSE-phase scores (-mse) are not comparable with robustness scores
+        first = k == self.pretrain_steps
+        if first:  # MSE-phase scores (-mse) are not comparable with robustness scores
             ctx.forget_best()
         r = score_round(ctx)
         extra = self.on_scored(k, r)
         selection = r.score
         if len(r.by_sigma) > 1:  # multi-sigma: the worst per-sigma gain over the pretrained module
             extra.update({f"robust_score@{sg!r}": v for sg, v in r.by_sigma.items()})
-            selection = worst_gain(r.by_sigma, r.by_sigma if k == self.pretrain_steps else self._baseline())
-        ctx.offer(k, selection, robust_score=r.score, agreement=r.agreement, **extra)
+            selection = worst_gain(r.by_sigma, r.by_sigma if first else self._baseline())
+        gained = first or ctx.gain_reference is None
+        if not gained:
+            assert ctx.gain_reference is not None
+            t = gain_test(r.per_image, ctx.gain_reference, len(ctx.sigmas))
+            gained = t.significant(ctx.config.gain_alpha)
+            ctx.no_gain_rounds = 0 if gained else ctx.no_gain_rounds + 1
+            extra.update(gain_over_reference=t.gain, gain_p=t.p_value, no_gain_rounds=float(ctx.no_gain_rounds))
+        ctx.offer(k, selection, per_image=r.per_image, robust_score=r.score, agreement=r.agreement, **extra)
+        if gained and ctx.best_per_image is not None:
+            ctx.gain_reference = ctx.best_per_image.clone()
+        ctx.scored_step = k
 
     def _baseline(self) -> dict[float, float]:
         """Per-sigma scores of the first scoring round of the strategy's steps (read back from the
@@ -251,23 +312,34 @@ def _config_digest(ctx: FitContext, strategy: str) -> str:
 
 
 def _checkpoint(ctx: FitContext, strat: Strategy, directory: str | os.PathLike[str], step: int, digest: str,
-                finished: bool = False) -> None:
+                finished: bool = False, *, stopped: str = "completed", spent: int = 0) -> None:
+    """Save the fit state after ``step`` steps; ``stopped`` and ``spent`` (the queries charged by all
+    calls of this fit so far) let a rerun report a finished fit as it ended."""
     tensors, smeta = strat.state()
     tensors = {f"s.{k}": v for k, v in tensors.items()}
     tensors.update({f"m.{k}": v for k, v in ctx.module.state_dict().items()})
     if ctx.best_state is not None:
         tensors.update({f"b.{k}": v for k, v in ctx.best_state.items()})
+    if ctx.best_per_image is not None:
+        tensors["best_per_image"] = ctx.best_per_image
+    if ctx.gain_reference is not None:
+        tensors["gain_reference"] = ctx.gain_reference
     if ctx.clean_labels is not None:
         tensors["clean_labels"] = ctx.clean_labels
     meta = {"step": step, "finished": finished, "digest": digest, "strategy": smeta, "best_score": ctx.best_score,
-            "best_step": ctx.best_step, "history": ctx.history, "module_name": ctx.module.name}
+            "best_step": ctx.best_step, "history": ctx.history, "module_name": ctx.module.name,
+            "no_gain_rounds": ctx.no_gain_rounds, "scored_step": ctx.scored_step, "stopped": stopped,
+            "queries_spent": spent}
     save_checkpoint(directory, tensors, meta)
 
 
-def _restore(ctx: FitContext, strat: Strategy, directory: str | os.PathLike[str], digest: str) -> tuple[int, bool]:
+def _restore(ctx: FitContext, strat: Strategy, directory: str | os.PathLike[str],
+             digest: str) -> tuple[int, bool, dict[str, Any]]:
+    """Load the checkpoint in ``directory`` into ``ctx`` and ``strat``: the step reached, whether the
+    fit finished, and how it stopped and what it spent (``{"stopped": .., "spent": ..}``)."""
     found = load_checkpoint(directory)
     if found is None:
-        return 0, False
+        return 0, False, {"stopped": "completed", "spent": 0}
     tensors, meta = found
     if meta.get("digest") != digest:
         raise CacheError(
@@ -283,43 +355,61 @@ def _restore(ctx: FitContext, strat: Strategy, directory: str | os.PathLike[str]
     ctx.history = list(meta["history"])
     if "clean_labels" in tensors:
         ctx.clean_labels = tensors["clean_labels"]
+    ctx.best_per_image = tensors.get("best_per_image")
+    ctx.gain_reference = tensors.get("gain_reference")
+    ctx.no_gain_rounds = int(meta.get("no_gain_rounds", 0))  # the patience counter: resume decides alike
+    ctx.scored_step = None if meta.get("scored_step") is None else int(meta["scored_step"])
     strat.load_state(sub("s."), meta["strategy"])
-    return int(meta["step"]), bool(meta.get("finished", False))
+    ended = {"stopped": str(meta.get("stopped", "completed")), "spent": int(meta.get("queries_spent", 0))}
+    return int(meta["step"]), bool(meta.get("finished", False)), ended
 
 
 def run_fit(ctx: FitContext, strategy: str, *, checkpoint_dir: str | os.PathLike[str] | None = None) -> FitReport:
-    """Run ``strategy`` to completion or until the budget stops it; the module ends in its best
-    tracked state. With ``checkpoint_dir`` the state is saved every ``checkpoint_every`` steps and
-    at the end, and a rerun resumes from it."""
+    """Run ``strategy`` to completion, until the budget stops it, or until ``patience`` scoring rounds
+    in a row show no significant gain (``stopped="no_gain"``, with ``queries_saved``: the
+    strategy's :meth:`~Strategy.estimate_queries` cap minus the queries charged over all calls of the
+    fit); the module ends in its best tracked state. With ``checkpoint_dir`` the state (the patience
+    counter included) is saved every ``checkpoint_every`` steps and at the end, and a rerun resumes
+    from it: a fit that stopped for no gain stays stopped (its rerun spends nothing)."""
     cls = get_strategy(strategy)
     strat = cls(ctx)
     strat.check()
     digest = _config_digest(ctx, strategy)
-    start, finished = _restore(ctx, strat, checkpoint_dir, digest) if checkpoint_dir is not None else (0, False)
+    if checkpoint_dir is not None:
+        start, finished, ended = _restore(ctx, strat, checkpoint_dir, digest)
+    else:
+        start, finished, ended = 0, False, {"stopped": "completed", "spent": 0}
     resumed = start if start > 0 else None
     total = strat.total_steps
-    stopped = "completed"
+    stopped = "no_gain" if ended["stopped"] == "no_gain" else "completed"
     k = start
     try:
-        while k < total:
-            info = strat.step(k)
-            k += 1
-            ctx.report(k, total, info)
-            if checkpoint_dir is not None and (k % ctx.config.checkpoint_every == 0):
-                _checkpoint(ctx, strat, checkpoint_dir, k, digest)
-        if not finished:
-            strat.finish()
-            finished = True
+        if stopped != "no_gain":
+            while k < total:
+                info = strat.step(k)
+                k += 1
+                ctx.report(k, total, info)
+                if checkpoint_dir is not None and (k % ctx.config.checkpoint_every == 0):
+                    _checkpoint(ctx, strat, checkpoint_dir, k, digest, spent=ended["spent"] + ctx.tally.queries)
+            if not finished:
+                strat.finish()
+                finished = True
     except BudgetExceeded:
         stopped = "budget"
+    except _NoGain:
+        stopped, finished = "no_gain", True
     finally:
         if checkpoint_dir is not None:
-            _checkpoint(ctx, strat, checkpoint_dir, k, digest, finished)
+            _checkpoint(ctx, strat, checkpoint_dir, k, digest, finished, stopped=stopped,
+                        spent=ended["spent"] + ctx.tally.queries)
     ctx.restore_best()
     ctx.module.eval()
+    saved = None
+    if stopped == "no_gain":
+        saved = max(0, cls.estimate_queries(ctx.config, len(ctx.data)) - ended["spent"] - ctx.tally.queries)
     return FitReport(
         strategy=strategy, sigmas=ctx.sigmas, steps_done=k, steps_total=total, stopped=stopped,  # type: ignore[arg-type]
         queries=ctx.tally.queries, cache_hits=ctx.tally.cache_hits, cost=ctx.tally.cost,
         trainable_parameters=ctx.module.num_trainable(), best_score=ctx.best_score, best_step=ctx.best_step,
-        history=ctx.history, resumed_from=resumed,
+        history=ctx.history, resumed_from=resumed, queries_saved=saved,
     )
