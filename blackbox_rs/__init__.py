@@ -40,6 +40,7 @@ _LAZY = {
     "certify_dataset": "blackbox_rs.dataset",
     "certify_radius": "blackbox_rs.certify_sequential",
     "certify_radius_dataset": "blackbox_rs.certify_sequential",
+    "robustify": "blackbox_rs.robust.train",
     "QueryEngine": "blackbox_rs.engine",
     "QueryStats": "blackbox_rs.engine",
     "FitConfig": "blackbox_rs.fitting.config",
@@ -106,6 +107,7 @@ __all__ = [
     "certify_dataset",
     "certify_radius",
     "certify_radius_dataset",
+    "robustify",
     "defaults",
     "predict",
 ]

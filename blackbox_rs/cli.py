@@ -273,16 +273,18 @@ def fit(
         fc = _fit_config(cfg)
         if cfg.data.fit is None:
             raise ConfigError("[data] fit = <path> is required to fit")
-        from blackbox_rs.fitting.strategies import estimate_fit_queries
+        from blackbox_rs.fitting.strategies import estimate_fit_queries, expected_fit_queries
 
         conn = _connector(cfg)
         info = conn.info
         x, y = load_images(cfg.data.fit, info.input_shape, cfg.data.limit, class_names=info.class_names)
         est = estimate_fit_queries(fc, len(x), cfg.fit.budget)
+        exp = expected_fit_queries(fc, len(x), cfg.fit.budget)
         cost = est * info.cost_per_query
         if dry_run:  # nothing is created: no output folder, no cache, no ledger
+            early = f"; {exp:,} if no scoring round shows a gain (early stop)" if exp < est else ""
             typer.echo(f"dry run: fit '{fc.strategy}' on {len(x)} images would spend at most {est:,} queries "
-                       f"(cost {cost:.4g}); nothing was sent")
+                       f"(cost {cost:.4g}){early}; nothing was sent")
             return
         engine = _engine(cfg, None, conn)
         smoother = BlackBoxSmoother(engine, module=cfg.fit.module, sigma=cfg.certify.sigma)
@@ -291,8 +293,10 @@ def fit(
                               checkpoint_dir=cfg.run.out_dir / "fit_checkpoint",
                               progress=lambda k, t, info: bar("fit", k, t, info))
         path = smoother.save(cfg.run.out_dir / "smoother")
+        saved = (f"; {report.queries_saved:,} queries not spent (no scoring round showed a gain)"
+                 if report.stopped == "no_gain" and report.queries_saved else "")
         typer.echo(f"fit {report.stopped}: {report.steps_done}/{report.steps_total} steps, {report.queries:,} queries "
-                   f"({report.cache_hits:,} cache hits), {report.trainable_parameters:,} trainable parameters")
+                   f"({report.cache_hits:,} cache hits), {report.trainable_parameters:,} trainable parameters{saved}")
         typer.echo(f"saved: {path}")
 
     _run(go)

@@ -220,5 +220,18 @@ class MissingDependencyError(ConnectorError, ImportError):
     ``pip install`` command that adds it."""
 
 
+class ModelStructureError(ConfigError):
+    """A model lacks the structure a robustify method needs: no Linear/Conv2d module matches the
+    LoRA/adapter target modules, no classifier head can be found, or "prompt" was asked of a model
+    that is not a timm VisionTransformer. The message names what was looked for and what exists."""
+
+
+class DenoiserModelError(ModuleCheckpointError, ConfigError):
+    """An off-the-shelf denoiser (a diffusers directory, a TorchScript/ONNX file) cannot be used: a
+    file is missing or malformed, its scheduler does not match its model, it cannot take the
+    configured image size, or its content differs from the digest recorded when it was first used.
+    The message names the file or directory and the problem."""
+
+
 class UnmappedLabelError(InvalidResponseError):
     """A vendor label has no task class and the label map has no ``other`` class to put it in."""

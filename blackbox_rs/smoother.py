@@ -151,7 +151,9 @@ class BlackBoxSmoother:
         holds too); at the cap the fit stops cleanly and keeps the best module so far.
         "Best" is decided by query-paid scoring rounds (:mod:`blackbox_rs.fitting.selection`) in which
         the MSE-pretrained module is a candidate, so a strategy's own steps are kept only if the black
-        box rates them higher.
+        box rates them higher. After ``patience`` rounds in a row without a significant gain (a paired
+        test on the rounds' common images and noise) the fit stops paying: ``stopped="no_gain"``, the
+        best state is kept and ``report.queries_saved`` says what was not spent (``patience=0``: never).
         With ``checkpoint_dir`` the full fit state is saved regularly and a rerun resumes from it; an
         int budget is then persisted there too, so the cap holds across the interrupted and the
         resumed run together (raise it to continue a fit that stopped at the budget).

@@ -74,7 +74,7 @@ OPTIMAL = {
     "saturated": ((0.25, 0.75), 0.25, 20),
     "near_threshold": ((0.42, 0.58), 0.5, 100),
 }
-STOPPING = {"steps": 400, "score_every": 5, "patience": 2, **TOY}
+STOPPING = {"steps": 400, "score_every": 5, **TOY}  # patience: the default (2), on for every querying strategy
 
 
 # ------------------------------------------------------------------------------------ the test
@@ -141,6 +141,7 @@ def test_a_fit_whose_steps_cannot_help_stops_after_patience_and_spends_a_tenth_o
     report = sm.fit(x, config=cfg, progress=None)
     assert report.stopped == "no_gain"
     rounds = scored(report)
+    assert cfg.patience == 2
     assert [h["step"] for h in rounds] == [pretrain, pretrain + 5, pretrain + 10]  # first round + patience
     assert [h["no_gain_rounds"] for h in rounds[1:]] == [1.0, 2.0]
     assert all(h["gain_p"] > cfg.gain_alpha for h in rounds[1:])
@@ -155,7 +156,7 @@ def test_a_fit_whose_steps_help_does_not_stop_early() -> None:
     sm, engine = smoother(center_pixel, 0.5)
     base, _ = smoother(center_pixel, 0.5)
     x = images((0.25, 0.75))
-    cfg = FitConfig(strategy="surrogate", pretrain_steps=0, steps=60, score_every=10, patience=2, **TOY)
+    cfg = FitConfig(strategy="surrogate", pretrain_steps=0, steps=60, score_every=10, **TOY)
     report = sm.fit(x, config=cfg, progress=None)
     assert report.stopped == "completed" and report.steps_done == report.steps_total == 60
     assert report.queries == engine.stats.queries == estimate_fit_queries(cfg, N)
@@ -165,6 +166,18 @@ def test_a_fit_whose_steps_help_does_not_stop_early() -> None:
     assert sum(h["gain_p"] <= cfg.gain_alpha for h in rounds[1:]) >= 4  # clear gains, not luck
     assert rounds[-1]["score"] > rounds[0]["score"] + 0.3
     assert report.best_step == 60
+
+
+def test_a_multi_sigma_fit_stops_for_no_gain_too() -> None:
+    levels, _, pretrain = OPTIMAL["saturated"]
+    engine = QueryEngine(CallableConnector(brightness, input_shape=SHAPE, num_classes=2, fingerprint="toy:multi"))
+    sm = BlackBoxSmoother(engine, module={"name": "dncnn", "depth": 2, "width": 8}, sigmas=[0.25, 0.5])
+    cfg = FitConfig(strategy="zeroth_order", pretrain_steps=pretrain, zo_batch=4, zo_directions=1, **{
+        k: v for k, v in STOPPING.items() if k not in ("distill_queries", "redistill_every", "surrogate_epochs")})
+    report = sm.fit(images(levels), config=cfg, progress=None)
+    assert report.stopped == "no_gain" and report.steps_done == pretrain + 10
+    assert report.queries == expected_fit_queries(cfg, N) < estimate_fit_queries(cfg, N) / 10
+    assert all("robust_score@0.5" in h for h in scored(report))
 
 
 def test_patience_zero_never_stops_early() -> None:
@@ -190,7 +203,7 @@ def test_a_resumed_fit_keeps_the_patience_counter(tmp_path: Path) -> None:
     ref = ref_sm.fit(x, config=cfg, progress=None)
     assert ref.stopped == "no_gain" and ref.steps_done == pretrain + 10
     round_cost = N * 8
-    for cut, counter in ((N + 32 + round_cost + 10, 0),  # inside the distillation of step `pretrain`
+    for cut, counter in ((N + round_cost + 10, 0),  # inside the distillation of step `pretrain`, after its round
                          (N + 32 + 2 * round_cost + 10, 1)):  # inside round 3, after one round without gain
         ck, cache = tmp_path / f"ck{cut}", tmp_path / f"cache{cut}"
         sm, _ = smoother(brightness, sigma, cache)

@@ -157,7 +157,8 @@ def test_multi_sigma_selection_is_the_worst_per_sigma_gain(model_file, digits, t
     (gain 0), so no sigma is bought with another; a resumed fit compares against the same round."""
     xtr, ytr, _, _ = digits
     conn = label_only(model_file)
-    cfg = small_fit(strategy="surrogate", pretrain_steps=20, steps=60, redistill_every=30, score_every=20)
+    cfg = small_fit(strategy="surrogate", pretrain_steps=20, steps=60, redistill_every=30, score_every=20,
+                    patience=0)  # every round is run (no early stop for no gain: tests/test_fit_early_stop.py)
     kw = {"module": {"name": "dncnn", **SMALL}, "sigmas": [0.25, 0.5]}
     ref = BlackBoxSmoother(conn, **kw, cache=tmp_path / "c1")
     full = ref.fit((xtr, ytr), config=cfg, budget=20_000)

@@ -132,14 +132,15 @@ def estimate(vendor: Any, args: argparse.Namespace, data: RunImages) -> dict[str
     price = spec.price_per_1k if args.price_per_1k is None else args.price_per_1k
     rate = spec.rate_limit if args.rate_limit is None else (args.rate_limit or None)
     n_fit = 0 if data.fit_names is None else len(data.fit_names)
-    fit = 0
+    fit = fit_expected = 0
     if args.fit not in ("none", "denoise"):
-        from blackbox_rs.fitting.strategies import estimate_fit_queries
+        from blackbox_rs.fitting.strategies import estimate_fit_queries, expected_fit_queries
 
         fit = int(estimate_fit_queries(_fit_config(args), n_fit, args.fit_budget))
+        fit_expected = int(expected_fit_queries(_fit_config(args), n_fit, args.fit_budget))
     est: dict[str, Any] = {"vendor": spec.vendor, "method": args.method, "encoding": _encoding_label(args, spec),
                            "images": n_images, "fit_images": n_fit, "split": (data.split or {}).get("mode", "none"),
-                           "fit_queries": fit}
+                           "fit_queries": fit, "fit_queries_if_no_gain": fit_expected}
     clean = 0 if labelled else 1
     if args.method == "cohen":
         n0 = defaults.N0 if args.n0 is None else args.n0

@@ -2,8 +2,10 @@
 :mod:`blackbox_rs.paths`); never pickle.
 
 A checkpoint holds the module weights, the optimizer state, the step, the RNG state, the strategy's
-own state (surrogate weights, distillation buffer, momentum) and the best module so far, so a
-resumed fit continues exactly where the interrupted one stopped.
+own state (surrogate weights, distillation buffer, momentum), the best module so far and the early
+stop's state (the patience counter, the reference round's per-image scores, the step whose scoring
+round was run, how the fit stopped and the queries it was charged), so a resumed fit continues exactly
+where the interrupted one stopped and decides to stop for no gain where it would have.
 """
 
 from __future__ import annotations

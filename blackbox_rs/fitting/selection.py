@@ -27,8 +27,9 @@ and certified 3.6 points less than the pretrained module at sigma = 0.5, r = 0.5
 raw per-sigma scores would ignore the smaller sigma, whose scores in units of sigma are always higher.)
 
 Whether a round *gained* at all is a separate question, asked by :func:`gain_test`: a one-sided paired
-t-test on the per-image score differences between the round and the best round so far (same images,
-same noise), so a fit can stop paying when its steps stop helping (``patience``, ``gain_alpha`` of
+t-test on the per-image score differences between the round and a reference round (same images, same
+noise; the fit driver uses the best round as of the last significant gain), so a fit can stop paying
+when its steps stop helping (``patience``, ``gain_alpha`` of
 :class:`~blackbox_rs.fitting.config.StrategyConfig`). A multi-sigma round gains only if it gains at
 every sigma (the worst sigma's test decides, as in :func:`worst_gain`).
 """
