@@ -232,6 +232,7 @@ def certify_radius_dataset(
     target_share: float = 0.5,
     futility: float | None = defaults.FUTILITY,
     progress: Callable[[int, SequentialCertificate], None] | None = None,
+    executor: Any = None,
 ) -> SequentialDatasetCertification:
     """:func:`certify_radius` on every input (same input forms as
     :func:`blackbox_rs.dataset.certify_dataset`), with certified accuracy at each target radius.
@@ -242,6 +243,8 @@ def certify_radius_dataset(
     journal's seed is read back when ``seed=None``) skips finished inputs and, with a query cache,
     repeats no answered query; a rerun for another model, transform, dataset, labels or setting raises
     :class:`ResumeMismatchError`. Parameter and budget-limit errors are raised before any query.
+    ``executor``: the unfinished inputs are certified by its workers, journaled here (as
+    :func:`blackbox_rs.dataset.certify_dataset` says).
     """
     engine = as_engine(connector)
     radii = check_radii(radius)
@@ -260,6 +263,27 @@ def certify_radius_dataset(
               "transform": transform_identity(transform),
               "noise": noise_identity(bool(lattice)), "other_index": engine.info.other_index,
               "method": "sequential_certify"}
+    settings = {"radii": [float(r) for r in radii], "sigma": sigma, "alpha": alpha, "n0": n0, "max_queries": cap,
+                "batch_size": batch_size, "lattice": bool(lattice), "growth": growth, "target_share": target_share,
+                "futility": futility, "first_look": first_look}
+    certs, summary = run_dataset(engine, inputs, labels, SequentialCertificate, params, output=output, seed=seed,
+                                 radii=radii, make_one=sequential_maker(engine, transform, **settings),
+                                 progress=progress, executor=executor,
+                                 job={"method": "sequential_certify", "settings": settings})
+    return SequentialDatasetCertification(
+        certificates=certs, **summary,
+        mean_queries=(sum(c.queries + c.cache_hits for c in certs) / len(certs)) if certs else math.nan,
+    )
+
+
+def sequential_maker(engine: QueryEngine, transform: Transform | None, *, radii: Sequence[float], sigma: float,
+                     alpha: float, n0: int, max_queries: int, batch_size: int | None, lattice: bool, growth: float,
+                     target_share: float, futility: float | None, first_look: int,
+                     ) -> Callable[[int], Callable[[int, torch.Tensor, int | None, str], SequentialCertificate]]:
+    """The per-input function of :func:`certify_radius_dataset` (``make_one(seed)(index, x, label,
+    key)``), the same in-process and on a worker (:mod:`blackbox_rs.distributed`)."""
+    cap = max_queries
+
     def make_one(run_seed: int) -> Callable[[int, torch.Tensor, int | None, str], SequentialCertificate]:
         return lambda idx, xt, y, key: one(idx, xt, y, key, run_seed)
 
@@ -283,10 +307,5 @@ def certify_radius_dataset(
                 update.update(queries=cert.queries + t.queries, cache_hits=cert.cache_hits + t.cache_hits)
         return cert.model_copy(update=update) if update else cert
 
-    certs, summary = run_dataset(engine, inputs, labels, SequentialCertificate, params, output=output, seed=seed,
-                                 radii=radii, make_one=make_one, progress=progress)
-    return SequentialDatasetCertification(
-        certificates=certs, **summary,
-        mean_queries=(sum(c.queries + c.cache_hits for c in certs) / len(certs)) if certs else math.nan,
-    )
+    return make_one
 

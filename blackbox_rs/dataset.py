@@ -195,6 +195,8 @@ def certify_each(
     *,
     journal: CertificateJournal[C] | None = None,
     progress: Callable[[int, C], None] | None = None,
+    executor: Any = None,
+    job: dict[str, Any] | None = None,
 ) -> tuple[list[C], str, Tally]:
     """The dataset loop shared by every certification method: validates labels, skips inputs the
     journal has finished (after checking that each finished record is for this input: its key,
@@ -208,11 +210,18 @@ def certify_each(
     the journal first records what this input was charged so far (the engine's counters over the
     call), then the exception propagates unchanged. ``progress(index, cert)`` is called for every
     certificate in order; a callback with a ``resumed(index, cert)`` method gets the certificates
-    read from the journal there instead (no work this run: :class:`blackbox_rs.progress.DatasetProgress`)."""
+    read from the journal there instead (no work this run: :class:`blackbox_rs.progress.DatasetProgress`).
+
+    With an ``executor`` (:mod:`blackbox_rs.distributed`) other processes certify the unfinished
+    inputs from ``job`` (the method, its settings and seed); every finished record is checked first
+    (a mismatch is raised before any query), and results are journaled here, in input order."""
     inputs, reference = validate_dataset(engine, inputs, labels)
     certs: list[C] = []
     total = Tally()
     finished = journal.finished if journal is not None else {}
+    if executor is not None:  # workers certify the unfinished inputs; this loop journals them in order
+        remote = executor.certifier(engine, job, _unfinished(engine, inputs, labels, journal, reference), journal)
+        certify_one = remote if remote is not None else certify_one
     names = engine.info.class_names
     resumed = getattr(progress, "resumed", None)
     for idx, (x, y) in enumerate(_iter_items(inputs, labels)):
@@ -255,6 +264,27 @@ def certify_each(
     if not certs:
         warnings.warn("no inputs to certify", stacklevel=3)
     return certs, reference, total
+
+
+def _unfinished(engine: QueryEngine, inputs: Any, labels: Any, journal: CertificateJournal[Any] | None,
+                reference: str) -> Iterator[tuple[int, torch.Tensor, int | None, str]]:
+    """``(index, x, label, key)`` of every input the journal has not finished, after checking every
+    finished record as :func:`certify_each` does (so a mismatch is raised before anything is sent)."""
+    finished = journal.finished if journal is not None else {}
+    for idx, (x, y) in enumerate(_iter_items(inputs, labels)):
+        if idx in finished:
+            expected: dict[str, Any] = {"key": input_key(validate_input(x, engine.info)), "reference": reference}
+            if y is not None:
+                expected["label"] = y
+            journal.check_record(finished[idx], expected)  # type: ignore[union-attr]
+
+    def todo() -> Iterator[tuple[int, torch.Tensor, int | None, str]]:
+        for idx, (x, y) in enumerate(_iter_items(inputs, labels)):
+            if idx not in finished:
+                xt = validate_input(x, engine.info)
+                yield idx, xt, y, input_key(xt)
+
+    return todo()
 
 
 def _note_unfinished(journal: CertificateJournal[Any], idx: int, key: str, engine: QueryEngine,
@@ -351,6 +381,7 @@ def certify_dataset(
     output: str | os.PathLike[str] | None = None,
     transform: Transform | None = None,
     progress: Callable[[int, Certificate], None] | None = None,
+    executor: Any = None,
 ) -> DatasetCertification:
     """CERTIFY every input of ``inputs`` (an ``N x C x H x W`` tensor, an iterable of images, or of
     ``(image, label)`` pairs such as a torch Dataset).
@@ -369,6 +400,10 @@ def certify_dataset(
     :class:`ResumeMismatchError` before any query. :class:`BudgetExceeded` is raised before any query
     when the budget's limit cannot pay one certificate, and otherwise propagates after the finished
     certificates are written.
+
+    ``executor`` (e.g. :class:`blackbox_rs.distributed.RayExecutor`): the unfinished inputs are
+    certified by its workers with the same per-input function and seeds (so the same certificates),
+    against one budget; the journal stays here (see ``docs/distributed.md``).
     """
     engine = as_engine(connector)
     n0 = positive_int("n0", n0)
@@ -386,6 +421,18 @@ def certify_dataset(
     params = {"n0": n0, "n": n, "alpha": alpha, "sigma": sigma, "fingerprint": engine.info.fingerprint,
               "transform": transform_identity(transform),
               "noise": noise_identity(), "other_index": engine.info.other_index, "method": "cohen_certify"}
+    settings = {"sigma": sigma, "n0": n0, "n": n, "alpha": alpha, "batch_size": batch_size}
+    make_one = cohen_maker(engine, transform, **settings)
+    certs, summary = run_dataset(engine, inputs, labels, Certificate, params, output=output, seed=seed,
+                                 radii=radii, make_one=make_one, progress=progress, executor=executor,
+                                 job={"method": "cohen_certify", "settings": settings})
+    return DatasetCertification(certificates=certs, **summary)
+
+
+def cohen_maker(engine: QueryEngine, transform: Transform | None, *, sigma: float, n0: int, n: int, alpha: float,
+                batch_size: int | None) -> Callable[[int], Callable[[int, torch.Tensor, int | None, str], Certificate]]:
+    """The per-input function of :func:`certify_dataset` (``make_one(seed)(index, x, label, key)``),
+    the same in-process and on a worker (:mod:`blackbox_rs.distributed`)."""
     def make_one(seed: int) -> Callable[[int, torch.Tensor, int | None, str], Certificate]:
         return lambda idx, xt, y, key: one(idx, xt, y, key, seed)
 
@@ -402,25 +449,29 @@ def certify_dataset(
                                            "cache_hits": cert.cache_hits + t.cache_hits})
         return cert
 
-    certs, summary = run_dataset(engine, inputs, labels, Certificate, params, output=output, seed=seed,
-                                 radii=radii, make_one=make_one, progress=progress)
-    return DatasetCertification(certificates=certs, **summary)
+    return make_one
 
 
 def run_dataset(engine: QueryEngine, inputs: Any, labels: Sequence[int] | None, model: type[C],
                 params: dict[str, Any], *, output: str | os.PathLike[str] | None, seed: int | None,
                 radii: Sequence[float], make_one: Callable[[int], Callable[[int, torch.Tensor, int | None, str], C]],
-                progress: Callable[[int, C], None] | None) -> tuple[list[C], dict[str, Any]]:
+                progress: Callable[[int, C], None] | None, executor: Any = None,
+                job: dict[str, Any] | None = None) -> tuple[list[C], dict[str, Any]]:
     """What every dataset method does around its per-input certificate: validate the whole dataset
     (before the journal is created), open the journal (resolving the seed), run :func:`certify_each`
     with ``make_one(seed)``, close the journal, and summarise. Returns the certificates and the
-    :class:`DatasetResult` fields."""
+    :class:`DatasetResult` fields. With an ``executor`` its workers get ``job`` with the seed and
+    ``params`` added (they check the model and transform against them)."""
     inputs, _ = validate_dataset(engine, inputs, labels)
     journal, run_seed = open_journal(output, model, engine, params, seed)
+    if executor is not None:
+        job = {**(job or {}), "seed": run_seed, "params": params}
     try:
         certs, reference, total = certify_each(engine, inputs, labels, make_one(run_seed), journal=journal,
-                                               progress=progress)
+                                               progress=progress, executor=executor, job=job)
     finally:
+        if executor is not None:
+            executor.finish()
         if journal is not None:
             journal.close()
     return certs, {"radii": [float(r) for r in radii], "certified_accuracy": certified_accuracy(certs, radii),

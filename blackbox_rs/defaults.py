@@ -14,7 +14,7 @@ per look), which is where the -0.8 points above come from.
 from __future__ import annotations
 
 __all__ = ["ALPHA", "FUTILITY", "MODULE_HOSTED", "N", "N0", "N_HOSTED", "RADII", "RADII_HOSTED", "SEQ_MAX_QUERIES",
-           "SEQ_MAX_QUERIES_HOSTED", "SEQ_N0"]
+           "SEQ_MAX_QUERIES_HOSTED", "SEQ_N0", "FIT_STEPS_HOSTED", "FIT_BATCH_HOSTED"]
 
 ALPHA = 0.001
 """Probability that a certificate is wrong (per certificate)."""
@@ -46,3 +46,11 @@ n0 + n = 1,101), so the sequential test never costs more than Cohen's CERTIFY wo
 MODULE_HOSTED = "lowres"
 """Input module the vendor front door fits by default: it works at reduced resolution, so a fit in
 front of a 224 x 224 model takes minutes on a CPU (docs/large-inputs.md)."""
+
+FIT_STEPS_HOSTED = 300
+"""Fit steps of the vendor front door: this many MSE pretraining steps, then as many of the strategy's
+own steps (with :data:`FIT_BATCH_HOSTED` images per step: 7.7 minutes for a ``lowres`` ``denoise`` fit at
+3 x 224 x 224 on 2 CPU cores, docs/large-inputs.md)."""
+
+FIT_BATCH_HOSTED = 16
+"""Clean images per fit step of the vendor front door."""

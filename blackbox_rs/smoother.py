@@ -221,11 +221,13 @@ class BlackBoxSmoother:
                         radii: Sequence[float] = defaults.RADII,
                         output: str | os.PathLike[str] | None = None,
                         progress: Callable[[int, Certificate], None] | Literal["auto"] | None = "auto",
+                        executor: Any = None,
                         ) -> DatasetCertification:
         """CERTIFY every input (see :func:`blackbox_rs.dataset.certify_dataset`, incl. JSONL resume)."""
         return certify_dataset(self.engine, inputs, labels, sigma=self._sigma(sigma), n0=n0, n=n, alpha=alpha,
                                seed=seed, batch_size=batch_size, radii=radii, output=output,
-                               transform=self.transform, progress=self._dataset_bar(progress, inputs))
+                               transform=self.transform, progress=self._dataset_bar(progress, inputs),
+                               executor=executor)
 
     def certify_radius(self, x: torch.Tensor, *, radius: float | Sequence[float], alpha: float = defaults.ALPHA,
                        sigma: float | None = None, n0: int = defaults.SEQ_N0,
@@ -245,6 +247,7 @@ class BlackBoxSmoother:
                                batch_size: int | None = None, futility: float | None = defaults.FUTILITY,
                                lattice: bool = False, output: str | os.PathLike[str] | None = None,
                                progress: Callable[[int, SequentialCertificate], None] | Literal["auto"] | None = "auto",
+                               executor: Any = None,
                                ) -> SequentialDatasetCertification:
         """Sequential certification of every input (see
         :func:`blackbox_rs.certify_sequential.certify_radius_dataset`, incl. JSONL resume bound to this
@@ -253,7 +256,7 @@ class BlackBoxSmoother:
                                       alpha=alpha, n0=n0, max_queries=max_queries, seed=seed,
                                       batch_size=batch_size, output=output, transform=self.transform,
                                       futility=futility, lattice=lattice,
-                                      progress=self._dataset_bar(progress, inputs))
+                                      progress=self._dataset_bar(progress, inputs), executor=executor)
 
     def _dataset_bar(self, progress: Any, inputs: Any) -> Any:
         """``"auto"``: a progress bar on a terminal, nothing otherwise: queries charged by this run,

@@ -198,3 +198,22 @@ def test_cohen_on_request_and_the_command_line_is_the_same_front_door(photos: Pa
     bad = subprocess.run([sys.executable, "-m", "blackbox_rs.cli", "api", "no-such-vendor", "x"],
                          capture_output=True, text=True, timeout=120, cwd=photos)
     assert bad.returncode == 2 and "unknown vendor" in bad.stderr and "google-vision" in bad.stderr
+
+
+def test_a_fit_is_timed_before_it_starts_and_refused_over_the_limit(photos: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    flags = [str(photos / "images"), *FAST, "--out", str(photos / "out"), "--fit", "denoise", "--fit-steps", "2",
+             "--module-config", '{"factor": 4, "depth": 2, "width": 4}']
+    assert api(*flags, "--dry-run") == 0
+    captured = capsys.readouterr()
+    est = json.loads(captured.out)
+    timing = est["fit_time"]
+    assert timing["module"] == "lowres" and timing["strategy"] == "denoise" and timing["queries"] == 0
+    assert timing["total_seconds"] > 0 and timing["within_limit"] and timing["limit_s"] == 3600
+    assert "measured, not guessed" in captured.err  # the human summary, beside the JSON
+    # a limit the measured estimate exceeds: refused before anything is sent or written (exit 2)
+    with FreeTextVision() as fake:
+        assert api(*flags, "--base-url", fake.url, "--max-fit-minutes", "0.0001") == 2
+        assert fake.log == []
+    err = capsys.readouterr().err
+    assert "the fit is estimated at" in err and "over the limit" in err
+    assert not (photos / "out" / "certificates.jsonl").exists()

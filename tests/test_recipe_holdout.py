@@ -164,10 +164,12 @@ def test_dry_run_reports_the_split_and_the_fits_real_query_cap(
     from blackbox_rs.fitting.strategies import estimate_fit_queries  # the command line's own estimate
 
     # no --fit-budget: the strategy's own default query cost on the 3 fit images, not 0
-    assert est["fit_queries"] == estimate_fit_queries(FitConfig(strategy="surrogate"), 3, None) > 1000
+    vendor_fit = {"steps": 300, "pretrain_steps": 300, "batch_size": 16, "lr_schedule": "cosine"}  # front-door defaults
+    assert est["fit_queries"] == estimate_fit_queries(FitConfig(strategy="surrogate", **vendor_fit), 3, None) > 1000
     assert est["queries"] == 3 * 25 + est["fit_queries"]
     assert est["estimated_cost_usd"] == pytest.approx(est["queries"] * 1.5 / 1000)
     assert capped["fit_queries"] == 500
-    assert zo["fit_queries"] == estimate_fit_queries(FitConfig(strategy="zeroth_order", steps=10, pretrain_steps=10),
+    assert zo["fit_queries"] == estimate_fit_queries(FitConfig(strategy="zeroth_order", **{**vendor_fit, "steps": 10,
+                                                                                           "pretrain_steps": 10}),
                                                      3, None) > 0
     assert not (work / "out").exists()

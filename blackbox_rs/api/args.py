@@ -113,8 +113,11 @@ def _certify_args(p: argparse.ArgumentParser) -> None:
     f.add_argument("--module-config", help="JSON object of the module's settings (e.g. '{\"factor\": 4}')")
     f.add_argument("--fit-budget", type=int,
                    help="most queries the fit may spend (default: the strategy's own query cost)")
-    f.add_argument("--fit-steps", type=int, help="module optimisation steps (and pretraining steps)")
-    f.add_argument("--fit-batch-size", type=int, help="clean images per fit step")
+    f.add_argument("--fit-steps", type=int, default=defaults.FIT_STEPS_HOSTED,
+                   help=f"module optimisation steps, and as many MSE pretraining steps first (default "
+                        f"{defaults.FIT_STEPS_HOSTED}: the documented large-input fit, docs/large-inputs.md)")
+    f.add_argument("--fit-batch-size", type=int, default=defaults.FIT_BATCH_HOSTED,
+                   help=f"clean images per fit step (default {defaults.FIT_BATCH_HOSTED})")
     f.add_argument("--max-fit-minutes", type=float, default=60.0,
                    help="refuse a fit whose measured time estimate exceeds this (default 60; the dry run shows it)")
     f.add_argument("--fit-fraction", type=float,

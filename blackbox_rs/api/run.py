@@ -76,13 +76,13 @@ def open_budget(args: argparse.Namespace, out: Path) -> Any:
 
 # ---- estimates -------------------------------------------------------------------------------------
 def _fit_config(args: argparse.Namespace) -> Any:
+    """The fit's settings: ``--fit-steps`` MSE pretraining steps, then as many of the strategy's own
+    steps, ``--fit-batch-size`` images per step, cosine learning-rate decay per phase (the documented
+    large-input fit, docs/large-inputs.md); everything else is the strategy's default."""
     from blackbox_rs.fitting.config import FitConfig
 
-    fields: dict[str, Any] = {}
-    if args.fit_steps is not None:
-        fields.update(steps=args.fit_steps, pretrain_steps=args.fit_steps)
-    if args.fit_batch_size is not None:
-        fields["batch_size"] = args.fit_batch_size
+    fields: dict[str, Any] = {"steps": args.fit_steps, "pretrain_steps": args.fit_steps,
+                              "batch_size": args.fit_batch_size, "lr_schedule": "cosine"}
     try:
         return FitConfig(strategy=args.fit, **fields)
     except ValueError as exc:
