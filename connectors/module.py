@@ -204,6 +204,17 @@ class TorchModelConnector(BaseConnector):
             )
         return tuple(class_names)
 
+    def _local_info(self, shape: tuple[int, int, int], names: tuple[str, ...], max_batch: int,
+                    cost_per_query: float, fingerprint: str) -> ConnectorInfo:
+        """The :class:`ConnectorInfo` of a local model: differentiable, scores unless ``label_only``
+        (which changes every Prediction, so it is part of the fingerprint: cached answers of one never
+        serve the other)."""
+        return ConnectorInfo(
+            input_shape=shape, class_names=names, returns_scores=not self.label_only, max_batch=max_batch,
+            cost_per_query=cost_per_query, fingerprint=fingerprint + ("|label_only" if self.label_only else ""),
+            differentiable=True,
+        )
+
 
 def _state_tensors(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
     """Every ``state_dict`` tensor (the objects themselves, ``keep_vars``) then every buffer that
@@ -318,16 +329,8 @@ class ModuleConnector(TorchModelConnector):
         self._weights = [(name, t, t._version) for name, t in _state_tensors(model)]
         names = self._declare(shape=shape, class_names=class_names, num_classes=num_classes,  # type: ignore[arg-type]
                               max_batch=int(max_batch))
-        self._info = ConnectorInfo(
-            input_shape=shape,  # type: ignore[arg-type]
-            class_names=names,
-            returns_scores=not self.label_only,
-            max_batch=max_batch,
-            cost_per_query=cost_per_query,
-            # label_only changes every Prediction (no scores): cached answers of one never serve the other
-            fingerprint=f"module:sha256:{digest}" + ("|label_only" if self.label_only else ""),
-            differentiable=True,
-        )
+        self._info = self._local_info(shape, names, max_batch, cost_per_query,  # type: ignore[arg-type]
+                                      f"module:sha256:{digest}")
 
     def _check_unchanged(self) -> None:
         """Refuse to answer for a module whose weights changed after the fingerprint was taken."""

@@ -44,7 +44,6 @@ import torch
 from blackbox_rs.errors import ConnectorError, InvalidParameterError
 
 from ._pt2 import file_sha256, inspect_exported_program, load_exported_program
-from .base import ConnectorInfo
 from .module import _TS_INTERPRETER, TorchModelConnector, _complaint, resolve_device  # noqa: F401 - re-exported
 
 __all__ = ["TorchScriptConnector", "file_sha256", "inspect_exported_program", "load_exported_program"]
@@ -125,16 +124,8 @@ class TorchScriptConnector(TorchModelConnector):
         names = self._declare(shape=shape, class_names=class_names, num_classes=num_classes,  # type: ignore[arg-type]
                               max_batch=int(max_batch))
         self.label_only = bool(label_only)
-        self._info = ConnectorInfo(
-            input_shape=shape,  # type: ignore[arg-type]
-            class_names=names,
-            returns_scores=not self.label_only,
-            max_batch=max_batch,
-            cost_per_query=cost_per_query,
-            # label_only changes every Prediction (no scores): cached answers of one never serve the other
-            fingerprint=f"torchscript:sha256:{digest}" + ("|label_only" if self.label_only else ""),
-            differentiable=True,
-        )
+        self._info = self._local_info(shape, names, max_batch, cost_per_query,  # type: ignore[arg-type]
+                                      f"torchscript:sha256:{digest}")
 
     @staticmethod
     def _load(path: Path, device: torch.device | None = None) -> torch.nn.Module:

@@ -71,8 +71,14 @@ class ConnectorSpec(BaseModel):
             raise ConfigError(f"connector settings must be plain JSON to be shipped to workers: {exc}") from None
         return v
 
-    def build(self) -> Any:
-        """The connector, built in this process (credentials from this process's environment)."""
+    def build(self, *, credentials: bool = True) -> Any:
+        """The connector, built in this process: credentials from this process's environment, or,
+        with ``credentials=False``, none (for a driver that only reads the model's contract and
+        fingerprint and sends no query: the secret need not exist on the driver at all)."""
         from blackbox_rs.connectors.registry import build_connector
 
-        return build_connector(self.name, self.settings)
+        settings = dict(self.settings)
+        if not credentials:
+            for k in ("bearer_token_env", "api_key_env", "api_key_header"):
+                settings.pop(k, None)
+        return build_connector(self.name, settings)

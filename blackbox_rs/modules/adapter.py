@@ -27,12 +27,11 @@ from typing import Annotated, Any, Literal
 
 import torch
 from pydantic import Field, field_validator, model_validator
-from torch import nn
 
 from blackbox_rs.binding import hash_state
 from blackbox_rs.errors import ConfigError
 from blackbox_rs.modules.base import InputModule, ModuleConfig
-from blackbox_rs.modules.denoiser import init_residual_branch
+from blackbox_rs.modules.denoiser import ConvStack
 from blackbox_rs.modules.diffusion import DiffusionDenoiser, DiffusionDenoiserConfig
 from blackbox_rs.modules.frozen import FrozenDenoiser, FrozenDenoiserConfig
 from blackbox_rs.modules.registry import create_module, register_module
@@ -68,23 +67,6 @@ class DenoiserAdapterConfig(ModuleConfig):
         return self
 
 
-class _AdapterNet(nn.Module):
-    def __init__(self, cin: int, cout: int, depth: int, width: int, kernel_size: int) -> None:
-        super().__init__()
-        pad = kernel_size // 2
-        self.head = nn.Conv2d(cin, width, kernel_size, padding=pad)
-        self.body = nn.ModuleList(nn.Conv2d(width, width, kernel_size, padding=pad) for _ in range(depth - 2))
-        self.tail = nn.Conv2d(width, cout, kernel_size, padding=pad)
-        self.act = nn.ReLU()
-        init_residual_branch(self, self.tail)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.act(self.head(x))
-        for conv in self.body:
-            h = self.act(conv(h))
-        return self.tail(h)
-
-
 @register_module("denoiser_adapter")
 class DenoiserAdapter(InputModule):
     """A frozen denoiser followed by a zero-initialised residual adapter (see the module docstring)."""
@@ -106,7 +88,7 @@ class DenoiserAdapter(InputModule):
             )
         self.denoiser = denoiser
         c = config.input_shape[0]
-        self.net = _AdapterNet(2 * c if config.use_input else c, c, config.depth, config.width, config.kernel_size)
+        self.net = ConvStack(2 * c if config.use_input else c, c, config.depth, config.width, config.kernel_size)
         self.config = config.model_copy(update={"denoiser": denoiser.config})
 
     @classmethod

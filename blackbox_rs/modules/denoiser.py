@@ -27,7 +27,8 @@ from blackbox_rs.errors import ConfigError, InvalidInputError
 from blackbox_rs.modules.base import InputModule, ModuleConfig
 from blackbox_rs.modules.registry import register_module
 
-__all__ = ["DnCNN", "DnCNNArchConfig", "DnCNNConfig", "DnCNNNet", "build_dncnn_net", "group_count", "init_residual_branch"]
+__all__ = ["ConvStack", "DnCNN", "DnCNNArchConfig", "DnCNNConfig", "DnCNNNet", "build_dncnn_net", "group_count",
+           "init_residual_branch"]
 
 
 class DnCNNArchConfig(ModuleConfig):
@@ -97,6 +98,28 @@ def init_residual_branch(net: nn.Module, tail: nn.Conv2d) -> None:
             nn.init.zeros_(m.bias)
     nn.init.zeros_(tail.weight)
     nn.init.zeros_(tail.bias)
+
+
+class ConvStack(nn.Module):
+    """``head conv(cin -> width) -> ReLU -> [conv(width -> width) -> ReLU] x (depth - 2) -> tail
+    conv(width -> cout)``, no normalisation, Kaiming-initialised with a zero tail (so a residual use of
+    it is exactly the identity until fitted): the small stack of the ``lowres`` module and of the
+    denoiser adapter."""
+
+    def __init__(self, cin: int, cout: int, depth: int, width: int, kernel_size: int) -> None:
+        super().__init__()
+        pad = kernel_size // 2
+        self.head = nn.Conv2d(cin, width, kernel_size, padding=pad)
+        self.body = nn.ModuleList(nn.Conv2d(width, width, kernel_size, padding=pad) for _ in range(depth - 2))
+        self.tail = nn.Conv2d(width, cout, kernel_size, padding=pad)
+        self.act = nn.ReLU()
+        init_residual_branch(self, self.tail)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.act(self.head(x))
+        for conv in self.body:
+            h = self.act(conv(h))
+        return self.tail(h)
 
 
 class DnCNNNet(nn.Module):

@@ -27,11 +27,10 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from pydantic import Field, ValidationInfo, field_validator
-from torch import nn
 
 from blackbox_rs.errors import InvalidInputError
 from blackbox_rs.modules.base import InputModule, ModuleConfig
-from blackbox_rs.modules.denoiser import init_residual_branch
+from blackbox_rs.modules.denoiser import ConvStack
 from blackbox_rs.modules.registry import register_module
 
 __all__ = ["LowResDenoiser", "LowResDenoiserConfig"]
@@ -69,25 +68,6 @@ class LowResDenoiserConfig(ModuleConfig):
         return v
 
 
-class _LowResNet(nn.Module):
-    """head conv(C→W) → ReLU → [conv(W→W) → ReLU] × (depth − 2) → tail conv(W→k·C), zero tail."""
-
-    def __init__(self, channels: int, depth: int, width: int, kernel_size: int, out_mult: int) -> None:
-        super().__init__()
-        pad = kernel_size // 2
-        self.head = nn.Conv2d(channels, width, kernel_size, padding=pad)
-        self.body = nn.ModuleList(nn.Conv2d(width, width, kernel_size, padding=pad) for _ in range(depth - 2))
-        self.tail = nn.Conv2d(width, channels * out_mult, kernel_size, padding=pad)
-        self.act = nn.ReLU()
-        init_residual_branch(self, self.tail)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.act(self.head(x))
-        for conv in self.body:
-            h = self.act(conv(h))
-        return self.tail(h)
-
-
 @register_module("lowres")
 class LowResDenoiser(InputModule):
     """Denoiser working at ``1/factor`` resolution (see the module docstring); exactly the identity at
@@ -100,8 +80,8 @@ class LowResDenoiser(InputModule):
     def __init__(self, config: LowResDenoiserConfig) -> None:
         super().__init__(config)
         c = config.input_shape[0]
-        self.net = _LowResNet(c, config.depth, config.width, config.kernel_size,
-                              2 if config.output == "gated" else 1)
+        self.net = ConvStack(c, c * (2 if config.output == "gated" else 1), config.depth, config.width,
+                             config.kernel_size)
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         f = self.config.factor
