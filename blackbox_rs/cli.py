@@ -314,6 +314,9 @@ def certify(
     out_dir: Annotated[Path | None, typer.Option()] = None,
     cache_dir: Annotated[Path | None, typer.Option()] = None,
     dry_run: Annotated[bool, typer.Option(help="print the queries and cost, spend nothing")] = False,
+    ray: Annotated[str | None, typer.Option(help="certify on Ray workers: 'auto' (a local or running cluster) or "
+                                                 "a cluster ADDRESS; one budget holds across all of them")] = None,
+    ray_workers: Annotated[int, typer.Option(help="Ray workers (with --ray)")] = 2,
 ) -> None:
     """Certify the configured data set; resumable and budgeted. Each classifier (the bare model, or one
     fitted module, by its digest) gets its own journal OUT_DIR/certificates-<tag>.jsonl and report
@@ -346,10 +349,18 @@ def certify(
         bar = ProgressBar(budget=engine.budget)  # budget left from the persisted ledger, across runs
         tag = journal_tag(smoother.transform)
         journal = cfg.run.out_dir / f"certificates-{tag}.jsonl"
+        executor = None
+        if ray is not None:  # workers build their own connector from the [connector] table (secrets by env name)
+            from blackbox_rs.distributed import ConnectorSpec, RayExecutor
+
+            executor = RayExecutor(address=None if ray == "auto" else ray, num_workers=ray_workers,
+                                   connector=ConnectorSpec(name=cfg.connector.name,
+                                                           settings=dict(cfg.connector.model_extra or {})),
+                                   module_dir=module_dir, cache=(cfg.run.cache_dir or (cfg.run.out_dir / "cache")) / "queries")
         res = smoother.certify_dataset(
             x, None if y is None else y.tolist(), n0=c.n0, n=c.n, alpha=c.alpha, sigma=c.sigma, seed=c.seed,
             batch_size=c.batch_size, radii=c.radii, output=journal,
-            progress=DatasetProgress(bar, len(x), engine=engine),
+            progress=DatasetProgress(bar, len(x), engine=engine), executor=executor,
         )
         name = "fitted module" if module_dir is not None else "no module"
         files = write_report({name: res}, cfg.run.out_dir / f"report-{tag}",

@@ -87,8 +87,7 @@ class Ledger:
                 "run_queries": self.budget.spent_queries - self.start[0],
                 "run_cost": self.budget.spent_cost - self.start[1],
                 "max_queries": self.budget.max_queries, "max_cost": self.budget.max_cost,
-                "leases": self.leases, "returns": self.returns, "elapsed_s": time.monotonic() - self.t0,
-                "outstanding_queries": sum(q for q, _ in self.outstanding.values())}
+                "leases": self.leases, "returns": self.returns, "elapsed_s": time.monotonic() - self.t0}
 
     def remaining(self) -> tuple[int | None, float | None]:
         return self.budget.remaining_queries, self.budget.remaining_cost

@@ -15,7 +15,7 @@ import json
 import re
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, field_validator
+from pydantic import BaseModel, ConfigDict
 
 from blackbox_rs.errors import ConfigError
 
@@ -61,15 +61,14 @@ class ConnectorSpec(BaseModel):
     name: str
     settings: dict[str, Any] = {}
 
-    @field_validator("settings")
-    @classmethod
-    def _no_secrets(cls, v: dict[str, Any]) -> dict[str, Any]:
-        _check(v, "")
+    def __init__(self, **data: Any) -> None:
+        settings = data.get("settings") or {}
+        _check(settings, "")  # a ConfigError of its own, before pydantic (which would wrap it)
         try:
-            json.dumps(v)
+            json.dumps(settings)
         except (TypeError, ValueError) as exc:
             raise ConfigError(f"connector settings must be plain JSON to be shipped to workers: {exc}") from None
-        return v
+        super().__init__(**data)
 
     def build(self, *, credentials: bool = True) -> Any:
         """The connector, built in this process: credentials from this process's environment, or,

@@ -30,6 +30,16 @@ class CertifyWorker:
     def __init__(self, spec: dict[str, Any], ledger: Any, limits: tuple[int | None, float | None], job: dict[str, Any],
                  *, worker: str, cache: str | None = None, module_dir: str | None = None, lease_queries: int = 256,
                  max_in_flight: int | None = None) -> None:
+        self.name = worker
+        self.init_error: BaseException | None = None
+        try:
+            self._build(spec, ledger, limits, job, worker, cache, module_dir, lease_queries, max_in_flight)
+        except Exception as exc:  # raised, typed, by ready(): an actor that dies in __init__ loses the type
+            self.init_error = exc
+
+    def _build(self, spec: dict[str, Any], ledger: Any, limits: tuple[int | None, float | None], job: dict[str, Any],
+               worker: str, cache: str | None, module_dir: str | None, lease_queries: int,
+               max_in_flight: int | None) -> None:
         from blackbox_rs.binding import identified, transform_identity
         from blackbox_rs.certify_sequential import sequential_maker
         from blackbox_rs.dataset import cohen_maker
@@ -60,9 +70,11 @@ class CertifyWorker:
                               f"BlackBoxSmoother.save) that holds the driver's module, or none for no module")
         makers = {"cohen_certify": cohen_maker, "sequential_certify": sequential_maker}
         self.one = makers[job["method"]](self.engine, transform, **job["settings"])(int(job["seed"]))
-        self.name = worker
 
     def ready(self) -> str:
+        """The worker's name, or the error that kept it from starting."""
+        if self.init_error is not None:
+            raise self.init_error
         return self.name
 
     def certify(self, idx: int, x: torch.Tensor, y: int | None, key: str) -> dict[str, Any]:
