@@ -35,7 +35,6 @@ command resumes without repeating queries.
 
 from __future__ import annotations
 
-import math
 import sys
 import tomllib
 from pathlib import Path
@@ -381,40 +380,13 @@ def report(
     """Rebuild the report (JSON, CSV, table, PNG, markdown) from certificate files, no queries."""
 
     def go() -> None:
-        from blackbox_rs.certify_sequential import SequentialDatasetCertification
-        from blackbox_rs.dataset import (
-            DatasetCertification,
-            certified_accuracy,
-            certified_other,
-            total_queries,
-        )
-        from blackbox_rs.reports import accuracy_table, load_certificates, write_report
+        from blackbox_rs.reports import accuracy_table, load_run, write_report
 
         try:
             rs = [float(r) for r in radii.split(",") if r.strip()]
         except ValueError:
             raise ConfigError(f"--radii must be comma-separated numbers, got {radii!r}") from None
-        runs = {}
-        for path in certificates:
-            certs = load_certificates(path)
-            refs = {ce.reference for ce in certs} - {None}
-            if len(refs) > 1:
-                raise ConfigError(f"{path} mixes certificates with references {sorted(refs)}")
-            ref = refs.pop() if refs else ("labels" if all(ce.label is not None for ce in certs)
-                                           else "clean_prediction")
-            common = {"certificates": certs, "radii": rs, "certified_accuracy": certified_accuracy(certs, rs),
-                      "reference": ref, "queries": sum(ce.queries for ce in certs),
-                      "queries_total": total_queries(certs),
-                      "cache_hits": sum(ce.cache_hits for ce in certs), "cost": math.nan,  # not in the records
-                      "certified_other": certified_other(certs, rs)}
-            methods = {ce.method for ce in certs}
-            if methods == {"sequential_certify"}:
-                runs[path.stem] = SequentialDatasetCertification(
-                    **common, mean_queries=sum(ce.queries + ce.cache_hits for ce in certs) / len(certs))
-            elif len(methods) > 1:
-                raise ConfigError(f"{path} mixes certification methods {sorted(methods)}")
-            else:
-                runs[path.stem] = DatasetCertification(**common)
+        runs = {path.stem: load_run(path, rs) for path in certificates}
         files = write_report(runs, _out_dir(out_dir))
         typer.echo(accuracy_table(runs, rs))
         typer.echo(f"report: {files.summary}")

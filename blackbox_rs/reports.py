@@ -47,7 +47,7 @@ from blackbox_rs.errors import CacheError, ConfigError, InvalidParameterError
 from blackbox_rs.journal import read_journal
 from blackbox_rs.paths import ensure_writable_dir
 
-__all__ = ["MAX_LISTED", "NOT_CERTIFIABLE", "ReportFiles", "accuracy_table", "load_certificates", "max_certifiable_radius",
+__all__ = ["MAX_LISTED", "NOT_CERTIFIABLE", "ReportFiles", "accuracy_table", "load_certificates", "load_run", "max_certifiable_radius",
            "plot_curves", "write_report"]
 
 _CSV_FIELDS = ["index", "label", "label_name", "reference", "prediction", "prediction_name", "correct", "is_other",
@@ -166,6 +166,34 @@ def load_certificates(path: str | os.PathLike[str]) -> list[Any]:
     except CacheError as exc:
         raise ConfigError(f"cannot read certificates from {p}: {exc}") from exc
     return certs
+
+
+
+def load_run(path: str | os.PathLike[str], radii: Sequence[float]) -> DatasetResult:
+    """A dataset result rebuilt from one journal (no queries): Cohen or sequential by its records'
+    method, its reference label kind, certified accuracy at ``radii``, queries charged by the runs
+    that finished each certificate (``queries``) and in total (``queries_total``); the cost is not in
+    the records (NaN). :class:`ConfigError` for a journal that mixes references or methods."""
+    from blackbox_rs.certify_sequential import SequentialDatasetCertification
+    from blackbox_rs.dataset import DatasetCertification, certified_accuracy, certified_other, total_queries
+
+    certs = load_certificates(path)
+    refs = {ce.reference for ce in certs} - {None}
+    if len(refs) > 1:
+        raise ConfigError(f"{path} mixes certificates with references {sorted(refs)}")
+    ref = refs.pop() if refs else ("labels" if all(ce.label is not None for ce in certs) else "clean_prediction")
+    rs = [float(r) for r in radii]
+    common = {"certificates": certs, "radii": rs, "certified_accuracy": certified_accuracy(certs, rs),
+              "reference": ref, "queries": sum(ce.queries for ce in certs), "queries_total": total_queries(certs),
+              "cache_hits": sum(ce.cache_hits for ce in certs), "cost": math.nan,
+              "certified_other": certified_other(certs, rs)}
+    methods = {ce.method for ce in certs}
+    if len(methods) > 1:
+        raise ConfigError(f"{path} mixes certification methods {sorted(methods)}")
+    if methods == {"sequential_certify"}:
+        return SequentialDatasetCertification(
+            **common, mean_queries=sum(ce.queries + ce.cache_hits for ce in certs) / len(certs))
+    return DatasetCertification(**common)
 
 
 def accuracy_table(runs: Mapping[str, DatasetResult], radii: Sequence[float] | None = None) -> str:

@@ -191,12 +191,14 @@ class _RayRun:
         self.workers = [actor.remote(spec, self.ledger, limits, job, worker=f"{run_id}-{i}", cache=ex.cache,
                                      module_dir=ex.module_dir, lease_queries=ex.lease_queries,
                                      max_in_flight=ex.max_in_flight) for i in range(ex.num_workers)]
+        self.t_start = time.perf_counter()
         try:
             ray.get([w.ready.remote() for w in self.workers])
         except Exception as exc:
             self.close()
             cause = getattr(exc, "cause", None)
             raise (cause if isinstance(cause, BaseException) else exc) from None
+        self.t_ready = time.perf_counter()  # workers started: what follows is certification alone
         self.load = [0] * len(self.workers)
         self._fill()
 
@@ -293,5 +295,8 @@ class _RayRun:
             except BudgetExceeded:
                 warnings.warn(f"the driver budget {b!r} was spent elsewhere during the run", stacklevel=2)
         self.ray.kill(self.ledger)
+        if stats is not None and getattr(self, "t_ready", None) is not None:
+            stats = {**stats, "startup_s": round(self.t_ready - self.t_start, 3),
+                     "certify_s": round(time.perf_counter() - self.t_ready, 3)}
         return stats
 
