@@ -259,3 +259,59 @@ def test_the_command_line_certifies_on_ray_and_matches_the_single_process_run(ts
                 for line in lines]
 
     assert records("ray") == records("local") and len(records("local")) == 4
+
+
+def _worker_pids() -> list[int]:
+    import psutil
+
+    pids = []
+    for p in psutil.process_iter(["pid", "name", "cmdline"]):
+        text = " ".join([p.info.get("name") or "", *(p.info.get("cmdline") or [])])
+        if "CertifyWorker" in text:
+            pids.append(int(p.info["pid"]))
+    return pids
+
+
+def test_a_worker_sigkilled_mid_run_is_replaced_and_only_its_input_is_redone(tmp_path):
+    """SIGKILL one worker while it certifies: its input is redone by a restarted worker, the journal
+    equals the single-process run's, and what is paid twice is at most the killed worker's input."""
+    import threading
+
+    x, y = _data(8, (3, 8, 8))
+    per_input = 8 + 32
+    with FaultServer(service_time_s=0.03) as srv:
+        spec = _kserve_spec(srv)
+        local = certify_dataset(spec.build(), x, y, sigma=0.25, n0=8, n=32, batch_size=8, seed=4)
+        single = _billed(srv)
+        assert single == len(x) * per_input
+        out = tmp_path / "killed.jsonl"
+        box: dict = {}
+
+        def run() -> None:
+            try:
+                box["res"] = certify_dataset(spec.build(), x, y, sigma=0.25, n0=8, n=32, batch_size=8, seed=4,
+                                             output=out, executor=RayExecutor(num_workers=2, connector=spec))
+            except BaseException as exc:  # noqa: BLE001 - reported below
+                box["exc"] = exc
+
+        t = threading.Thread(target=run)
+        t.start()
+        deadline = time.time() + 120
+        killed = None
+        while time.time() < deadline and killed is None and t.is_alive():
+            pids = _worker_pids()
+            if len(_finished(out)) >= 1 and pids:
+                killed = pids[0]
+                os.kill(killed, signal.SIGKILL)
+            time.sleep(0.05)
+        t.join(timeout=240)
+        billed = _billed(srv) - single
+    assert killed is not None, "no worker process was found to kill"
+    assert "exc" not in box, box.get("exc")
+    got = box["res"].certificates
+    strip = ("queries", "cache_hits", "queries_total")
+    assert [{k: v for k, v in c.model_dump().items() if k not in strip} for c in got] == \
+        [{k: v for k, v in c.model_dump().items() if k not in strip} for c in local.certificates]
+    assert _finished(out) == list(range(len(x)))
+    # every input paid once, plus at most what the killed worker had in flight (its inputs, redone)
+    assert len(x) * per_input <= billed <= len(x) * per_input + 2 * per_input

@@ -200,10 +200,22 @@ class _RayRun:
             raise (cause if isinstance(cause, BaseException) else exc) from None
         self.t_ready = time.perf_counter()  # workers started: what follows is certification alone
         self.load = [0] * len(self.workers)
+        self.lost: set[int] = set()  # workers that died and could not be restarted
         self._fill()
 
+    def _revive(self, wi: int) -> None:
+        """After worker ``wi`` died: wait until Ray has restarted it (its constructor re-runs: connector,
+        cache, budget lease), or take it out of rotation when it cannot come back."""
+        try:
+            self.ray.get(self.workers[wi].ready.remote(), timeout=120)
+        except Exception:  # noqa: BLE001 - restarts exhausted, or the node is gone: never use it again
+            self.lost.add(wi)
+
     def _submit(self, item: tuple[Any, ...], tries: int) -> None:
-        wi = min(range(len(self.workers)), key=lambda i: self.load[i])
+        alive = [i for i in range(len(self.workers)) if i not in self.lost]
+        if not alive:
+            raise WorkerLostError(f"input {item[0]}: every worker died and none could be restarted")
+        wi = min(alive, key=lambda i: self.load[i])
         ref = self.workers[wi].certify.remote(*item)
         self.inflight[ref] = (item, wi, tries)
         self.keys[int(item[0])] = str(item[3])
@@ -228,6 +240,7 @@ class _RayRun:
             try:
                 out = self.ray.get(ref)
             except self.ray.exceptions.RayActorError:  # the worker died mid-input: send the input again
+                self._revive(wi)
                 if tries < self.ex.max_retries and not self.exhausted_by_stop():
                     self._submit(item, tries + 1)
                     continue
