@@ -4,6 +4,7 @@ one."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import tempfile
 from collections.abc import Callable, Iterator
@@ -12,7 +13,7 @@ from pathlib import Path
 
 from blackbox_rs.errors import BlackBoxRSError, CacheError
 
-__all__ = ["atomic_path", "atomic_write", "ensure_writable_dir"]
+__all__ = ["atomic_path", "atomic_write", "ensure_writable_dir", "file_sha256"]
 
 _UMASK = os.umask(0)  # read once at import (os.umask can only be read by setting it)
 os.umask(_UMASK)
@@ -86,3 +87,13 @@ def atomic_write(target: str | os.PathLike[str], data: bytes | str | Callable[[P
         else:
             tmp.write_bytes(data.encode() if isinstance(data, str) else data)
     return Path(target)
+
+
+def file_sha256(path: str | os.PathLike[str]) -> str:
+    """SHA-256 hex digest of a file's content, read in 1 MiB blocks (the one file hash of the SDK:
+    model files, image files, diffusion weights)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()

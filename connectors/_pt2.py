@@ -10,7 +10,6 @@ deserialises the program with no ``torch.load`` path taken.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -21,17 +20,9 @@ from typing import Any
 import torch
 
 from blackbox_rs.errors import ConnectorError, UnsafeModelFileError
+from blackbox_rs.paths import file_sha256
 
 __all__ = ["file_sha256", "inspect_exported_program", "load_exported_program"]
-
-
-def file_sha256(path: str | os.PathLike[str]) -> str:
-    """SHA-256 hex digest of a file, read in 1 MiB blocks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 # ---- torch.export archives without pickle ----------------------------------------------------------

@@ -14,7 +14,6 @@ takes the first LIMIT certification images.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import math
 from dataclasses import dataclass
@@ -22,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from blackbox_rs.errors import ConfigError, InvalidParameterError, ResumeMismatchError, SplitOverlapError
-from blackbox_rs.paths import atomic_write
+from blackbox_rs.paths import atomic_write, file_sha256
 
 __all__ = ["RunImages", "load_run_images", "read_label_map", "write_split"]
 
@@ -53,14 +52,6 @@ def _list_images(folder: Path) -> tuple[list[str], list[str]]:
 
     files, folders = list_image_files(folder)
     return [f.name if d is None else f"{d}/{f.name}" for f, d in files], folders
-
-
-def _digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 @dataclass
@@ -110,8 +101,8 @@ def load_run_images(args: argparse.Namespace, fitting: bool) -> RunImages:
         if not args.fit_images.is_dir():
             raise ConfigError(f"--fit-images {args.fit_images} is not a folder of images")
         fx, fy, fnames = _load_folder(args.fit_images, args.size, lm)
-        seen = {_digest(args.images / n): n for n in names}
-        both = [(f, seen[h]) for f in fnames if (h := _digest(args.fit_images / f)) in seen]
+        seen = {file_sha256(args.images / n): n for n in names}
+        both = [(f, seen[h]) for f in fnames if (h := file_sha256(args.fit_images / f)) in seen]
         if both:
             shown = ", ".join(f"{args.fit_images / f} = {args.images / c}" for f, c in both[:5])
             raise SplitOverlapError(
@@ -145,7 +136,7 @@ def _split(folder: Path, names: list[str], fraction: float, seed: int) -> tuple[
 
     groups: dict[str, list[int]] = {}
     for i, n in enumerate(names):
-        groups.setdefault(_digest(folder / n), []).append(i)
+        groups.setdefault(file_sha256(folder / n), []).append(i)
     order = list(groups.values())
     want = max(1, math.floor(fraction * len(names)))
     fit: list[int] = []

@@ -72,6 +72,7 @@ from blackbox_rs.modules.diffusion_math import (
     select_timestep,
 )
 from blackbox_rs.modules.registry import register_module
+from blackbox_rs.paths import file_sha256
 
 __all__ = [
     "DiffusionDenoiser",
@@ -99,14 +100,6 @@ def _import_diffusers() -> Any:
     except ImportError:
         raise MissingDependencyError(f"the 'diffusion' input module needs the 'diffusers' package: {_INSTALL}") from None
     return diffusers
-
-
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _read_config(path: Path) -> dict[str, Any]:
@@ -176,7 +169,7 @@ def directory_digest(model_dir: str | os.PathLike[str]) -> str:
     d = Path(model_dir)
     h = hashlib.sha256(b"blackbox-rs/diffusion-dir/v1\0")
     for f in sorted(_used_files(d), key=lambda p: p.relative_to(d).as_posix()):
-        h.update(f"{f.relative_to(d).as_posix()}\0{_file_sha256(f)}\n".encode())
+        h.update(f"{f.relative_to(d).as_posix()}\0{file_sha256(f)}\n".encode())
     return f"sha256:{h.hexdigest()}"
 
 
