@@ -217,3 +217,53 @@ def test_a_fit_is_timed_before_it_starts_and_refused_over_the_limit(photos: Path
     err = capsys.readouterr().err
     assert "the fit is estimated at" in err and "over the limit" in err
     assert not (photos / "out" / "certificates.jsonl").exists()
+
+
+def test_labels_deeper_than_the_top_answer_never_propose_a_label_of_two_classes(
+    photos: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """'Animal' is every image's second label: at --label-depth 2 it was proposed for cat and dog
+    alike, and building the proposal failed after the queries were paid."""
+    out = photos / "out"
+    with FreeTextVision() as fake:
+        assert api("labels", str(photos / "images"), "--base-url", fake.url, *FAST, "--out", str(out),
+                   "--label-depth", "2") == 0
+    proposal = json.loads((out / "label_map.proposed.json").read_text())
+    assert proposal["synonyms"] == {"cat": ["tabby cat"], "dog": ["golden retriever"]}
+    assert json.loads((out / "labels.json").read_text())["ambiguous"] == ["Animal"]
+
+
+def test_labels_on_a_flat_folder_needs_no_task_labels(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("GOOGLE_API_KEY", SECRET)
+    (tmp_path / "flat").mkdir()
+    for i, level in enumerate((225, 228, 30)):
+        Image.fromarray(np.full((32, 32, 3), level, np.uint8)).save(tmp_path / "flat" / f"{i}.png")
+    with FreeTextVision() as fake:
+        assert api("labels", str(tmp_path / "flat"), "--base-url", fake.url, *FAST, "--out", str(tmp_path / "o")) == 0
+        assert fake.billed() == 3
+    proposal = json.loads((tmp_path / "o" / "label_map.proposed.json").read_text())
+    assert proposal["classes"][:2] == ["tabby cat", "golden retriever"]
+
+
+def test_the_dry_run_counts_the_encoding_check_and_reports_the_quality_sent(
+    photos: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    flags = [str(photos / "images"), *FAST, "--out", str(photos / "out"), "--method", "cohen", "--n", "100"]
+    assert api(*flags, "--dry-run") == 0
+    plain = json.loads(capsys.readouterr().out)
+    assert api(*flags, "--encoding", "jpeg", "--check-encoding", "--dry-run") == 0
+    checked = json.loads(capsys.readouterr().out)
+    assert checked["queries"] == plain["queries"] + 2 * 4 and checked["encoding_check_queries"] == 8
+    with FreeTextVision() as fake:
+        assert api("check-encoding", str(photos / "images"), "--base-url", fake.url, *FAST, "--out",
+                   str(photos / "out"), "--encoding", "jpeg") == 0
+    assert json.loads((photos / "out" / "encoding_check.json").read_text())["jpeg_quality"] == 90
+
+
+@pytest.mark.parametrize("flags", [["--size", "0"], ["--limit", "-1"], ["--help"]])
+def test_bad_sizes_and_help_return_an_exit_code(photos: Path, flags: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    code = api(str(photos / "images"), *flags)
+    assert code == (0 if flags == ["--help"] else 2)
+    if code:
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and "must be >= 1" in err

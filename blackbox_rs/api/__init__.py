@@ -43,7 +43,10 @@ def main(vendor: str, argv: Sequence[str] | None = None) -> int:
         sys.stderr.write(f"error: {exc}\n")
         return exit_codes.USER_ERROR
     action = argv.pop(0) if argv and argv[0] in ACTIONS else "certify"
-    args = build_parser(v, action).parse_args(argv)
+    try:
+        args = build_parser(v, action).parse_args(argv)
+    except SystemExit as exc:  # --help (0) or a bad flag (2, one line already on stderr)
+        return int(exc.code or 0)
     if action != "certify":  # the flags only certify has
         args.fit, args.method, args.check_encoding, args.fit_images, args.fit_fraction = "none", "", False, None, None
     return _run(v, action, args)
@@ -62,7 +65,7 @@ def _run(vendor: Vendor, action: str, args: argparse.Namespace) -> int:
             from blackbox_rs.core import check_certifiable
 
             check_certifiable(args.n, args.alpha, args.sigma)
-        data = load_run_images(args, fitting=args.fit != "none")
+        data = load_run_images(args, fitting=args.fit != "none", discovering=action == "labels")
         connector_kwargs(args, data.lm)  # bad settings fail before anything is written
         if action == "certify":
             est = estimate(vendor, args, data)
@@ -150,17 +153,10 @@ def _log_to(path: Path, redact: Callable[[str], str]) -> logging.Handler:
 
 
 def _finished(path: Path) -> int:
-    """Certificates in a journal (its header, progress records of unfinished inputs and a torn last
-    line do not count)."""
+    """Certificates in a journal (its header, progress records and a torn last line do not count)."""
+    from blackbox_rs.reports import load_certificates
+
     try:
-        lines = path.read_text().splitlines()
-    except (OSError, ValueError):
+        return len(load_certificates(path))
+    except BlackBoxRSError:
         return 0
-    n = 0
-    for line in lines:
-        try:
-            rec = json.loads(line)
-        except ValueError:
-            continue
-        n += isinstance(rec, dict) and "prediction" in rec and "blackbox_rs_journal" not in rec
-    return n

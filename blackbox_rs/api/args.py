@@ -33,6 +33,16 @@ def _radius(text: str) -> float:
     return r
 
 
+def _positive(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {text}")
+    return v
+
+
 def build_parser(vendor: Any, action: str) -> argparse.ArgumentParser:
     """The parser of ``action`` for ``vendor`` (a :class:`~blackbox_rs.api.vendors.Vendor`)."""
     spec = vendor.connector_class.spec
@@ -50,8 +60,8 @@ def build_parser(vendor: Any, action: str) -> argparse.ArgumentParser:
                    "(`labels` writes a proposal)")
     p.add_argument("--out", type=Path, default=Path(f"runs/{vendor.name}"), help="report and progress folder")
     p.add_argument("--cache-dir", type=Path, help="query cache (default: OUT/cache)")
-    p.add_argument("--size", type=int, default=224, help="images are resized to SIZE x SIZE")
-    p.add_argument("--limit", type=int, help="use only the first LIMIT (certification) images")
+    p.add_argument("--size", type=_positive, default=224, help="images are resized to SIZE x SIZE")
+    p.add_argument("--limit", type=_positive, help="use only the first LIMIT (certification) images")
     g = p.add_argument_group("encoding")
     g.add_argument("--encoding", choices=["png", "jpeg"], default="png",
                    help="how images travel: png (lossless, default) or jpeg (smaller requests; may change the "

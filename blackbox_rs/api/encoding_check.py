@@ -58,7 +58,8 @@ def check_encoding(vendor: Any, args: argparse.Namespace, data: RunImages, out: 
         if ta != tb or ca != cb:
             flips.append({"image": data.names[i], "png_top_label": ta, f"{args.encoding}_top_label": tb,
                           "png_class": names[ca], f"{args.encoding}_class": names[cb]})
-    report = {"encoding": args.encoding, "jpeg_quality": args.jpeg_quality, "images": len(data.names),
+    quality = args.jpeg_quality if args.jpeg_quality is not None else vendor.connector_class.spec.jpeg_quality
+    report = {"encoding": args.encoding, "jpeg_quality": quality, "images": len(data.names),
               "queries_charged": charged, "changed": flips}
     atomic_write(out / "encoding_check.json", json.dumps(report, indent=1), ConfigError)
     for f in flips:

@@ -26,7 +26,10 @@ from blackbox_rs.paths import atomic_write, file_sha256
 __all__ = ["RunImages", "load_run_images", "read_label_map", "write_split"]
 
 
-def read_label_map(args: argparse.Namespace, folder_classes: list[str]) -> Any:
+def read_label_map(args: argparse.Namespace, folder_classes: list[str], *, discovering: bool = False) -> Any:
+    """The task's label map: ``--label-map`` (a LabelMap dict, or synonyms for ``--labels`` / the
+    sub-folder names). ``discovering`` (the ``labels`` action on a flat folder without labels): a
+    placeholder map, since the point is to find the vendor's labels."""
     from blackbox_rs.connectors.labelmap import LabelMap
 
     labels = [s.strip() for s in args.labels.split(",") if s.strip()] if args.labels else folder_classes
@@ -41,6 +44,8 @@ def read_label_map(args: argparse.Namespace, folder_classes: list[str]) -> Any:
     if "classes" in raw:
         return LabelMap.from_dict(raw)
     if not labels:
+        if discovering:
+            return LabelMap(["(no task labels yet)"])
         raise ConfigError("no task labels: give --labels or a folder with one sub-folder per class")
     return LabelMap(labels, raw)
 
@@ -84,11 +89,11 @@ def _load_folder(folder: Path, size: int, lm: Any) -> tuple[Any, list[int] | Non
     return x, [idx[int(v)] for v in y], names
 
 
-def load_run_images(args: argparse.Namespace, fitting: bool) -> RunImages:
+def load_run_images(args: argparse.Namespace, fitting: bool, *, discovering: bool = False) -> RunImages:
     if not args.images.is_dir():
         raise ConfigError(f"{args.images} is not a folder of images")
     folders = sorted(p.name for p in args.images.iterdir() if p.is_dir())
-    lm = read_label_map(args, folders)
+    lm = read_label_map(args, folders, discovering=discovering)
     x, y, names = _load_folder(args.images, args.size, lm)
     if not fitting:
         if args.fit_images is not None or args.fit_fraction is not None:

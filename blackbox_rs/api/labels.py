@@ -4,10 +4,11 @@ Queries the vendor once per clean image (through the engine: budgeted and counte
 ``OUT/raw_labels.json``, so a rerun is free), prints every raw label with how many images it appeared
 on (as the top label and anywhere in the answer), and writes ``OUT/label_map.proposed.json``: a
 complete label map (the :class:`~blackbox_rs.connectors.labelmap.LabelMap` dict form) to edit and pass
-back with ``--label-map``. With one sub-folder per class, each vendor label that was the top label on
-images of exactly one class is proposed as a synonym of that class (labels that were top on several
-classes are listed as ambiguous, not proposed); for a flat folder, the ten most frequent top labels
-are proposed as classes of their own.
+back with ``--label-map``. With one sub-folder per class, each vendor label seen (within
+``--label-depth``) on images of exactly one class is proposed as a synonym of that class (labels seen
+on several classes, or naming another class, are listed as ambiguous, not proposed); for a flat
+folder (no class per image; ``--labels`` not needed), the ten most frequent top labels are proposed as
+classes of their own.
 """
 
 from __future__ import annotations
@@ -49,9 +50,21 @@ def discover_labels(vendor: Any, args: argparse.Namespace, data: RunImages, out:
         for a, y in zip(answers, data.y, strict=True):
             for lab, _ in a[:depth]:
                 per_class[data.lm.class_names[y]][lab] += 1
-    ambiguous = sorted(lab for lab in top if sum(lab in per_class[c] for c in per_class) > 1)
+    from blackbox_rs.connectors.labelmap import normalize_label
+
+    seen = {lab for c in per_class for lab in per_class[c]}
+    names = {normalize_label(c): c for c in classes}
+
+    def claimed(lab: str) -> set[str]:  # the classes a vendor label would be proposed for (or already names)
+        own = {c for c in per_class if lab in per_class[c]}
+        return own | ({names[normalize_label(lab)]} if normalize_label(lab) in names else set())
+
+    # a label seen (within --label-depth) on images of several classes, or that names another class,
+    # cannot be a synonym of one class: listed as ambiguous, never proposed
+    ambiguous = sorted(lab for lab in seen if len(claimed(lab)) > 1)
     if classes:
-        synonyms = {c: [lab for lab, _ in per_class[c].most_common() if lab not in ambiguous and lab != c]
+        synonyms = {c: [lab for lab, _ in per_class[c].most_common()
+                        if lab not in ambiguous and normalize_label(lab) != normalize_label(c)]
                     for c in classes}
         proposal = LabelMap(classes, {c: s for c, s in synonyms.items() if s})
     else:

@@ -155,6 +155,14 @@ def estimate(vendor: Any, args: argparse.Namespace, data: RunImages) -> dict[str
                    queries=n_images * worst + fit, queries_if_all_agree=n_images * agree + fit)
         est["estimated_cost_if_all_agree_usd"] = round(est["queries_if_all_agree"] * price / 1000.0, 4)
     requests += math.ceil(fit / batch)
+    check = 2 * n_images if args.check_encoding and args.encoding != "png" else 0  # PNG + chosen, per image
+    if check:
+        est["encoding_check_queries"] = check
+        est["queries"] += check
+        if "queries_if_all_agree" in est:
+            est["queries_if_all_agree"] += check
+            est["estimated_cost_if_all_agree_usd"] = round(est["queries_if_all_agree"] * price / 1000.0, 4)
+        requests += 2 * math.ceil(n_images / batch)
     est.update(requests=requests, rate_limit_per_s=rate, min_duration_s=round(requests / rate, 1) if rate else None,
                price_per_1k=price, estimated_cost_usd=round(est["queries"] * price / 1000.0, 4))
     return est
