@@ -153,6 +153,7 @@ def certify_each(
     certs: list[C] = []
     total = Tally()
     finished = journal.finished if journal is not None else {}
+    remote = None
     if executor is not None:  # workers certify the unfinished inputs; this loop journals them in order
         remote = executor.certifier(engine, job, _unfinished(engine, inputs, labels, journal, reference), journal)
         certify_one = remote if remote is not None else certify_one
@@ -179,8 +180,10 @@ def certify_each(
                     _note_unfinished(journal, idx, key, engine, before)
                 raise
             update: dict[str, Any] = {}
-            version = observed_version(engine)
-            if version is not None:  # recorded for the resume check (open_journal pins it)
+            # recorded for the resume check (open_journal pins it); a worker's certificate carries the
+            # version that worker observed (pinned to the journal's, see blackbox_rs.distributed.worker)
+            version = observed_version(engine) if remote is None else None
+            if version is not None:
                 update["model_version"] = version
             q, hits = int(getattr(cert, "queries", 0)), int(getattr(cert, "cache_hits", 0))
             if hasattr(cert, "queries_total"):
@@ -398,8 +401,8 @@ def run_dataset(engine: QueryEngine, inputs: Any, labels: Sequence[int] | None, 
     ``params`` added (they check the model and transform against them)."""
     inputs, _ = validate_dataset(engine, inputs, labels)
     journal, run_seed = open_journal(output, model, engine, params, seed)
-    if executor is not None:
-        job = {**(job or {}), "seed": run_seed, "params": params}
+    if executor is not None:  # workers pin their connector to the model version the journal is bound to
+        job = {**(job or {}), "seed": run_seed, "params": params, "model_version": observed_version(engine)}
     try:
         certs, reference, total = certify_each(engine, inputs, labels, make_one(run_seed), journal=journal,
                                                progress=progress, executor=executor, job=job)

@@ -8,8 +8,20 @@ contains a credential: connectors redact secrets before raising (see ``blackbox_
 from __future__ import annotations
 
 
+def _restore(cls: type, args: tuple[object, ...], state: dict[str, object]) -> BaseException:
+    err = cls.__new__(cls)
+    Exception.__init__(err, *args)
+    err.__dict__.update(state)
+    return err  # type: ignore[no-any-return]
+
+
 class BlackBoxRSError(Exception):
-    """Base class of every error raised by blackbox-rs."""
+    """Base class of every error raised by blackbox-rs. Every one survives pickling with its type and
+    attributes (keyword-only constructor arguments included), so an error raised on a worker process
+    reaches the driver as itself."""
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (_restore, (type(self), self.args, dict(self.__dict__)))
 
 
 class InvalidInputError(BlackBoxRSError, ValueError):

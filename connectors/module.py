@@ -17,8 +17,10 @@ Python-level settings otherwise share one fingerprint, and so one cache.
 The digest is taken at construction. Changing the module's weights afterwards (an optimizer step, a
 ``load_state_dict``, replacing a parameter) would make the fingerprint lie, so every query first
 checks that each weight is still the same tensor at the same in-place version
-(:attr:`torch.Tensor._version`) and refuses with :class:`~blackbox_rs.errors.ConnectorError`
-otherwise: build a new connector for the changed model.
+(:attr:`torch.Tensor._version`) and the same storage (an assignment to ``.data`` moves it), and that
+no submodule was put back in training mode, and refuses with :class:`~blackbox_rs.errors.ConnectorError`
+otherwise: build a new connector for the changed model. An in-place edit through ``.data``
+(``w.data.mul_(2)``) bypasses torch's version counting and cannot be seen: don't.
 
 The device is not part of the fingerprint (same weights, same model). fp32 kernels on different
 devices (CPU, CUDA, another GPU generation) may differ in the last bits of a logit, so a score can
@@ -326,7 +328,7 @@ class ModuleConnector(TorchModelConnector):
                 f"cannot move {self._name} to device {str(self.device)!r}: {type(exc).__name__}: {exc}"
             ) from exc
         self._model = model
-        self._weights = [(name, t, t._version) for name, t in _state_tensors(model)]
+        self._weights = [(name, t, t._version, t.data_ptr()) for name, t in _state_tensors(model)]
         names = self._declare(shape=shape, class_names=class_names, num_classes=num_classes,  # type: ignore[arg-type]
                               max_batch=int(max_batch))
         self._info = self._local_info(shape, names, max_batch, cost_per_query,  # type: ignore[arg-type]
@@ -334,10 +336,15 @@ class ModuleConnector(TorchModelConnector):
 
     def _check_unchanged(self) -> None:
         """Refuse to answer for a module whose weights changed after the fingerprint was taken."""
+        if any(m.training for m in self._model.modules()):
+            raise ConnectorError(f"{self._name} was put in training mode after the connector was built (dropout "
+                                 f"or batch statistics would change its answers); call .eval() on it again")
         current = dict(_state_tensors(self._model))
-        for name, t, version in self._weights:
+        for name, t, version, ptr in self._weights:
             now = current.get(name)
-            if now is not t or now._version != version:
+            # the tensor object, its in-place version and its storage (an assignment to .data moves it);
+            # an in-place edit through .data bypasses version counting and cannot be seen here
+            if now is not t or now._version != version or now.data_ptr() != ptr:
                 raise ConnectorError(
                     f"{self._name}: weight {name!r} changed after the connector was built, so its fingerprint "
                     f"{self._info.fingerprint if hasattr(self, '_info') else ''!r} no longer names this model; "

@@ -131,7 +131,7 @@ class TorchScriptConnector(TorchModelConnector):
     def _load(path: Path, device: torch.device | None = None) -> torch.nn.Module:
         device = device or torch.device("cpu")
         try:
-            if path.suffix in _EXPORT_SUFFIXES:
+            if path.suffix.lower() in _EXPORT_SUFFIXES:  # .PT2 too: never torch.jit.load an export archive
                 program = load_exported_program(path)
                 if device.type != "cpu":  # weights, constants and device arguments baked into the graph
                     from torch.export.passes import move_to_device_pass
@@ -152,6 +152,6 @@ class TorchScriptConnector(TorchModelConnector):
         return module
 
     def _failure_hint(self, text: str) -> str:
-        if self.path.suffix in _EXPORT_SUFFIXES and ("Guard failed" in text or ".shape[0]" in text):
+        if self.path.suffix.lower() in _EXPORT_SUFFIXES and ("Guard failed" in text or ".shape[0]" in text):
             return " (export the program with a dynamic batch dimension: dynamic_shapes={0: Dim('batch')})"
         return ""

@@ -70,7 +70,9 @@ class TransportSettings(BaseModel):
     a dict with the same keys is accepted wherever a ``TransportSettings`` is.
     """
 
-    model_config = ConfigDict(extra="forbid", frozen=True, arbitrary_types_allowed=True)
+    # hide_input_in_errors: a rejected header value (a secret put where it does not belong) never shows
+    # in a validation error, whichever way the model is built (model_validate, JSON, ...)
+    model_config = ConfigDict(extra="forbid", frozen=True, arbitrary_types_allowed=True, hide_input_in_errors=True)
 
     timeout_s: float = Field(30.0, gt=0, strict=True, allow_inf_nan=False,
                              description="Seconds to wait for each answer (each wait for the server's bytes).")
@@ -138,7 +140,7 @@ class TransportSettings(BaseModel):
             if is_credential_header(name):
                 raise ValueError(f"header {name!r} looks like a credential; transport headers are never secrets: "
                                  f"pass it with auth=Auth.header({name!r}, '<ENV_VAR>') instead")
-        return v
+        return _ReadOnlyHeaders(v)
 
     @field_validator("verify", mode="before")
     @classmethod
@@ -196,6 +198,16 @@ class TransportSettings(BaseModel):
             if name == "headers":
                 value = {k: MASK if is_credential_header(k) else v for k, v in value.items()}
             yield name, value
+
+
+class _ReadOnlyHeaders(dict):  # type: ignore[type-arg]
+    """The settings' headers: a dict that cannot be changed after validation (so the credential check
+    cannot be bypassed by editing it)."""
+
+    def _refuse(self, *args: object, **kwargs: object) -> None:
+        raise ConfigError("TransportSettings are immutable: build new settings with the headers you need")
+
+    __setitem__ = __delitem__ = update = pop = popitem = clear = setdefault = __ior__ = _refuse  # type: ignore[assignment]
 
 
 def as_transport_settings(value: TransportSettings | Mapping[str, Any] | None) -> TransportSettings:

@@ -380,3 +380,17 @@ def test_adapter_after_diffusion_is_the_denoiser_at_init(tmp_path: Path, model_d
     ad.save(tmp_path / "ad")
     back = load_module(tmp_path / "ad")
     assert back.digest() == ad.digest() and torch.equal(back(x), y)
+
+
+def test_weights_the_digest_cannot_name_and_variance_exploding_schedules_are_refused(model_dir: Path, tmp_path: Path) -> None:
+    from blackbox_rs.errors import DenoiserModelError
+    from blackbox_rs.modules.diffusion import alphas_cumprod_from_config, directory_digest
+
+    both = _copy(model_dir, tmp_path / "both")
+    (both / "diffusion_pytorch_model.safetensors.index.json").write_text(
+        json.dumps({"weight_map": {"a": "diffusion_pytorch_model.safetensors"}}))
+    with pytest.raises(DenoiserModelError, match="holds both"):
+        directory_digest(both)
+    ve = {"_class_name": "ScoreSdeVeScheduler", "num_train_timesteps": 2000, "sigma_min": 0.01, "sigma_max": 1348.0}
+    with pytest.raises(DenoiserModelError, match="no beta schedule"):
+        alphas_cumprod_from_config(ve)

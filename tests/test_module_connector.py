@@ -252,3 +252,23 @@ def test_torchscript_and_export_on_cuda(tmp_path: Path, suffix: str) -> None:
     a, b = cpu.query(x), gpu.query(x)
     assert b.labels.device.type == "cpu" and torch.allclose(a.scores, b.scores, atol=1e-4)  # type: ignore[arg-type]
     assert gpu.info.fingerprint == cpu.info.fingerprint
+
+
+def test_a_data_assignment_or_training_mode_after_construction_is_refused() -> None:
+    import torch
+
+    from blackbox_rs.connectors.module import ModuleConnector
+    from blackbox_rs.errors import ConnectorError
+
+    x = torch.rand(2, 1, 2, 2)
+    m = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 2))
+    c = ModuleConnector(m, input_shape=(1, 2, 2))
+    c.query(x)
+    m[1].weight.data = torch.randn(2, 4)
+    with pytest.raises(ConnectorError, match="changed after the connector was built"):
+        c.query(x)
+    m2 = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Dropout(0.5), torch.nn.Linear(4, 2))
+    c2 = ModuleConnector(m2, input_shape=(1, 2, 2))
+    m2.train()
+    with pytest.raises(ConnectorError, match="training mode"):
+        c2.query(x)

@@ -192,6 +192,14 @@ def test_resume_refuses_other_settings(tmp_path) -> None:
     assert set(e.value.differences) == {"base_digest"}
     # checkpoint_every is not part of the binding
     robustify(tiny_cnn(), data, "lora", [0.25], checkpoint_dir=tmp_path, **{**FAST, "checkpoint_every": 3})
+    # a checkpoint written on another device type (its generator draws other noise) is refused
+    meta_path = tmp_path / "fit_state.json"
+    meta = json.loads(meta_path.read_text())
+    meta["binding"]["device_type"] = "cuda"
+    meta_path.write_text(json.dumps(meta))
+    with pytest.raises(ResumeMismatchError) as e:
+        robustify(tiny_cnn(), data, "lora", [0.25], checkpoint_dir=tmp_path, **FAST)
+    assert set(e.value.differences) == {"device_type"}
 
 
 @pytest.mark.parametrize("sigmas", [[0.0], [5.0], [-0.25], [float("nan")], [0.25, 0.25]])

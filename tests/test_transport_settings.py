@@ -229,3 +229,15 @@ def test_extra_headers_are_sent(server: FaultServer) -> None:
                            transport={"headers": {"X-Trace": "trace-42"}}) as c:
         c.query(torch.rand(1, *SHAPE))
         assert server.last_headers["X-Trace"] == "trace-42"
+
+
+def test_a_rejected_header_value_never_shows_and_headers_cannot_be_edited_after_validation() -> None:
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError) as ei:
+        TransportSettings.model_validate({"headers": {"Authorization": "Bearer SECRET123"}})
+    assert "SECRET123" not in str(ei.value) and "SECRET123" not in repr(ei.value)
+    s = TransportSettings(headers={"X-Trace": "1"})
+    with pytest.raises(ConfigError, match="immutable"):
+        s.headers["Authorization"] = "Bearer SECRET123"
+    assert dict(s.headers) == {"X-Trace": "1"}

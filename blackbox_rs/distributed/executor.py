@@ -247,6 +247,10 @@ class _RayRun:
                 out = {"index": item[0], "cert": None, "tally": {},
                        "error": WorkerLostError(f"input {item[0]}: its worker died {tries + 1} time(s); what it had "
                                                 f"in flight is counted as spent")}
+            except Exception as exc:  # noqa: BLE001 - a result the driver cannot read: still stop cleanly
+                out = {"index": item[0], "cert": None, "tally": {},
+                       "error": BlackBoxRSError(f"input {item[0]}: the worker's result could not be read "
+                                                f"({type(exc).__name__}); what it had in flight is counted as spent")}
             self.done[int(out["index"])] = out
         self._fill()
         return bool(ready)

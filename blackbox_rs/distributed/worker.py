@@ -48,6 +48,9 @@ class CertifyWorker:
         from blackbox_rs.engine import QueryEngine
 
         connector = ConnectorSpec(**spec).build()
+        version = job.get("model_version")
+        if version is not None and hasattr(connector, "expect_model_version"):
+            connector.expect_model_version(version)  # an answer of another version: ModelVersionChangedError
         self.budget = LeasedBudget(ledger, *limits, worker=worker, lease_queries=lease_queries)
         self.engine = QueryEngine(connector, budget=self.budget, cache=cache, max_in_flight=max_in_flight)
         transform = None
@@ -100,10 +103,12 @@ class CertifyWorker:
                 error = error or exc
         tally = {k: getattr(s, k) - b for k, b in zip(_COUNTERS, before, strict=True)}
         if error is not None:
-            try:
-                pickle.dumps(error)
+            try:  # the driver must be able to rebuild it, not only this side to serialise it
+                pickle.loads(pickle.dumps(error))  # noqa: S301 - our own object, round-tripped
             except Exception:
-                error = BlackBoxRSError(f"{type(error).__name__}: {error}")
+                from blackbox_rs.redact import redact
+
+                error = BlackBoxRSError(redact(f"{type(error).__name__}: {error}"))
         return {"index": idx, "cert": cert, "error": error, "tally": tally}
 
     def stats(self) -> dict[str, Any]:

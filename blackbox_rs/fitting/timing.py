@@ -202,7 +202,7 @@ def estimate_fit_time(
     m = max(batch, int(get("zo_batch", 1)), 2)  # probe images: enough for one batch of any kind
     threads = torch.get_num_threads()
     phases: list[PhaseTime] = []
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=list(range(torch.cuda.device_count()))):  # manual_seed seeds every device
         torch.manual_seed(0)
         g = torch.Generator().manual_seed(0)
         x = torch.rand((m, *shape), generator=g)

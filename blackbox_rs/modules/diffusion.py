@@ -127,6 +127,9 @@ def _weight_files(unet_dir: Path) -> list[Path]:
     """The safetensors files ``from_pretrained(use_safetensors=True)`` reads (single file, or an index
     and its shards). Refuses pickled-only weights and directories without weights."""
     single, index = unet_dir / _WEIGHTS, unet_dir / _WEIGHTS_INDEX
+    if single.is_file() and index.is_file():  # diffusers would load the shards: refuse the ambiguity
+        raise DenoiserModelError(f"{unet_dir}: holds both {_WEIGHTS} and {_WEIGHTS_INDEX}; keep one, so the "
+                                 f"weights that run are the weights the module's digest names")
     if single.is_file():
         return [single]
     if index.is_file():
@@ -173,6 +176,7 @@ def directory_digest(model_dir: str | os.PathLike[str]) -> str:
     return f"sha256:{h.hexdigest()}"
 
 
+_NOT_VP = frozenset({"ScoreSdeVeScheduler", "KarrasVeScheduler", "ScoreSdeVpScheduler"})  # no DDPM betas
 _SCHEDULE_KEYS = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas",
                   "rescale_betas_zero_snr")
 
@@ -180,7 +184,10 @@ _SCHEDULE_KEYS = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedul
 def alphas_cumprod_from_config(scheduler_config: dict[str, Any], *, source: str = "scheduler config") -> torch.Tensor:
     """``ᾱ_t`` (float64) of the training schedule a diffusers scheduler config describes, computed by
     diffusers' own ``DDPMScheduler`` from the schedule keys only (beta_start/end/schedule, trained
-    betas, zero-SNR rescale): every diffusers noise scheduler shares this definition."""
+    betas; absent keys take DDPMScheduler's defaults): the definition of every variance-preserving
+    (DDPM-family) diffusers scheduler. The score-SDE / Karras schedulers (``ScoreSdeVe``, ``KarrasVe``,
+    ``ScoreSdeVp``, or a config with sigma_min/sigma_max and no betas) are refused: their noise levels
+    are not ``sqrt((1 - ᾱ) / ᾱ)`` of a beta schedule."""
     _import_diffusers()
     from diffusers import DDPMScheduler
 
@@ -191,6 +198,12 @@ def alphas_cumprod_from_config(scheduler_config: dict[str, Any], *, source: str 
         raise DenoiserModelError(
             f"{source}: not a diffusers noise-scheduler config (_class_name {name!r}, "
             f"num_train_timesteps {scheduler_config.get('num_train_timesteps')!r})"
+        )
+    no_betas = "beta_schedule" not in scheduler_config and "trained_betas" not in scheduler_config
+    if name in _NOT_VP or (no_betas and ({"sigma_min", "sigma_max"} & set(scheduler_config))):
+        raise DenoiserModelError(
+            f"{source}: {name} has no beta schedule (beta_schedule or trained_betas): only variance-preserving "
+            f"DDPM-family schedulers are supported, whose noise levels are sqrt((1 - abar) / abar)"
         )
     kwargs = {k: scheduler_config[k] for k in _SCHEDULE_KEYS if k in scheduler_config}
     try:

@@ -170,19 +170,21 @@ class FrozenDenoiser(InputModule):
 
     def _probe(self) -> None:
         shape = self.config.input_shape
-        try:
-            out = self._run(torch.zeros(1, *shape))
+        try:  # a batch of 2: a denoiser exported with a fixed batch of 1 fails here, not mid-run
+            out = self._run(torch.zeros(2, *shape))
         except DenoiserModelError:
             raise
         except Exception as exc:  # a user's graph raises anything
             raise DenoiserModelError(
-                f"frozen: the denoiser cannot run on a blank image of input_shape={shape}: {type(exc).__name__}: "
+                f"frozen: the denoiser cannot run on a blank image of input_shape={shape} (a batch of 2: it needs "
+                f"a dynamic batch dimension): {type(exc).__name__}: "
                 f"{str(exc).strip().splitlines()[-1] if str(exc).strip() else ''}"
             ) from None
-        if not isinstance(out, torch.Tensor) or tuple(out.shape) != (1, *shape) or not out.is_floating_point():
+        if not isinstance(out, torch.Tensor) or tuple(out.shape) != (2, *shape) or not out.is_floating_point():
             got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
             raise DenoiserModelError(
-                f"frozen: a denoiser must return a float batch of the input's shape {(1, *shape)}, got {got}"
+                f"frozen: a denoiser must return a float batch of the input's shape {(2, *shape)} (a dynamic batch "
+                f"dimension), got {got}"
             )
 
     @classmethod

@@ -104,14 +104,15 @@ def _lr(cfg: RobustifyConfig, step: int) -> float:
     return cfg.lr * (0.05 + 0.95 * 0.5 * (1.0 + math.cos(math.pi * t)))
 
 
-def _binding(cfg: RobustifyConfig, base_digest: str, data_digest: str) -> dict[str, Any]:
-    return {"base_digest": base_digest, "data_digest": data_digest,
+def _binding(cfg: RobustifyConfig, base_digest: str, data_digest: str, device_type: str) -> dict[str, Any]:
+    # the device type too: the run's random draws come from that device's generator
+    return {"base_digest": base_digest, "data_digest": data_digest, "device_type": device_type,
             "config": cfg.model_dump(mode="json", exclude={"checkpoint_every"})}
 
 
 def _compare(saved: Mapping[str, Any], now: Mapping[str, Any]) -> dict[str, tuple[object, object]]:
     diff: dict[str, tuple[object, object]] = {}
-    for key in ("base_digest", "data_digest"):
+    for key in ("base_digest", "data_digest", "device_type"):
         if saved.get(key) != now[key]:
             diff[key] = (saved.get(key), now[key])
     old, new = saved.get("config") or {}, now["config"]
@@ -182,7 +183,7 @@ def robustify(
     names = trainable_names(net)
     params = dict(net.named_parameters())
     opt = torch.optim.AdamW([params[n] for n in names], lr=cfg.lr, weight_decay=cfg.weight_decay)
-    binding = _binding(cfg, base_digest, _data_digest(x, y))
+    binding = _binding(cfg, base_digest, _data_digest(x, y), dev.type)
     start, history, resumed = 0, [], None
     if checkpoint_dir is not None:
         found = load_checkpoint(checkpoint_dir)
