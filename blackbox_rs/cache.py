@@ -2,7 +2,12 @@
 
 Keys are BLAKE2b hashes of (connector fingerprint, request shape, exact float32 payload bytes), so
 answers of one model are never served for another and a changed model file (new fingerprint) never
-gets stale hits. Values are JSON (labels and optional scores); float scores survive the JSON round
+gets stale hits. For a model that runs in this process (a local torch model, possibly on an
+accelerator) a request whose payload the certification core generated is keyed instead by the
+payload's *generating identity* (:func:`origin_key`: input content hash, noise mode and device type,
+seed, noise key, stream, sigma, sample range, transform digest, clipping): the payload is a pure
+function of those, and hashing hundreds of KB per sample on the host would cost more than the model
+on a GPU. An input module without an identity never gets origin keys (nothing would tell two apart). Values are JSON (labels and optional scores); float scores survive the JSON round
 trip bit for bit. The granularity is the request: a rerun with the same arguments sends the same
 requests and hits; changing the batch size misses.
 
@@ -28,7 +33,7 @@ import torch
 from blackbox_rs.errors import CacheError
 from blackbox_rs.paths import ensure_writable_dir
 
-__all__ = ["QueryCache", "request_key"]
+__all__ = ["QueryCache", "origin_key", "request_key"]
 
 _FORMAT = "blackbox-rs/cache/v1"
 _META = "__meta__"  # one row: {name: JSON value}, metadata bound to this cache (model versions, ...)
@@ -40,6 +45,15 @@ def request_key(fingerprint: str, batch: torch.Tensor) -> str:
     h = hashlib.blake2b(digest_size=20)
     h.update(f"{_FORMAT}|{fingerprint}|{tuple(t.shape)}|".encode())
     h.update(memoryview(t.numpy()).cast("B"))
+    return h.hexdigest()
+
+
+def origin_key(fingerprint: str, origin: str, shape: tuple[int, ...]) -> str:
+    """Cache key of one generated request: hash of fingerprint, shape and the payload's generating
+    identity ``origin`` (which must determine the payload bytes; see the module docstring). Keys of
+    this form never equal a :func:`request_key` (a different domain prefix)."""
+    h = hashlib.blake2b(digest_size=20)
+    h.update(f"{_FORMAT}|origin|{fingerprint}|{tuple(int(d) for d in shape)}|{origin}".encode())
     return h.hexdigest()
 
 

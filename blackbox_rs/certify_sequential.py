@@ -40,6 +40,7 @@ from blackbox_rs.connectors.base import Connector
 from blackbox_rs.core import (
     Transform,
     check_budget_limit,
+    noise_device,
     positive_int,
     prepare,
     record_binding,
@@ -142,7 +143,8 @@ def certify_radius(
             assert noise is not None
             source = lambda s, m: noise.noisy(u, s, m)  # noqa: E731 - exact lattice points
         return sample_counts(engine, xt, sigma=sigma, num=num, seed=seed, key=key, stream=stream,
-                             batch_size=bs, transform=transform, tally=tally, start=start, noisy_batch=source)
+                             batch_size=bs, transform=transform, tally=tally, start=start, noisy_batch=source,
+                             noise_mode=noise_identity(True, "cpu") if source is not None else None)
 
     clean_in = xt.unsqueeze(0)
     if transform is not None:
@@ -261,7 +263,8 @@ def certify_radius_dataset(
               "fingerprint": engine.info.fingerprint, "lattice": bool(lattice), "growth": float(growth),
               "target_share": float(target_share), "futility": futility,
               "transform": transform_identity(transform),
-              "noise": noise_identity(bool(lattice)), "other_index": engine.info.other_index,
+              "noise": noise_identity(bool(lattice), "cpu" if lattice else noise_device(engine).type),
+              "other_index": engine.info.other_index,
               "method": "sequential_certify"}
     settings = {"radii": [float(r) for r in radii], "sigma": sigma, "alpha": alpha, "n0": n0, "max_queries": cap,
                 "batch_size": batch_size, "lattice": bool(lattice), "growth": growth, "target_share": target_share,

@@ -14,7 +14,10 @@ Guarantees (Cohen, Rosenfeld, Kolter 2019), for one call, over the randomness of
 * :func:`predict`: with probability >= 1 - alpha it returns either ABSTAIN or the smoothed class.
 
 Noise is counter-based (:mod:`blackbox_rs.noise`): the samples are a function of (seed, key, stream,
-index), so reruns send identical requests and hit the query cache. The seed defaults to a fresh one
+index), so reruns send identical requests and hit the query cache. Gaussian noise is drawn on the
+device the model runs on (:func:`noise_device`: a local torch model's ``device``, else the CPU); the
+input, the noise, the input module and the clipping stay there, and only labels come back to the host.
+The device type is part of the noise identity every record carries. The seed defaults to a fresh one
 from the OS's entropy source (:func:`blackbox_rs.binding.fresh_seed`), recorded in every certificate
 and journal: nobody can compute an input's noise draws in advance. Pass a seed for reproducible runs.
 
@@ -50,6 +53,7 @@ __all__ = [
     "certify",
     "check_budget_limit",
     "check_certifiable",
+    "noise_device",
     "positive_int",
     "predict",
     "prepare",
@@ -99,6 +103,32 @@ def check_certifiable(n: int, alpha: float, sigma: float) -> None:
 
 # ---------------------------------------------------------------------------------------------
 # sampling
+def noise_device(engine: QueryEngine) -> torch.device:
+    """Where Gaussian noise for ``engine``'s model is drawn: the connector's ``device`` attribute when
+    it is a :class:`torch.device` other than the CPU (a local torch model on an accelerator), else the
+    CPU (remote APIs, ONNX Runtime and CPU models: their payloads are built on the host anyway)."""
+    dev = getattr(engine.connector, "device", None)
+    if isinstance(dev, torch.device) and dev.type != "cpu":
+        return dev
+    return torch.device("cpu")
+
+
+def payload_origin(engine: QueryEngine, x: torch.Tensor, *, noise: str, sigma: float, seed: int, key: str,
+                   stream: str, transform: Transform | None) -> str | None:
+    """The generating identity of the payloads :func:`sample_counts` sends for one input and stream
+    (cached by it, not by payload bytes, when the engine :attr:`~QueryEngine.caches_by_origin`): the
+    input's content hash, noise mode and device type, seed, noise key, stream, sigma, transform
+    identity and the clip to [0, 1]. ``None`` (key by payload) when the engine does not cache by
+    origin or the transform has no identity (nothing would tell two such transforms apart)."""
+    if not engine.caches_by_origin:
+        return None
+    ident = transform_identity(transform)
+    if ident.startswith("unidentified:"):
+        return None
+    return (f"v1|{noise}|input={input_key(x)}|seed={int(seed)}|key={key}|stream={stream}|sigma={float(sigma)!r}"
+            f"|transform={ident}|clip=0,1")
+
+
 def sample_counts(
     engine: QueryEngine,
     x: torch.Tensor,
@@ -113,21 +143,28 @@ def sample_counts(
     tally: Tally | None = None,
     start: int = 0,
     noisy_batch: Callable[[int, int], torch.Tensor] | None = None,
+    noise_mode: str | None = None,
 ) -> np.ndarray:
     """Per-class counts of ``f(clip(T(x + delta_i)))`` for noise samples ``start .. start+num-1``.
 
-    ``noisy_batch(start, count)`` replaces the default Gaussian ``x + NoiseStream(...)`` source (e.g.
-    exact lattice noise); it must be counter-based too. Memory is one batch; counting uses
-    ``torch.bincount`` (no per-sample Python loop).
+    The default source is Gaussian ``x + NoiseStream(...)`` drawn on :func:`noise_device`.
+    ``noisy_batch(start, count)`` replaces it (e.g. exact lattice noise); it must be counter-based
+    too, and ``noise_mode`` must then name it (e.g. ``"lattice-v1:cpu"``) for its requests to be
+    cached by origin. Memory is one batch; counting uses ``torch.bincount`` (no per-sample Python loop).
     """
     info = engine.info
     k = info.num_classes
     if noisy_batch is None:
-        noise = NoiseStream(seed=seed, key=key, stream=stream, shape=info.input_shape, sigma=sigma)
+        dev = noise_device(engine)
+        noise = NoiseStream(seed=seed, key=key, stream=stream, shape=info.input_shape, sigma=sigma, device=dev)
+        x_dev = x.to(dev)
+        noise_mode = noise_identity(False, dev.type)
 
         def noisy_batch(s: int, m: int) -> torch.Tensor:
-            return noise.samples(s, m).add_(x)
+            return noise.samples(s, m).add_(x_dev)
 
+    origin = None if noise_mode is None else payload_origin(
+        engine, x, noise=noise_mode, sigma=sigma, seed=seed, key=key, stream=stream, transform=transform)
     counts = torch.zeros(k, dtype=torch.int64)
     done = 0
     while done < num:
@@ -137,7 +174,7 @@ def sample_counts(
             with torch.no_grad():
                 batch = transform(batch)
         batch = batch.clamp_(0.0, 1.0) if not batch.requires_grad else batch.detach().clamp(0.0, 1.0)
-        pred = engine.query(batch, tally=tally)
+        pred = engine.query(batch, tally=tally, origin=None if origin is None else (origin, start + done))
         counts += torch.bincount(pred.labels, minlength=k)
         done += m
     return counts.numpy()
@@ -245,7 +282,7 @@ def record_binding(engine: QueryEngine, transform: Transform | None, *, label: i
     """The binding fields every record carries (see :mod:`blackbox_rs.binding`)."""
     return {
         "transform": transform_identity(transform),
-        "noise": noise_identity(lattice),
+        "noise": noise_identity(lattice, "cpu" if lattice else noise_device(engine).type),
         "other_index": engine.info.other_index,
         "reference": reference if reference is not None else ("labels" if label is not None else None),
     }

@@ -44,6 +44,7 @@ from blackbox_rs.core import (
     certify,
     check_budget_limit,
     check_certifiable,
+    noise_device,
     positive_int,
     resolve_seed,
     validate_input,
@@ -357,7 +358,8 @@ def certify_dataset(
     transform = identified(transform, require=output is not None)  # hashed once, not per input
     params = {"n0": n0, "n": n, "alpha": alpha, "sigma": sigma, "fingerprint": engine.info.fingerprint,
               "transform": transform_identity(transform),
-              "noise": noise_identity(), "other_index": engine.info.other_index, "method": "cohen_certify"}
+              "noise": noise_identity(False, noise_device(engine).type), "other_index": engine.info.other_index,
+              "method": "cohen_certify"}
     settings = {"sigma": sigma, "n0": n0, "n": n, "alpha": alpha, "batch_size": batch_size}
     make_one = cohen_maker(engine, transform, **settings)
     certs, summary = run_dataset(engine, inputs, labels, Certificate, params, output=output, seed=seed,

@@ -46,7 +46,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from blackbox_rs.budget import QueryBudget, Reservation
-from blackbox_rs.cache import QueryCache, request_key
+from blackbox_rs.cache import QueryCache, origin_key, request_key
 from blackbox_rs.connectors.base import (
     Connector,
     ConnectorInfo,
@@ -234,8 +234,20 @@ class QueryEngine:
                 f"cache_hits={self.stats.cache_hits}, budget={self.budget!r})")
 
     # ------------------------------------------------------------------------------------------
-    def query(self, batch: torch.Tensor, *, tally: Tally | None = None) -> Prediction:
-        """Answer a batch of any size; see the module docstring for the guarantees."""
+    @property
+    def caches_by_origin(self) -> bool:
+        """Whether generated requests are cached by their generating identity (a cache is set and the
+        connector is a model in this process: ``cache_by_origin`` on the connector), not payload bytes."""
+        return self.cache is not None and bool(getattr(self.connector, "cache_by_origin", False))
+
+    def query(self, batch: torch.Tensor, *, tally: Tally | None = None,
+              origin: tuple[str, int] | None = None) -> Prediction:
+        """Answer a batch of any size; see the module docstring for the guarantees.
+
+        ``origin = (identity, first)`` says that row ``j`` of ``batch`` is sample ``first + j`` of the
+        generated payload stream ``identity`` (see :func:`blackbox_rs.cache.origin_key`); with
+        :attr:`caches_by_origin` each request is then cached under that identity and its sample range,
+        and its payload bytes are never hashed on the host."""
         info = self.connector.info
         if self.validate_inputs:
             validate_batch(batch, info)
@@ -251,16 +263,16 @@ class QueryEngine:
                     self._pool = ThreadPoolExecutor(self.max_in_flight, thread_name_prefix="bbrs-query")
                 stop = threading.Event()  # set by the first failure: no request starts after it
 
-                def run(sub: torch.Tensor) -> Prediction:
+                def run(sub: torch.Tensor, where: str | None) -> Prediction:
                     if stop.is_set():
                         raise _NotStarted
                     try:
-                        return self._request(sub, local)
+                        return self._request(sub, local, where)
                     except BaseException:
                         stop.set()
                         raise
 
-                futures = [self._pool.submit(run, batch[s:e]) for s, e in bounds]
+                futures = [self._pool.submit(run, batch[s:e], self._origin(origin, s, e)) for s, e in bounds]
                 try:
                     wait(futures, return_when=FIRST_EXCEPTION)
                 except BaseException:  # Ctrl-C while waiting
@@ -278,16 +290,25 @@ class QueryEngine:
                     raise failed[0].exception()  # type: ignore[misc]
                 parts = [f.result() for f in futures]
             else:
-                parts = [self._request(batch[s:e], local) for s, e in bounds]
+                parts = [self._request(batch[s:e], local, self._origin(origin, s, e)) for s, e in bounds]
         finally:
             if tally is not None:
                 tally.add(local)
         return Prediction.concat(parts)
 
-    def _request(self, sub: torch.Tensor, tally: Tally) -> Prediction:
+    def _origin(self, origin: tuple[str, int] | None, s: int, e: int) -> str | None:
+        """The generating identity of rows ``s:e`` of a batch from ``origin`` (None: key by payload)."""
+        if origin is None or not self.caches_by_origin:
+            return None
+        return f"{origin[0]}|samples={int(origin[1]) + s}+{e - s}"
+
+    def _request(self, sub: torch.Tensor, tally: Tally, origin: str | None = None) -> Prediction:
         info = self.connector.info
         m = int(sub.shape[0])
-        key = request_key(info.fingerprint, sub) if self.cache is not None else None
+        key = None
+        if self.cache is not None:
+            key = (origin_key(info.fingerprint, origin, tuple(sub.shape)) if origin is not None
+                   else request_key(info.fingerprint, sub))
         if key is not None:
             hit = self.cache.get(key)  # type: ignore[union-attr]
             if hit is not None:

@@ -9,7 +9,13 @@ How: samples are grouped in fixed chunks (the chunk size depends only on the ima
 ``c`` is drawn from a fresh ``torch.Generator`` seeded with a 63-bit BLAKE2b hash of
 ``(seed, key, stream, c)``. Memory is one batch plus one chunk, never n copies.
 
-Noise is generated on the CPU in float32 so the values do not depend on the device.
+Noise is float32 and drawn on the device the model runs on (``device=``; default the CPU), so no
+per-sample host tensor crosses the bus when the model is on an accelerator. CPU and CUDA generators
+give different values for the same seed, so the device *type* is part of the noise identity
+(:func:`blackbox_rs.binding.noise_identity`): it is recorded in every certificate and journal, a
+resume on another device type is refused, and cache keys differ. On one device type the values are
+still a pure function of ``(seed, key, stream, i, shape)``: the same for any batch size or resume
+point. CPU noise is bit-identical to earlier releases (same generator, same chunk seeds).
 """
 
 from __future__ import annotations
@@ -48,8 +54,9 @@ def input_key(x: torch.Tensor) -> str:
     return h.hexdigest()[:32]
 
 
-def _chunk_seed(seed: int, key: str, stream: str, chunk: int) -> int:
-    msg = f"blackbox-rs/noise/v1|{int(seed)}|{key}|{stream}|{int(chunk)}".encode()
+def _chunk_seed(seed: int, key: str, stream: str, chunk: int, device_type: str = "cpu") -> int:
+    where = "" if device_type == "cpu" else f"|{device_type}"  # CPU: the seeds of every earlier release
+    msg = f"blackbox-rs/noise/v1|{int(seed)}|{key}|{stream}|{int(chunk)}{where}".encode()
     return int.from_bytes(hashlib.blake2b(msg, digest_size=8).digest(), "little") & ((1 << 63) - 1)
 
 
@@ -57,10 +64,12 @@ class NoiseStream:
     """Standard-normal noise samples for one (seed, key, stream), addressable by sample index.
 
     ``samples(start, count)`` returns ``count x *shape`` float32 noise with standard deviation
-    ``sigma``; the values for a given index never depend on how the range was split into calls.
+    ``sigma`` on ``device``; the values for a given index never depend on how the range was split
+    into calls. ``device`` (default CPU) selects the generator: values differ across device types.
     """
 
-    def __init__(self, *, seed: int, key: str, stream: str, shape: Sequence[int], sigma: float = 1.0) -> None:
+    def __init__(self, *, seed: int, key: str, stream: str, shape: Sequence[int], sigma: float = 1.0,
+                 device: str | torch.device | None = None) -> None:
         try:
             bad_seed = isinstance(seed, bool) or int(seed) != seed or seed < 0
         except (TypeError, ValueError, OverflowError):  # "abc", nan, inf, None
@@ -81,20 +90,24 @@ class NoiseStream:
         self.chunk = chunk_size_for(self.shape)
         self._cached_index = -1
         self._cached: torch.Tensor | None = None  # one reusable chunk buffer, for partial chunks
-        self._gen = torch.Generator(device="cpu")
+        try:
+            self.device = torch.device("cpu" if device is None else device)
+            self._gen = torch.Generator(device=self.device)
+        except (RuntimeError, TypeError, ValueError) as exc:
+            raise InvalidParameterError(f"cannot draw noise on device {device!r}: {exc}") from None
 
     def _fill(self, c: int, dest: torch.Tensor) -> None:
         """Draw chunk ``c`` into ``dest`` (a contiguous ``chunk x *shape`` float32 tensor).
 
         ``normal_`` on a contiguous tensor is exactly what ``torch.randn`` does, so drawing in place
         gives the same values as drawing into a fresh tensor, without allocating or copying one."""
-        self._gen.manual_seed(_chunk_seed(self.seed, self.key, self.stream, c))
+        self._gen.manual_seed(_chunk_seed(self.seed, self.key, self.stream, c, self.device.type))
         dest.normal_(0.0, 1.0, generator=self._gen)
 
     def _chunk(self, c: int) -> torch.Tensor:
         if c != self._cached_index:
             if self._cached is None:
-                self._cached = torch.empty((self.chunk, *self.shape), dtype=torch.float32)
+                self._cached = torch.empty((self.chunk, *self.shape), dtype=torch.float32, device=self.device)
             self._cached_index = -1  # stays invalid if drawing fails
             self._fill(c, self._cached)
             self._cached_index = c
@@ -108,7 +121,7 @@ class NoiseStream:
         chunks go through one reused chunk buffer. The returned tensor is the caller's to modify."""
         if start < 0 or count < 0:
             raise InvalidParameterError("start and count must be non-negative")
-        out = torch.empty((count, *self.shape), dtype=torch.float32)
+        out = torch.empty((count, *self.shape), dtype=torch.float32, device=self.device)
         pos, end = start, start + count
         while pos < end:
             c, off = divmod(pos, self.chunk)

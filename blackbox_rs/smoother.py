@@ -12,6 +12,8 @@ exactly what the bare model does.
 
 from __future__ import annotations
 
+import copy
+import itertools
 import json
 import os
 import warnings
@@ -104,6 +106,9 @@ class BlackBoxSmoother:
                 raise ConfigError(f"the module is built for inputs {shape}, the model takes {tuple(info.input_shape)}")
             self.module.eval()
         self.fit_report: FitReport | None = None
+        #: device -> (module digest, copy of the module there): the module as certification runs it
+        #: on the model's accelerator (made once per device and state; the module itself never moves)
+        self._device_copies: dict[str, tuple[str, InputModule]] = {}
 
     # ------------------------------------------------------------------------------------------
     @property
@@ -128,7 +133,7 @@ class BlackBoxSmoother:
         certificates and resume files to exactly this module."""
         if self.module is None:
             return None
-        return _ModuleTransform(self.module.eval())
+        return _ModuleTransform(self.module.eval(), self._device_copies)
 
     # ------------------------------------------------------------------------------------------
     def fit(
@@ -342,15 +347,31 @@ class BlackBoxSmoother:
 
 
 class _ModuleTransform:
-    """A fitted module as the certification transform: ``no_grad`` forward plus an ``identity``."""
+    """A fitted module as the certification transform: ``no_grad`` forward plus an ``identity``.
 
-    def __init__(self, module: InputModule) -> None:
+    The module runs where the batch is: a batch on another device than the module (noise drawn on the
+    model's accelerator) goes through a copy of the module on that device, made once per device and
+    module state (``copies``, the smoother's) and never moving the user's module."""
+
+    def __init__(self, module: InputModule, copies: dict[str, tuple[str, InputModule]] | None = None) -> None:
         self.module = module
         self.identity = module.digest()
+        self._copies = {} if copies is None else copies
 
     def __call__(self, batch: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
-            return self.module(batch)
+            return self.on(batch.device)(batch)
+
+    def on(self, device: torch.device) -> InputModule:
+        """The module on ``device`` (itself when it is there or holds no tensors)."""
+        here = next(itertools.chain(self.module.parameters(), self.module.buffers()), None)
+        if here is None or here.device == device:
+            return self.module
+        hit = self._copies.get(str(device))
+        if hit is None or hit[0] != self.identity:
+            hit = (self.identity, copy.deepcopy(self.module).to(device).eval())
+            self._copies[str(device)] = hit
+        return hit[1]
 
 
 def _under(budget: QueryBudget, cap: QueryBudget | None) -> QueryBudget:

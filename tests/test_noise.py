@@ -7,6 +7,7 @@ from collections import Counter
 import numpy as np
 import pytest
 import torch
+from helpers.devices import DEVICES
 from scipy import stats as sps
 
 from blackbox_rs import noise as noise_mod
@@ -16,8 +17,8 @@ from blackbox_rs.noise import NoiseStream, chunk_size_for, input_key
 SHAPE = (3, 8, 8)  # chunk of 256 samples
 
 
-def _stream(seed=0, key="k", stream="estimation", shape=SHAPE, sigma=1.0):
-    return NoiseStream(seed=seed, key=key, stream=stream, shape=shape, sigma=sigma)
+def _stream(seed=0, key="k", stream="estimation", shape=SHAPE, sigma=1.0, device=None):
+    return NoiseStream(seed=seed, key=key, stream=stream, shape=shape, sigma=sigma, device=device)
 
 
 def _in_batches(ns: NoiseStream, start: int, total: int, bs: int) -> torch.Tensor:
@@ -29,17 +30,22 @@ def _in_batches(ns: NoiseStream, start: int, total: int, bs: int) -> torch.Tenso
     return torch.cat(parts)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("shape", [SHAPE, (1, 28, 28), (3, 300, 300)])
-def test_same_samples_whatever_the_batch_size(shape):
+def test_same_samples_whatever_the_batch_size(shape, device):
     total = 600 if shape != (3, 300, 300) else 30  # (3, 300, 300): 3 samples per chunk
-    ref = _stream(shape=shape).samples(0, total)
-    assert ref.shape == (total, *shape) and ref.dtype == torch.float32
+    ref = _stream(shape=shape, device=device).samples(0, total)
+    assert ref.shape == (total, *shape) and ref.dtype == torch.float32 and ref.device.type == device
     for bs in [1, 7, 1000]:
-        got = _in_batches(_stream(shape=shape), 0, total, bs)
+        got = _in_batches(_stream(shape=shape, device=device), 0, total, bs)
         assert torch.equal(got, ref), bs
 
 
-def test_random_split_points_and_resume_offsets():
+@pytest.mark.parametrize("device", DEVICES)
+def test_random_split_points_and_resume_offsets(device):
+    def _stream(**kw):  # noqa: F811 - this test's streams on the device under test
+        return NoiseStream(seed=0, key="k", stream="estimation", shape=SHAPE, device=device, **kw)
+
     total = 1500
     ref = _stream().samples(0, total)
     rng = np.random.default_rng(0)
