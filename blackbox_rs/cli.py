@@ -178,6 +178,23 @@ def _engine(cfg: RunConfig, budget: int | None, connector: Any) -> Any:
     return QueryEngine(connector, cache=cache / "queries", budget=b)
 
 
+def _measured_speed(conn: Any, batch_size: int | None, queries: int, *, transform: Any = None,
+                    what: str = "ETA {t} for the whole run") -> str:
+    """``"; measured N images/s here (...), <what>"`` for a local, unpaid model, timed on a few real
+    batches by :func:`~blackbox_rs.throughput.measure_throughput` (nothing charged, counted or cached);
+    ``""`` for a remote or paid one (a dry run sends nothing to it)."""
+    from blackbox_rs.fitting.timing import format_seconds
+    from blackbox_rs.progress import format_rate
+    from blackbox_rs.throughput import measure_throughput
+
+    tp = measure_throughput(conn, batch_size=batch_size, transform=transform)
+    if tp is None:
+        return ""
+    through = " through the module" if tp.includes_transform else ""
+    return (f"; measured {format_rate(tp.images_per_s)} images/s on this machine ({tp.measured_batches} batches "
+            f"of {tp.batch_size}{through}), " + what.format(t=format_seconds(tp.eta_seconds(queries))))
+
+
 def journal_tag(transform: Any) -> str:
     """File tag of the classifier a journal certifies: ``bare`` (no module) or ``module-<12 hex of its
     digest>``, so two classifiers never share a journal or a report."""
@@ -282,8 +299,10 @@ def fit(
         cost = est * info.cost_per_query
         if dry_run:  # nothing is created: no output folder, no cache, no ledger
             early = f"; {exp:,} if no scoring round shows a gain (early stop)" if exp < est else ""
+            speed = "" if est == 0 else _measured_speed(
+                conn, getattr(fc, "batch_size", None), est, what="so the model's answers to those queries take about {t}")
             typer.echo(f"dry run: fit '{fc.strategy}' on {len(x)} images would spend at most {est:,} queries "
-                       f"(cost {cost:.4g}){early}; nothing was sent")
+                       f"(cost {cost:.4g}){early}{speed}; nothing was sent")
             return
         engine = _engine(cfg, None, conn)
         smoother = BlackBoxSmoother(engine, module=cfg.fit.module, sigma=cfg.certify.sigma)
@@ -337,8 +356,17 @@ def certify(
         x, y = load_images(cfg.data.certify, info.input_shape, cfg.data.limit, class_names=info.class_names)
         est = len(x) * (c.n0 + c.n + (0 if y is not None else 1))
         if dry_run:  # nothing is created: no output folder, no cache, no ledger
+            from blackbox_rs.throughput import is_local_model
+
+            transform = None
+            if module_dir is not None and is_local_model(conn) and not info.cost_per_query:
+                # the certified classifier is module + model: time both (an engine without cache or budget)
+                transform = BlackBoxSmoother.load(module_dir, conn).transform
+            # batches as certification sends them: batch_size (default: the model's max_batch), at most n
+            speed = _measured_speed(conn, min(c.batch_size or info.max_batch, c.n), est, transform=transform,
+                                    what="ETA {t} for the whole run" + (" in one process" if ray is not None else ""))
             typer.echo(f"dry run: certifying {len(x)} images (n0={c.n0}, n={c.n}) needs at most {est:,} queries "
-                       f"(cost {est * info.cost_per_query:.4g}; cached answers are free); nothing was sent")
+                       f"(cost {est * info.cost_per_query:.4g}; cached answers are free){speed}; nothing was sent")
             return
         engine = _engine(cfg, c.budget, conn)
         if module_dir is not None:

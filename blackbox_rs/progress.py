@@ -7,7 +7,9 @@ After a resume the bar agrees with the budget and the dataset result: "budget le
 budget object itself (its persisted ledger, so it includes what earlier runs and other processes
 spent), "queries" are those charged by this run, "total" those recorded for every run on the
 journal, and the ETA counts only the inputs still to do, at the pace of the inputs this run worked on
-(inputs read back from the journal cost no time and are not part of the pace).
+(inputs read back from the journal cost no time and are not part of the pace). "samples/s" is the
+model evaluations of this run (queries charged plus answers served by the query cache) per second
+since the stage began: what the classifier is actually doing, whatever the connector.
 """
 
 from __future__ import annotations
@@ -17,12 +19,17 @@ import time
 from collections.abc import Callable
 from typing import IO, Any
 
-__all__ = ["DatasetProgress", "ProgressBar", "budget_left"]
+__all__ = ["DatasetProgress", "ProgressBar", "budget_left", "format_rate"]
 
 
 def _fmt_time(s: float) -> str:
     s = int(max(0, s))
     return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+def format_rate(per_s: float) -> str:
+    """A rate as ``"1,234"`` (100 and more) or ``"12.3"`` (three significant digits below 100)."""
+    return f"{per_s:,.0f}" if per_s >= 100 else f"{per_s:.3g}"
 
 
 def budget_left(budget: Any) -> int | None:
@@ -36,13 +43,15 @@ def budget_left(budget: Any) -> int | None:
 
 
 class ProgressBar:
-    """Renders ``stage [#####-----] done/total ETA .. queries .. total .. budget left ..`` on one line.
+    """Renders ``stage [#####-----] done/total ETA .. N samples/s queries .. total .. budget left ..`` on one line.
 
     ``budget``: a :class:`~blackbox_rs.budget.QueryBudget` (budget left is then read from it, i.e.
     from its persisted ledger, at each draw: what every run spent counts), or an int limit (budget
     left = limit - ``info["queries"]``: only right when this run is the budget's only spender).
     ``info["budget_left"]`` overrides both. ``info["resumed"]``: how many of ``done`` were finished by
     earlier runs; the ETA then uses only the pace of the others, and counts only what is left.
+    ``info["samples"]``: samples this run evaluated (queries plus cache hits); shown as ``samples/s``
+    over the seconds since the stage began.
     On a non-terminal stream it prints at most one line per 10% step, so logs stay short.
     """
 
@@ -100,6 +109,8 @@ class ProgressBar:
         parts = [f"{stage:<24} [{'#' * filled}{'-' * (self.width - filled)}] {done}/{total}", eta_text]
         if self._resumed:
             parts.append(f"resumed {self._resumed}")
+        if info.get("samples") is not None and elapsed > 0:
+            parts.append(f"{format_rate(int(info['samples']) / elapsed)} samples/s")
         if "queries" in info:
             parts.append(f"queries {int(info['queries']):,}")
         if info.get("queries_total") is not None:
@@ -127,7 +138,10 @@ class DatasetProgress:
     object itself for those this run computed, so ``info`` carries ``resumed`` (inputs finished by
     earlier runs), ``queries`` (charged by this run: the engine's counter since this object was made,
     when given an ``engine``, else the sum of this run's certificates' ``queries``) and
-    ``queries_total`` (the certificates' ``queries_total`` so far: every run on the journal).
+    ``queries_total`` (the certificates' ``queries_total`` so far: every run on the journal) and
+    ``samples`` (what this run evaluated: the engine's queries plus cache hits since this object was
+    made, when given an ``engine``, else the sum of this run's certificates' ``queries`` and
+    ``cache_hits``), drawn as samples/s.
     ``then(index, cert)``, if given, is called after each draw.
     """
 
@@ -140,8 +154,9 @@ class DatasetProgress:
         else:
             self.draw = draw
         self.total, self.engine, self.then = int(total), engine, then
-        self.done = self.resumed_count = self.queries = self.queries_total = 0
+        self.done = self.resumed_count = self.queries = self.queries_total = self.samples = 0
         self._start = engine.stats.queries if engine is not None else 0
+        self._start_hits = engine.stats.cache_hits if engine is not None else 0
 
     def resumed(self, index: int, cert: Any) -> None:
         """A certificate read back from the journal (no work in this run)."""
@@ -156,11 +171,14 @@ class DatasetProgress:
         q = int(getattr(cert, "queries", 0))
         if new:
             self.queries += q
+            self.samples += q + int(getattr(cert, "cache_hits", 0) or 0)
         total = getattr(cert, "queries_total", None)
         self.queries_total += q if total is None else int(total)
         charged = self.engine.stats.queries - self._start if self.engine is not None else self.queries
+        samples = (charged + self.engine.stats.cache_hits - self._start_hits if self.engine is not None
+                   else self.samples)
         info: dict[str, Any] = {"queries": charged, "queries_total": self.queries_total,
-                                "resumed": self.resumed_count}
+                                "resumed": self.resumed_count, "samples": samples}
         cpq = getattr(getattr(self.engine, "info", None), "cost_per_query", 0.0)
         if cpq:
             info["cost"] = charged * cpq

@@ -28,6 +28,11 @@ differ slightly and an argmax tie (or near-tie) can break the other way: an answ
 device and served for another is the answer that device computed, not necessarily bit-identical to
 what this device would compute. Use a separate cache directory per device type if that matters.
 
+Opt-in speed knobs (``precision``, ``channels_last``, ``compile``, ``max_batch="auto"``; all off by
+default) are described, with what each does to the guarantee, in :mod:`blackbox_rs.connectors.speed`:
+a reduced precision is another classifier and changes the fingerprint (``|precision=bf16``); the
+memory format, compilation and batch size do not (same function, last-bits caveat as for a device).
+
 This module also holds what the local-model connectors share (:class:`TorchModelConnector`: the
 probe at construction, device handling, logits to labels and scores) and :func:`resolve_device`.
 """
@@ -36,7 +41,8 @@ from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -44,6 +50,15 @@ from torch import nn
 from blackbox_rs.errors import ConnectorError, InvalidParameterError
 
 from .base import BaseConnector, ConnectorInfo, Prediction
+from .speed import (
+    AUTO,
+    DEFAULT_MAX_BATCH,
+    SpeedSettings,
+    check_max_batch,
+    compiled,
+    cuda_auto_max_batch,
+    speed_settings,
+)
 
 __all__ = ["ModuleConnector", "TorchModelConnector", "module_digest", "resolve_device"]
 
@@ -98,14 +113,25 @@ class TorchModelConnector(BaseConnector):
     model's device, run it without autograd and return int64 labels (argmax) and, unless
     ``label_only``, softmax scores, both on the CPU. :meth:`forward_logits` runs with autograd and
     returns the logits on the batch's own device.
+
+    Speed knobs (:mod:`~blackbox_rs.connectors.speed`): subclasses call :meth:`_use_speed` after the
+    model is on its device and before :meth:`_probe`; every forward (probe, query, ``forward_logits``)
+    then runs through :meth:`_run`: the batch in the chosen memory format, the (compiled) model under
+    autocast to the chosen precision. :attr:`settings` shows what runs.
     """
 
     _model: nn.Module
     _name: str
     device: torch.device
     label_only: bool
+    _speed: SpeedSettings = SpeedSettings()
+    #: the compiled model when ``compile=True`` (``_model`` stays the module itself)
+    _compiled: Callable[..., Any] | None = None
     #: how to fix a model whose batch dimension is not dynamic (said by the probe)
     _batch_remedy = "make it accept any batch size, or pass max_batch=1"
+    #: the model runs in this process: the query cache keys generated payloads by their generating
+    #: identity (:func:`blackbox_rs.cache.origin_key`), never by hashing their bytes on the host
+    cache_by_origin = True
 
     def _failure_hint(self, text: str) -> str:
         """A hint appended to a query-time failure whose message is ``text`` (default: none)."""
@@ -113,6 +139,40 @@ class TorchModelConnector(BaseConnector):
 
     def _check_unchanged(self) -> None:
         """Hook run before every forward pass (default: nothing to check)."""
+
+    def _use_speed(self, precision: object, channels_last: object, compile: object) -> None:
+        """Validate the speed knobs (:class:`InvalidParameterError` naming a bad value) and apply them to
+        ``self._model``, already on ``self.device``: channels-last weights where the model supports the
+        move (else only the inputs are converted), and the compiled model for :meth:`_run`."""
+        self._speed = speed_settings(precision, channels_last, compile, self.device)
+        if self._speed.channels_last:
+            try:
+                self._model.to(memory_format=torch.channels_last)
+            except Exception:  # noqa: BLE001 - a model that cannot move still gets channels-last inputs
+                pass
+        if self._speed.compile:
+            self._compiled = compiled(self._model)
+
+    def _run(self, batch: torch.Tensor) -> object:
+        """One forward of ``batch`` (already on the device) as every query runs it: the speed knobs
+        applied (memory format, compiled model, autocast to the precision)."""
+        model = self._compiled if self._compiled is not None else self._model
+        x = self._speed.prepare(batch)
+        with self._speed.autocast(self.device):
+            return model(x)
+
+    @property
+    def settings(self) -> dict[str, object]:
+        """What runs: device, precision, channels_last, compile and the batch size (for a run log)."""
+        info = getattr(self, "_info", None)
+        return {"device": str(self.device), "precision": self._speed.precision,
+                "channels_last": self._speed.channels_last, "compile": self._speed.compile,
+                "max_batch": info.max_batch if info is not None else None}
+
+    def __repr__(self) -> str:
+        shown = ", ".join(f"{k}={v!r}" for k, v in self.settings.items())
+        fp = self._info.fingerprint if hasattr(self, "_info") else None
+        return f"{type(self).__name__}(fingerprint={fp!r}, {shown})"
 
     def _probe(self, shape: tuple[int, int, int], max_batch: int) -> int:
         """Run a zero batch of the declared shape (1 image, then 2 unless ``max_batch`` is 1) on the
@@ -124,7 +184,7 @@ class TorchModelConnector(BaseConnector):
             batch = torch.zeros((n, *shape), dtype=torch.float32, device=self.device)
             try:
                 with torch.inference_mode():
-                    out = self._model(batch)
+                    out = self._run(batch)
             except Exception as exc:  # torch raises many unrelated types from inside a model
                 complaint = _complaint(exc)
                 if n == 1:
@@ -157,7 +217,7 @@ class TorchModelConnector(BaseConnector):
         and the batch shape."""
         self._check_unchanged()
         try:
-            return self._model(batch.to(self.device))
+            return self._run(batch.to(self.device))
         except Exception as exc:  # torch raises many unrelated types from inside a model
             raise ConnectorError(
                 f"{self._name} failed on a batch of shape {tuple(batch.shape)}: "
@@ -174,7 +234,8 @@ class TorchModelConnector(BaseConnector):
 
     def forward_logits(self, batch: torch.Tensor) -> torch.Tensor:
         """Differentiable forward pass (autograd enabled); float32 logits ``N x K`` on ``batch``'s
-        device (the move to and from the model's device is part of the graph)."""
+        device (the move to and from the model's device is part of the graph). Runs in the
+        connector's precision (autocast), like queries; the logits are cast back to float32."""
         logits = self._check_logits(self._forward(batch), int(batch.shape[0])).float()
         return logits.to(batch.device)
 
@@ -186,15 +247,15 @@ class TorchModelConnector(BaseConnector):
         return Prediction(labels=labels, scores=scores)
 
     def _declare(self, *, shape: tuple[int, int, int], class_names: Sequence[str] | None,
-                 num_classes: int | None, max_batch: int) -> tuple[str, ...]:
+                 num_classes: int | None, max_batch: int | str) -> tuple[str, ...]:
         """Probe the model and return the class names, checked against its output width: ``None``
         for both names them ``"0" .. "K-1"`` from the probe. Raises :class:`InvalidParameterError`
-        naming the disagreement."""
+        naming the disagreement. ``max_batch="auto"`` probes a batch of 2 like any size above 1."""
         if class_names is not None and num_classes is not None and num_classes != len(class_names):
             raise InvalidParameterError(
                 f"num_classes={num_classes} disagrees with {len(class_names)} class_names"
             )
-        width = self._probe(shape, int(max_batch))
+        width = self._probe(shape, 2 if max_batch == AUTO else int(max_batch))
         if class_names is None:
             if num_classes is None:
                 num_classes = width
@@ -206,11 +267,34 @@ class TorchModelConnector(BaseConnector):
             )
         return tuple(class_names)
 
+    def _max_batch(self, shape: tuple[int, int, int], max_batch: int | str) -> int:
+        """``max_batch`` as the number of images per forward: ``"auto"`` on CUDA measures the memory of
+        two probe forwards (:func:`~blackbox_rs.connectors.speed.cuda_auto_max_batch`, the knobs
+        applied); ``"auto"`` elsewhere is the default, 256. Call after :meth:`_probe`."""
+        if max_batch != AUTO:
+            return int(max_batch)
+        if self.device.type != "cuda":
+            return DEFAULT_MAX_BATCH
+
+        def run(n: int) -> object:
+            with torch.inference_mode():
+                return self._run(torch.zeros((n, *shape), dtype=torch.float32, device=self.device))
+
+        try:
+            return cuda_auto_max_batch(run, self.device)
+        except Exception as exc:  # torch raises many unrelated types from inside a model
+            raise InvalidParameterError(
+                f"{self._name}: max_batch='auto' could not measure the memory of a probe forward on "
+                f"{str(self.device)!r}: {_complaint(exc)} (pass max_batch=<number>)"
+            ) from None
+
     def _local_info(self, shape: tuple[int, int, int], names: tuple[str, ...], max_batch: int,
                     cost_per_query: float, fingerprint: str) -> ConnectorInfo:
         """The :class:`ConnectorInfo` of a local model: differentiable, scores unless ``label_only``
         (which changes every Prediction, so it is part of the fingerprint: cached answers of one never
-        serve the other)."""
+        serve the other). A reduced precision is another classifier: ``|precision=<name>`` is appended
+        (nothing for fp32, so an fp32 connector keeps its fingerprint)."""
+        fingerprint += self._speed.fingerprint_suffix()
         return ConnectorInfo(
             input_shape=shape, class_names=names, returns_scores=not self.label_only, max_batch=max_batch,
             cost_per_query=cost_per_query, fingerprint=fingerprint + ("|label_only" if self.label_only else ""),
@@ -278,13 +362,24 @@ class ModuleConnector(TorchModelConnector):
         device: where the model runs (``"cpu"``, ``"cuda"``, ``"cuda:1"``, a :class:`torch.device`).
             Batches are moved there; labels and scores come back on the CPU.
         label_only: hide scores (simulates a label-only API; strategies that need scores refuse it).
-        max_batch: most images per forward pass.
+        max_batch: most images per forward pass, or ``"auto"``: on CUDA the batch that fits in 70% of
+            the free device memory (measured on two probe forwards), elsewhere 256; the chosen value
+            is ``info.max_batch``.
         identity: names any non-tensor state the model's answers depend on (see the module
             docstring); it becomes part of the fingerprint, so it must never hold a secret.
         cost_per_query: price of one image query, for the budget.
+        precision: ``"fp32"`` (default), ``"bf16"`` or ``"fp16"``: the forward runs under
+            ``torch.autocast`` with that dtype, logits come back float32. The certificate is then
+            about that reduced-precision classifier, so the fingerprint gets ``|precision=<name>``
+            (fp32 keeps the fingerprint it always had). Unsupported on the device: refused here.
+        channels_last: the module's weights and every batch in ``torch.channels_last`` format. Not in
+            the fingerprint (same function; kernels may differ in the last bits, as across devices).
+        compile: run ``torch.compile(model, dynamic=True)`` (compiled on the construction probe). Not
+            in the fingerprint (same function, same last-bits caveat).
 
     The module is changed **in place**: put in eval mode, its parameters' ``requires_grad`` turned
-    off and moved to ``device`` (``nn.Module.to`` moves the object you passed). Pass a
+    off and moved to ``device`` (and to channels-last format with ``channels_last=True``;
+    ``nn.Module.to`` moves the object you passed). Pass a
     ``copy.deepcopy`` if you keep training it. At construction the model runs on a zero batch of
     ``input_shape`` (1 image, and 2 to check that the batch dimension is dynamic, unless
     ``max_batch=1``): a model that cannot run it raises
@@ -292,6 +387,8 @@ class ModuleConnector(TorchModelConnector):
     the model's complaint. Fingerprint: ``"module:sha256:<module_digest>"`` plus ``|label_only``
     when scores are hidden; the device is not part of it (see the module docstring for what that
     means across devices). A weight changed after construction is refused at the next query.
+    The speed knobs and what each does to the guarantee: :mod:`blackbox_rs.connectors.speed`;
+    :attr:`settings` (and the repr) show them.
     """
 
     def __init__(
@@ -303,9 +400,12 @@ class ModuleConnector(TorchModelConnector):
         num_classes: int | None = None,
         device: str | torch.device = "cpu",
         label_only: bool = False,
-        max_batch: int = 256,
+        max_batch: int | str = DEFAULT_MAX_BATCH,
         identity: str | None = None,
         cost_per_query: float = 0.0,
+        precision: str = "fp32",
+        channels_last: bool = False,
+        compile: bool = False,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise InvalidParameterError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -315,6 +415,8 @@ class ModuleConnector(TorchModelConnector):
         if len(shape) != 3:
             raise InvalidParameterError(f"input_shape must be (C, H, W), got {tuple(input_shape)}")
         self.device = resolve_device(device)
+        max_batch = check_max_batch(max_batch)
+        speed_settings(precision, channels_last, compile, self.device)  # refuse a bad knob before any change
         self._name = f"module {type(model).__qualname__}"
         self.label_only = bool(label_only)
         digest = module_digest(model, identity=identity)
@@ -328,11 +430,12 @@ class ModuleConnector(TorchModelConnector):
                 f"cannot move {self._name} to device {str(self.device)!r}: {type(exc).__name__}: {exc}"
             ) from exc
         self._model = model
+        self._use_speed(precision, channels_last, compile)  # before the snapshot: channels-last moves weights
         self._weights = [(name, t, t._version, t.data_ptr()) for name, t in _state_tensors(model)]
         names = self._declare(shape=shape, class_names=class_names, num_classes=num_classes,  # type: ignore[arg-type]
-                              max_batch=int(max_batch))
-        self._info = self._local_info(shape, names, max_batch, cost_per_query,  # type: ignore[arg-type]
-                                      f"module:sha256:{digest}")
+                              max_batch=max_batch)
+        self._info = self._local_info(shape, names, self._max_batch(shape, max_batch),  # type: ignore[arg-type]
+                                      cost_per_query, f"module:sha256:{digest}")
 
     def _check_unchanged(self) -> None:
         """Refuse to answer for a module whose weights changed after the fingerprint was taken."""

@@ -181,6 +181,9 @@ class ONNXConnector(BaseConnector):
     differentiable (``info.differentiable`` is False): fit with 'surrogate' or 'zeroth_order'.
     """
 
+    #: the model runs in this process: cached by the payload's generating identity (see cache.py)
+    cache_by_origin = True
+
     def __init__(
         self,
         path: str | os.PathLike[str],

@@ -45,6 +45,7 @@ from blackbox_rs.errors import ConnectorError, InvalidParameterError
 
 from ._pt2 import file_sha256, inspect_exported_program, load_exported_program
 from .module import _TS_INTERPRETER, TorchModelConnector, _complaint, resolve_device  # noqa: F401 - re-exported
+from .speed import DEFAULT_MAX_BATCH, check_max_batch, speed_settings
 
 __all__ = ["TorchScriptConnector", "file_sha256", "inspect_exported_program", "load_exported_program"]
 
@@ -66,12 +67,25 @@ class TorchScriptConnector(TorchModelConnector):
             given, the width of the model's output on one blank image is used; if one is given, it must
             equal that width.
         label_only: hide scores (simulates a label-only API; strategies that need scores refuse it).
-        max_batch: most images per forward pass.
+        max_batch: most images per forward pass, or ``"auto"``: on CUDA the batch that fits in 70% of
+            the free device memory (measured on two probe forwards), elsewhere 256; the chosen value
+            is ``info.max_batch``.
         threads: torch intra-op threads for inference (``None`` leaves torch's setting alone).
         device: where the model runs (``"cpu"``, ``"cuda"``, ``"cuda:1"``, a :class:`torch.device`):
             a TorchScript archive is loaded with ``map_location=device``, an exported program's module
             is moved there. Batches are moved to it; labels and scores come back on the CPU, and
             :meth:`forward_logits` returns logits on the batch's own device.
+        precision: ``"fp32"`` (default), ``"bf16"`` or ``"fp16"``: the forward runs under
+            ``torch.autocast`` with that dtype, logits come back float32. The certificate is then
+            about that reduced-precision classifier, so the fingerprint gets ``|precision=<name>``
+            (fp32 keeps the fingerprint it always had). Unsupported on the device: refused here.
+        channels_last: the model's weights (where the loaded module supports the move; else only the
+            inputs) and every batch in ``torch.channels_last`` format. Not in the fingerprint (same
+            function; kernels may differ in the last bits, as across devices).
+        compile: ``torch.compile(..., dynamic=True)`` of a ``.pt2`` program's module (compiled on
+            the construction probe); a TorchScript archive is refused with
+            :class:`~blackbox_rs.errors.InvalidParameterError` (torch.compile does not take
+            ScriptModules). Not in the fingerprint (same last-bits caveat).
 
     At construction the model runs once on a zero batch of ``input_shape`` (1 image, and 2 to check
     that the batch dimension is dynamic, unless ``max_batch=1``): a model that cannot run it raises
@@ -89,7 +103,8 @@ class TorchScriptConnector(TorchModelConnector):
     archive is inspected and refused (:class:`~blackbox_rs.errors.UnsafeModelFileError`) if it holds
     a pickled payload, native code or an unsafe expression, then loaded without pickle; a TorchScript
     archive runs TorchScript code (its graph) but no Python from the file. See the module docstring
-    for exactly what each can execute.
+    for exactly what each can execute. The speed knobs and what each does to the guarantee:
+    :mod:`blackbox_rs.connectors.speed`; :attr:`settings` (and the repr) show them.
     """
 
     def __init__(
@@ -100,10 +115,13 @@ class TorchScriptConnector(TorchModelConnector):
         class_names: Sequence[str] | None = None,
         num_classes: int | None = None,
         label_only: bool = False,
-        max_batch: int = 256,
+        max_batch: int | str = DEFAULT_MAX_BATCH,
         cost_per_query: float = 0.0,
         threads: int | None = None,
         device: str | torch.device = "cpu",
+        precision: str = "fp32",
+        channels_last: bool = False,
+        compile: bool = False,
     ) -> None:
         self.path = Path(path)
         self._name = f"model {self.path.name}"
@@ -114,6 +132,14 @@ class TorchScriptConnector(TorchModelConnector):
         if threads is not None:
             torch.set_num_threads(int(threads))
         self.device = resolve_device(device)
+        max_batch = check_max_batch(max_batch)
+        speed_settings(precision, channels_last, compile, self.device)  # a bad knob is refused before the load
+        if compile is True and self.path.suffix.lower() not in _EXPORT_SUFFIXES:
+            raise InvalidParameterError(
+                f"compile=True for {self._name}, a TorchScript archive: torch.compile does not take "
+                f"ScriptModules (export the model as a .pt2 program with torch.export to compile it, or "
+                f"pass compile=False)"
+            )
         digest = file_sha256(self.path)  # the file that is loaded is the file the fingerprint names
         self._model = self._load(self.path, self.device)
         if file_sha256(self.path) != digest:
@@ -121,11 +147,12 @@ class TorchScriptConnector(TorchModelConnector):
         shape = tuple(int(d) for d in input_shape)
         if len(shape) != 3:
             raise InvalidParameterError(f"input_shape must be (C, H, W), got {tuple(input_shape)}")
+        self._use_speed(precision, channels_last, compile)
         names = self._declare(shape=shape, class_names=class_names, num_classes=num_classes,  # type: ignore[arg-type]
-                              max_batch=int(max_batch))
+                              max_batch=max_batch)
         self.label_only = bool(label_only)
-        self._info = self._local_info(shape, names, max_batch, cost_per_query,  # type: ignore[arg-type]
-                                      f"torchscript:sha256:{digest}")
+        self._info = self._local_info(shape, names, self._max_batch(shape, max_batch),  # type: ignore[arg-type]
+                                      cost_per_query, f"torchscript:sha256:{digest}")
 
     @staticmethod
     def _load(path: Path, device: torch.device | None = None) -> torch.nn.Module:

@@ -139,10 +139,12 @@ def _cases(tmp_path: Path) -> dict[str, Case]:
     return {
         "torchscript": Case(
             TorchScriptConnector, {"path": model, "input_shape": (3, 4, 4)},
-            [{"label_only": True}, {"path": other}],
+            [{"label_only": True}, {"path": other},
+             {"precision": "bf16"}, {"precision": "fp16"}],  # a reduced-precision classifier is another model
             [{"max_batch": 7}, {"cost_per_query": 0.5}, {"num_classes": 3}, {"threads": 1},
              {"class_names": ["x", "y", "z"]},  # names only: the label indices are the same
-             {"device": "cpu"}],  # the device is not the model (its last-bit differences: the docstring)
+             {"device": "cpu"},  # the device is not the model (its last-bit differences: the docstring)
+             {"precision": "fp32"}, {"channels_last": True}, {"max_batch": "auto"}, {"compile": False}],
         ),
         "onnx": Case(
             ONNXConnector, {"path": _onnx(tmp_path / "a.onnx", 0), "input_shape": (3, 4, 4)},

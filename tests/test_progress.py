@@ -60,3 +60,52 @@ def test_the_bar_itself_leaves_resumed_inputs_out_of_the_pace(monkeypatch):
     clock.t += 60
     bar("certify", 6, 10, {"resumed": 5})
     assert "ETA 4m00s" in stream.getvalue().strip().splitlines()[-1]  # not 40 s (5 free inputs in the pace)
+
+
+class Stats:
+    def __init__(self) -> None:
+        self.queries = self.cache_hits = 0
+
+
+class Engine:  # what DatasetProgress reads of an engine
+    def __init__(self) -> None:
+        self.stats = Stats()
+        self.info = None
+
+
+def test_the_bar_shows_samples_per_second_of_this_run(monkeypatch):
+    """Issue 19: samples/s (queries + cache hits of this run, per second) for every connector."""
+    clock = Clock()
+    monkeypatch.setattr("blackbox_rs.progress.time.monotonic", clock)
+    engine = Engine()
+    engine.stats.queries, engine.stats.cache_hits = 5000, 700  # earlier work of this engine: not this run's
+    stream = io.StringIO()
+    progress = DatasetProgress(ProgressBar(stream), 4, engine=engine)
+    progress.resumed(0, Cert(110))  # read back from the journal: no samples
+    clock.t += 10
+    engine.stats.queries += 600
+    engine.stats.cache_hits += 400
+    progress(1, Cert(600))
+    last = stream.getvalue().strip().splitlines()[-1]
+    assert "  100 samples/s" in last and "queries 600" in last  # (600 + 400) / 10 s
+    assert "ETA 0m20s" in last  # the pace still leaves the resumed input out
+    clock.t += 40
+    engine.stats.queries += 150
+    progress(2, Cert(150))
+    assert "  23 samples/s" in stream.getvalue().strip().splitlines()[-1]  # 1150 / 50 s
+
+
+def test_samples_per_second_without_an_engine_sum_this_runs_certificates(monkeypatch):
+    clock = Clock()
+    monkeypatch.setattr("blackbox_rs.progress.time.monotonic", clock)
+    stream = io.StringIO()
+    progress = DatasetProgress(ProgressBar(stream), 3)
+    progress.resumed(0, Cert(500))
+    clock.t += 4
+    cert = Cert(30)
+    cert.cache_hits = 10  # type: ignore[attr-defined]
+    progress(1, cert)
+    assert "  10 samples/s" in stream.getvalue().strip().splitlines()[-1]  # (30 + 10) / 4 s
+    stream = io.StringIO()
+    ProgressBar(stream)("certify", 1, 2, {"queries": 5})
+    assert "samples/s" not in stream.getvalue()  # a caller that does not report samples: no figure
