@@ -160,7 +160,8 @@ def check_batch(x: torch.Tensor, y: torch.Tensor | None = None) -> None:
 def predict_logits(
     model: nn.Module, x: torch.Tensor, *, batch_size: int = 1000, threads: int | None = None
 ) -> torch.Tensor:
-    """Logits of ``model`` (in eval mode, no autograd) on ``x``, computed in batches."""
+    """Logits of ``model`` (in eval mode, no autograd) on ``x``, computed in batches, on the device
+    ``model`` returns them on (put ``model`` and ``x`` on one device: the fit device in a fit)."""
     check_batch(x)
     was_training = model.training
     model.eval()
@@ -170,5 +171,5 @@ def predict_logits(
     finally:
         model.train(was_training)
     if not outs:
-        return torch.empty((0, 0))
+        return torch.empty((0, 0), device=x.device)
     return torch.cat(outs).float()

@@ -59,7 +59,8 @@ def test_defaults_are_those_of_the_former_flat_config():
               "lr_schedule": "constant", "clean_fraction": 0.1, "weights": {"mse": 1.0, "stability": 1.0}, "seed": 0,
               "checkpoint_every": 50, "clean_queries": 10_000, "score_images": 256, "score_draws": 8,
               "score_every": 150,
-              "patience": 2, "gain_alpha": 0.1}  # added by issue #23: query-paid fits stop when rounds show no gain
+              "patience": 2, "gain_alpha": 0.1,  # added by issue #23: query-paid fits stop when rounds show no gain
+              "device": None}  # added by issue #19: where the module, surrogate and training batches live
     own = {"surrogate": {"surrogate": "small_cnn", "distill_queries": 10_000, "redistill_every": 150,
                          "surrogate_epochs": 2.0, "surrogate_lr": 2e-3, "surrogate_buffer": 60_000},
            "zeroth_order": {"zo_max_parameters": 20_000, "zo_rank": 2, "zo_directions": 4, "zo_mu": 0.05,

@@ -21,7 +21,17 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, create_model, model_validator
+import torch
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    TypeAdapter,
+    ValidationError,
+    create_model,
+    field_validator,
+    model_validator,
+)
 from pydantic_core import PydanticCustomError
 
 from blackbox_rs.errors import InvalidParameterError
@@ -35,10 +45,12 @@ StrategyName = str
 
 DEFAULT_STRATEGY = "surrogate"
 _KNOWN_WEIGHTS = ("classification", "mse", "stability")
+_DEVICE_TYPES = ("cpu", "cuda", "mps")
 
 
 class StrategyConfig(BaseModel):
-    """Settings every fit strategy shares. Defaults suit small images (28×28, 32×32) on a CPU.
+    """Settings every fit strategy shares. Defaults suit small images (28×28, 32×32) on a CPU; ``device``
+    says where the fit runs (:func:`blackbox_rs.fitting.context.fit_device`).
 
     Query cost shared by every strategy that queries (the strategy's own configs state the rest):
     ``clean_queries`` clean labels once (at most the number of fit images), and
@@ -94,6 +106,32 @@ class StrategyConfig(BaseModel):
         description="level of the one-sided paired test (per-image scores, same images and noise) that a "
         "round gained over the best so far; with several sigmas every sigma must gain",
     )
+    # where the fit runs (resolved once by the FitContext: blackbox_rs.fitting.context.fit_device)
+    device: str | None = Field(
+        default=None,
+        description="where the module, surrogate and training batches live ('cpu', 'cuda', 'cuda:N', 'mps'); "
+        "None: the connector's device when it is a local torch model (its `device` attribute), else CPU",
+    )
+
+    @field_validator("device", mode="before")
+    @classmethod
+    def _device(cls, v: Any) -> Any:
+        """A torch device string (a ``torch.device`` is taken as its string). Whether this process can
+        use it (CUDA present) is checked when the fit starts, before any query
+        (:func:`~blackbox_rs.fitting.context.fit_device`), so a config stays portable."""
+        if v is None:
+            return None
+        if isinstance(v, torch.device):
+            v = str(v)
+        if not isinstance(v, str):
+            raise ValueError(f"device must be a torch device string ('cpu', 'cuda', 'cuda:N'), got {type(v).__name__}")
+        try:
+            dev = torch.device(v)
+        except (RuntimeError, TypeError, ValueError):
+            raise ValueError(f"device={v!r} is not a torch device (use 'cpu', 'cuda' or 'cuda:N')") from None
+        if dev.type not in _DEVICE_TYPES:
+            raise ValueError(f"device={v!r}: a fit runs on {', '.join(_DEVICE_TYPES)}, not {dev.type!r}")
+        return v
 
     @model_validator(mode="before")
     @classmethod

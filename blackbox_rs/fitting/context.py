@@ -3,6 +3,20 @@
 Randomness is derived per step from ``(seed, step)``, so a resumed fit draws exactly what the
 uninterrupted fit would have drawn, and its black-box queries (identical payloads) hit the cache.
 Every black-box query goes through the :class:`~blackbox_rs.engine.QueryEngine` of the smoother.
+
+Device: a fit runs on one device, :func:`fit_device` (``config.device``, else the connector's device
+when it is a local torch model, else the CPU), resolved once when the context is built, before any
+query. The module (and the surrogate of the ``surrogate`` strategy) is moved there for the fit, with
+the fit images and labels; the training noise is drawn there. What stays on the CPU: batch indices
+and the sigma mixture (CPU generators, so every device type draws the same images and noise levels),
+the black box's clean labels, the per-image scores of scoring rounds, and every checkpointed tensor
+on disk. Queries go to the engine as CPU tensors (a local connector moves them to its own device);
+the labels that come back are moved to the fit device where they meet module outputs. After the fit
+(or a failed one) the module goes back to the device it was on before (:meth:`FitContext.release`).
+
+On the CPU the draws are bit-identical to a fit before devices existed. On a CUDA device the
+Gaussian noise of training steps comes from a ``torch.Generator(device=...)`` seeded with the same
+per-step seed, so it differs from the CPU's: a fit checkpoint is bound to the device type.
 """
 
 from __future__ import annotations
@@ -15,11 +29,12 @@ import torch
 from pydantic import BaseModel, Field
 
 from blackbox_rs.engine import QueryEngine, Tally
+from blackbox_rs.errors import InvalidParameterError
 from blackbox_rs.fitting.config import StrategyConfig
 from blackbox_rs.fitting.data import FitData
 from blackbox_rs.modules.base import InputModule
 
-__all__ = ["FitContext", "FitReport", "ProgressFn"]
+__all__ = ["FitContext", "FitReport", "ProgressFn", "fit_device", "module_device"]
 
 ProgressFn = Callable[[int, int, dict[str, Any]], None]
 
@@ -59,14 +74,64 @@ def _step_seed(seed: int, step: int, salt: str) -> int:
     return int.from_bytes(h, "little") & ((1 << 63) - 1)
 
 
+def fit_device(config: StrategyConfig, connector: Any) -> torch.device:
+    """Where a fit with ``config`` on ``connector`` runs: ``config.device`` if set, else the connector's
+    ``device`` when it is a ``torch.device`` (a local torch connector), else the CPU.
+
+    Raises :class:`InvalidParameterError` naming the device when this process cannot use it
+    (:func:`blackbox_rs.connectors.module.resolve_device`: ``'cuda'`` without CUDA, ``'cuda:3'`` with
+    fewer devices, ``'mps'`` without MPS, or a string that is no torch device)."""
+    from blackbox_rs.connectors.module import resolve_device
+
+    setting = getattr(config, "device", None)
+    if setting is None:
+        own = getattr(connector, "device", None)
+        return own if isinstance(own, torch.device) else torch.device("cpu")
+    try:
+        return resolve_device(setting)
+    except InvalidParameterError as exc:
+        raise InvalidParameterError(f"fit setting {exc}") from None
+
+
+def module_device(module: torch.nn.Module) -> torch.device:
+    """The device of ``module``: its ``device`` attribute when it is a ``torch.device`` (an
+    :class:`~blackbox_rs.modules.base.InputModule`), else that of its first parameter or buffer,
+    else the CPU."""
+    own = getattr(module, "device", None)
+    if isinstance(own, torch.device):
+        return own
+    for t in (*module.parameters(), *module.buffers()):
+        return t.device
+    return torch.device("cpu")
+
+
+def _moved(module: torch.nn.Module, device: torch.device, what: str) -> None:
+    try:
+        module.to(device)
+    except Exception as exc:  # torch raises many unrelated types for a failed move
+        raise InvalidParameterError(
+            f"cannot move the {what} to the fit device {str(device)!r}: {type(exc).__name__}: {exc}") from None
+
+
 class FitContext:
-    """Shared state of one fit (see the module docstring)."""
+    """Shared state of one fit (see the module docstring).
+
+    Building it resolves the fit device (:func:`fit_device`; an unusable device raises
+    :class:`InvalidParameterError` before any query) and moves ``module`` (in place) and the fit data
+    there. :meth:`release` moves the module back where it was."""
 
     def __init__(self, engine: QueryEngine, module: InputModule, data: FitData, sigmas: list[float],
                  config: StrategyConfig, progress: ProgressFn | None = None) -> None:
         self.engine = engine
+        #: where the module, the surrogate, the fit images and the training noise live during the fit
+        self.device = fit_device(config, engine.connector)
+        #: where the module was before the fit (it goes back there: :meth:`release`)
+        self.home = module_device(module)
+        self._given = module
+        _moved(module, self.device, "module")
         self.module = module
-        self.data = data
+        self.data = data if self.device.type == "cpu" else FitData(
+            x=data.x.to(self.device), y=None if data.y is None else data.y.to(self.device))
         self.sigmas = list(sigmas)
         self.config = config
         self.progress = progress
@@ -92,7 +157,19 @@ class FitContext:
 
     # -- randomness --------------------------------------------------------------------------
     def generator(self, step: int, salt: str = "") -> torch.Generator:
+        """The CPU generator of draw ``(step, salt)`` (indices, sigma choices, CPU noise)."""
         return torch.Generator().manual_seed(_step_seed(self.config.seed, step, salt))
+
+    def gaussian(self, shape: torch.Size | tuple[int, ...], step: int, salt: str,
+                 generator: torch.Generator | None = None) -> torch.Tensor:
+        """Standard normal noise of ``shape`` on the fit device for draw ``(step, salt)``. On the CPU it
+        continues ``generator`` when given (else a fresh :meth:`generator`), as fits always drew it; on
+        another device it comes from a ``torch.Generator`` of that device seeded with the same per-step
+        seed (reproducible on that device type, not equal to the CPU's)."""
+        if self.device.type == "cpu":
+            return torch.randn(shape, generator=generator if generator is not None else self.generator(step, salt))
+        g = torch.Generator(device=self.device).manual_seed(_step_seed(self.config.seed, step, salt))
+        return torch.randn(shape, generator=g, device=self.device)
 
     def batch_indices(self, step: int, size: int, *, labelled_only: bool = False, salt: str = "batch") -> torch.Tensor:
         pool = len(self.subset) if labelled_only else len(self.data)
@@ -108,8 +185,8 @@ class FitContext:
         sig = levels[torch.randint(0, len(self.sigmas), (m,), generator=g)]
         if self.config.clean_fraction > 0:
             sig = torch.where(torch.rand(m, generator=g) < self.config.clean_fraction, torch.zeros_like(sig), sig)
-        z = torch.randn(clean.shape, generator=g)
-        return clean + sig.view(-1, 1, 1, 1) * z
+        z = self.gaussian(clean.shape, step, salt, generator=g)  # on the CPU: the same generator, continued
+        return clean + sig.to(clean.device).view(-1, 1, 1, 1) * z
 
     def module_outputs(self, noisy: torch.Tensor, chunk: int = 512) -> torch.Tensor:
         """The module's outputs on ``noisy`` in eval mode and without gradients, clipped to [0, 1] as
@@ -125,22 +202,24 @@ class FitContext:
 
     # -- black box -----------------------------------------------------------------------------
     def query(self, batch: torch.Tensor) -> torch.Tensor:
-        """Black-box labels of images in [0, 1] (through the engine: budgeted, cached, counted)."""
-        return self.engine.query(batch.detach().clamp(0.0, 1.0).contiguous(), tally=self.tally).labels
+        """Black-box labels of images in [0, 1] (through the engine: budgeted, cached, counted), on the
+        fit device. The batch is sent as a CPU tensor (a local connector moves it to its own device)."""
+        sent = batch.detach().clamp(0.0, 1.0).to("cpu").contiguous()
+        return self.engine.query(sent, tally=self.tally).labels.to(self.device)
 
     def ensure_clean_labels(self) -> torch.Tensor:
         """Black-box labels of the clean images of the labelled subset (queried once, then cached)."""
         if self.clean_labels is None:
-            labels = torch.full((len(self.data),), -1, dtype=torch.int64)
-            labels[self.subset] = self.query(self.data.x[self.subset])
+            labels = torch.full((len(self.data),), -1, dtype=torch.int64)  # on the CPU (checkpointed as it is)
+            labels[self.subset] = self.query(self.data.x[self.subset]).cpu()
             self.clean_labels = labels
         return self.clean_labels
 
     def targets(self, idx: torch.Tensor) -> torch.Tensor:
-        """Stability targets (black-box clean labels) for dataset indices ``idx``."""
-        t = self.ensure_clean_labels()[idx]
+        """Stability targets (black-box clean labels) for dataset indices ``idx``, on the fit device."""
+        t = self.ensure_clean_labels()[idx.cpu()]
         assert bool((t >= 0).all()), "targets requested outside the labelled subset"
-        return t
+        return t.to(self.device)
 
     # -- best so far ------------------------------------------------------------------------------
     def offer(self, step: int, score: float, *, per_image: torch.Tensor | None = None, **extra: float) -> None:
@@ -165,6 +244,14 @@ class FitContext:
     def restore_best(self) -> None:
         if self.best_state is not None:
             self.module.load_state_dict(self.best_state)
+
+    def release(self) -> None:
+        """Move the module (and the module given to the fit, if a strategy replaced it) back to the
+        device it was on before the fit. Saving works from any device; certification moves a module
+        to the connector's device itself."""
+        for m in {id(self.module): self.module, id(self._given): self._given}.values():
+            if module_device(m) != self.home:
+                m.to(self.home)
 
     def report(self, step: int, total: int, info: dict[str, Any]) -> None:
         if self.progress is not None:

@@ -24,7 +24,9 @@ __all__ = ["FitData", "as_fit_data"]
 
 @dataclass(frozen=True)
 class FitData:
-    """Images ``N x C x H x W`` (float32 in [0, 1]) and optional int64 labels ``[N]``."""
+    """Images ``N x C x H x W`` (float32 in [0, 1]) and optional int64 labels ``[N]``: on the CPU as
+    :func:`as_fit_data` validates them; a :class:`~blackbox_rs.fitting.context.FitContext` holds a
+    copy on the fit device."""
 
     x: torch.Tensor
     y: torch.Tensor | None

@@ -53,10 +53,10 @@ __all__ = ["GainTest", "ScoreRound", "gain_test", "paired_t_pvalue", "radius_sco
 
 def radius_scores(correct: torch.Tensor, draws: int) -> torch.Tensor:
     """Per-image clipped radius estimates ``max(0, Phi^-1((c + 1/2) / (draws + 1)))`` (units of sigma)
-    from the counts ``correct`` (integers in ``[0, draws]``)."""
+    from the counts ``correct`` (integers in ``[0, draws]``, on any device), on the CPU."""
     if draws < 1:
         raise InvalidParameterError(f"draws must be >= 1, got {draws}")
-    c = torch.as_tensor(correct).to(torch.float64)
+    c = torch.as_tensor(correct).to("cpu", torch.float64)
     if c.numel() and (bool((c < 0).any()) or bool((c > draws).any())):
         raise InvalidParameterError(f"counts must lie in [0, {draws}]")
     p = ((c + 0.5) / (draws + 1)).numpy()
@@ -134,7 +134,8 @@ def gain_test(current: torch.Tensor, best: torch.Tensor, levels: int = 1) -> Gai
 
 
 class ScoreRound:
-    """The outcome of one scoring round: the module's outputs, the black box's labels, the score."""
+    """The outcome of one scoring round: the module's outputs, the black box's labels and the targets
+    (on the fit device), and the per-image scores (:attr:`per_image`, on the CPU) and their summaries."""
 
     def __init__(self, outputs: torch.Tensor, labels: torch.Tensor, targets: torch.Tensor, draws: int,
                  sigmas: list[float]) -> None:
@@ -151,7 +152,8 @@ class ScoreRound:
 def score_round(ctx: FitContext) -> ScoreRound:
     """Query the black box on the module's outputs for the fixed scoring set: ``score_images`` images
     of the labelled subset, ``score_draws`` noise draws each, image ``i`` at ``sigmas[i % len(sigmas)]``
-    (never clean). Costs ``score_images * score_draws`` queries (fewer if the subset is smaller)."""
+    (never clean). Costs ``score_images * score_draws`` queries (fewer if the subset is smaller). The
+    noise is drawn on the fit device (:meth:`FitContext.gaussian`; on the CPU exactly as always)."""
     cfg = ctx.config
     g = ctx.generator(-1, "score-set")
     perm = ctx.subset[torch.randperm(len(ctx.subset), generator=g)]
@@ -159,7 +161,8 @@ def score_round(ctx: FitContext) -> ScoreRound:
     m, draws = len(idx), cfg.score_draws
     clean = repeat_draws(ctx.data.x[idx], draws)
     sig = repeat_draws(torch.tensor(ctx.sigmas, dtype=torch.float32)[torch.arange(m) % len(ctx.sigmas)], draws)
-    z = torch.randn(clean.shape, generator=ctx.generator(-1, "score-noise"))
+    sig = sig.to(clean.device)
+    z = ctx.gaussian(clean.shape, -1, "score-noise")
     noisy = clean + sig.view(-1, 1, 1, 1) * z
     out = ctx.module_outputs(noisy)
     labels = ctx.query(out)

@@ -176,7 +176,7 @@ def estimate_fit_time(
     from blackbox_rs.connectors import CallableConnector
     from blackbox_rs.engine import QueryEngine
     from blackbox_rs.fitting.config import FitConfig
-    from blackbox_rs.fitting.context import FitContext
+    from blackbox_rs.fitting.context import FitContext, fit_device
     from blackbox_rs.fitting.data import FitData
     from blackbox_rs.fitting.strategies import estimate_fit_queries, get_strategy
 
@@ -209,7 +209,12 @@ def estimate_fit_time(
         y = torch.randint(0, int(num_classes), (m,), generator=g)
         data = FitData(x=x, y=y)
         clf = copy.deepcopy(stand_in) if stand_in is not None else _StandIn(shape[0], int(num_classes))
-        conn = CallableConnector(clf, input_shape=shape, num_classes=int(num_classes), differentiable=True,
+        dev = fit_device(cfg, None)  # the configured device (else the CPU); an unusable one raises here
+        fn: Any = clf
+        if dev.type != "cpu":  # the stand-in runs on the fit device, answering where it was asked
+            clf.to(dev)
+            fn = lambda b: clf(b.to(dev)).to(b.device)  # noqa: E731
+        conn = CallableConnector(fn, input_shape=shape, num_classes=int(num_classes), differentiable=True,
                                  fingerprint="blackbox-rs/fit-timing-stand-in", max_batch=1 << 20)
 
         def context(probe_cfg: Any) -> Any:

@@ -180,6 +180,18 @@ class InputModule(nn.Module):
         """Registry name of this module."""
         return self.config.name
 
+    @property
+    def device(self) -> torch.device:
+        """Where the module computes: the device of its first parameter or buffer (the CPU for a module
+        with neither). Move it with ``module.to(device)``; :meth:`save` works from any device and
+        :func:`load_module` always returns a CPU module. Modules that hold a network outside their
+        state (frozen denoisers) say where that network is."""
+        for t in self.parameters():
+            return t.device
+        for t in self.buffers():
+            return t.device
+        return torch.device("cpu")
+
     # ------------------------------------------------------------------ forward
     def check_input(self, x: torch.Tensor) -> None:
         """Raise :class:`InvalidInputError` unless ``x`` is a float ``N×C×H×W`` tensor of the configured
@@ -232,7 +244,7 @@ class InputModule(nn.Module):
         """A detached copy of θ as one 1-D tensor (order of :meth:`trainable_parameters`)."""
         params = self.trainable_parameters()
         if not params:
-            return torch.zeros(0)
+            return torch.zeros(0, device=self.device)
         return torch.cat([p.detach().reshape(-1) for p in params]).clone()
 
     def _check_flat(self, vec: torch.Tensor, what: str) -> None:
@@ -284,7 +296,8 @@ class InputModule(nn.Module):
 
     # ------------------------------------------------------------------ save / load
     def save(self, directory: str | os.PathLike[str]) -> Path:
-        """Write ``module_config.json`` and ``module.safetensors`` into ``directory`` (created if needed).
+        """Write ``module_config.json`` and ``module.safetensors`` into ``directory`` (created if needed),
+        from any device (the tensors are copied to the CPU; the module stays where it is).
 
         Each file is written durably under a temporary name and moved into place atomically
         (:func:`blackbox_rs.paths.atomic_path`): the config is written first, then the weights are

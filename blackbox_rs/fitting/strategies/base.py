@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from blackbox_rs.binding import hash_state
-from blackbox_rs.errors import BudgetExceeded, CacheError
+from blackbox_rs.errors import BudgetExceeded, CacheError, ResumeMismatchError
 from blackbox_rs.fitting.checkpoint import (
     load_checkpoint,
     optimizer_from_tensors,
@@ -291,18 +291,30 @@ class Strategy(abc.ABC):
         return t, {"opt": m, "mse_ema": self._mse_ema}
 
     def load_state(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+        """Restore :meth:`state` (checkpointed tensors arrive on the CPU; the optimizer places its
+        state on its parameters' device)."""
         optimizer_from_tensors(self.opt, "opt", tensors, meta["opt"])
         self._mse_ema = meta.get("mse_ema")
+
+    def release(self) -> None:  # noqa: B027 - optional hook
+        """Called once when the fit ends (or fails): put back what the strategy moved to the fit
+        device (the module itself is put back by :meth:`FitContext.release`)."""
 
 
 def _config_digest(ctx: FitContext, strategy: str) -> str:
     """What a fit checkpoint is bound to: the settings, strategy, sigmas, model fingerprint, module
     config and the fit data itself (images and labels, by content), so a rerun on other data of the
-    same size never resumes it."""
-    cfg = ctx.config.model_dump(mode="json", exclude={"checkpoint_every", "steps"})  # a module surrogate: its digest
-    blob = json.dumps({"cfg": cfg, "strategy": strategy, "sigmas": ctx.sigmas,
-                       "fingerprint": ctx.engine.info.fingerprint, "n": len(ctx.data),
-                       "module": ctx.module.config.model_dump(mode="json")}, sort_keys=True)
+    same size never resumes it; and the fit device's type when it is not the CPU (its training noise
+    comes from that device's generator; a CPU fit's digest is the one it had before fits had a device,
+    so older CPU checkpoints still resume). The ``device`` setting itself is not bound: ``None`` and
+    ``'cpu'`` on a CPU connector, or ``'cuda'`` and ``'cuda:0'``, are the same fit."""
+    cfg = ctx.config.model_dump(mode="json", exclude={"checkpoint_every", "steps", "device"})  # a module surrogate: its digest
+    bound: dict[str, Any] = {"cfg": cfg, "strategy": strategy, "sigmas": ctx.sigmas,
+                             "fingerprint": ctx.engine.info.fingerprint, "n": len(ctx.data),
+                             "module": ctx.module.config.model_dump(mode="json")}
+    if ctx.device.type != "cpu":
+        bound["device_type"] = ctx.device.type
+    blob = json.dumps(bound, sort_keys=True)
     h = hashlib.sha256(blob.encode())
     data = {"x": ctx.data.x}
     if ctx.data.y is not None:
@@ -329,18 +341,29 @@ def _checkpoint(ctx: FitContext, strat: Strategy, directory: str | os.PathLike[s
     meta = {"step": step, "finished": finished, "digest": digest, "strategy": smeta, "best_score": ctx.best_score,
             "best_step": ctx.best_step, "history": ctx.history, "module_name": ctx.module.name,
             "no_gain_rounds": ctx.no_gain_rounds, "scored_step": ctx.scored_step, "stopped": stopped,
-            "queries_spent": spent}
+            "queries_spent": spent, "device_type": ctx.device.type}
     save_checkpoint(directory, tensors, meta)
 
 
 def _restore(ctx: FitContext, strat: Strategy, directory: str | os.PathLike[str],
              digest: str) -> tuple[int, bool, dict[str, Any]]:
     """Load the checkpoint in ``directory`` into ``ctx`` and ``strat``: the step reached, whether the
-    fit finished, and how it stopped and what it spent (``{"stopped": .., "spent": ..}``)."""
+    fit finished, and how it stopped and what it spent (``{"stopped": .., "spent": ..}``).
+
+    A checkpoint written on another device type (``"cpu"`` for one that does not say: fits ran on the
+    CPU only before) raises :class:`ResumeMismatchError` naming both: its training noise came from
+    that device type's generator, so continuing here would not be the fit it describes."""
     found = load_checkpoint(directory)
     if found is None:
         return 0, False, {"stopped": "completed", "spent": 0}
     tensors, meta = found
+    saved_type, now_type = str(meta.get("device_type", "cpu")), ctx.device.type
+    if saved_type != now_type:
+        raise ResumeMismatchError(
+            f"the fit checkpoint in {directory} was written by a fit on device type {saved_type!r}, this fit "
+            f"runs on {now_type!r} (device={str(ctx.device)!r}); the training noise comes from that device's "
+            f"generator, so it would not continue the same fit: use device={saved_type!r} or another "
+            "checkpoint_dir", {"device_type": (saved_type, now_type)})
     if meta.get("digest") != digest:
         raise CacheError(
             f"the fit checkpoint in {directory} was written with other settings (config, data, sigmas, "
@@ -348,7 +371,7 @@ def _restore(ctx: FitContext, strat: Strategy, directory: str | os.PathLike[str]
         )
     strat.prepare_for_step(int(meta["step"]))
     sub = lambda p: {k[len(p):]: v for k, v in tensors.items() if k.startswith(p)}  # noqa: E731
-    ctx.module.load_state_dict(sub("m."))
+    ctx.module.load_state_dict(sub("m."))  # CPU tensors copied into the module where it is (the fit device)
     best = sub("b.")
     ctx.best_state = best or None
     ctx.best_score, ctx.best_step = meta["best_score"], meta["best_step"]
@@ -368,11 +391,26 @@ def run_fit(ctx: FitContext, strategy: str, *, checkpoint_dir: str | os.PathLike
     """Run ``strategy`` to completion, until the budget stops it, or until ``patience`` scoring rounds
     in a row show no significant gain (``stopped="no_gain"``, with ``queries_saved``: the
     strategy's :meth:`~Strategy.estimate_queries` cap minus the queries charged over all calls of the
-    fit); the module ends in its best tracked state. With ``checkpoint_dir`` the state (the patience
-    counter included) is saved every ``checkpoint_every`` steps and at the end, and a rerun resumes
-    from it: a fit that stopped for no gain stays stopped (its rerun spends nothing)."""
+    fit); the module ends in its best tracked state, in eval mode, back on the device it was on
+    before the fit (:meth:`FitContext.release`, also when the fit fails). With ``checkpoint_dir``
+    the state (the patience counter included) is saved every ``checkpoint_every`` steps and at the
+    end, on the CPU, and a rerun resumes from it onto the fit device: a fit that stopped for no gain
+    stays stopped (its rerun spends nothing); one written on another device type is refused
+    (:class:`ResumeMismatchError`, see :func:`_restore`)."""
     cls = get_strategy(strategy)
-    strat = cls(ctx)
+    try:
+        strat = cls(ctx)
+        try:
+            return _drive(ctx, strat, cls, strategy, checkpoint_dir)
+        finally:
+            strat.release()
+    finally:
+        ctx.release()
+
+
+def _drive(ctx: FitContext, strat: Strategy, cls: type[Strategy], strategy: str,
+           checkpoint_dir: str | os.PathLike[str] | None) -> FitReport:
+    """The driver loop of :func:`run_fit` (resume, steps, checkpoints, stop), on the fit device."""
     strat.check()
     digest = _config_digest(ctx, strategy)
     if checkpoint_dir is not None:

@@ -13,6 +13,10 @@ Which state is kept is decided by the scoring rounds of :class:`Strategy` (the M
 is the first candidate): surrogate steps replace it only if the black box itself rates them higher.
 Each round also records ``surrogate_fidelity``: how often the surrogate already agreed with the
 black box on the module's new outputs, before training on them.
+
+Device: the surrogate and its distillation buffer live on the fit device
+(:attr:`FitContext.device`); a surrogate module of yours is moved there for the fit and back to its
+own device when the fit ends. Checkpoints hold the surrogate and the buffer on the CPU.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from blackbox_rs.binding import hash_state
 from blackbox_rs.errors import InvalidParameterError
 from blackbox_rs.fitting.checkpoint import optimizer_from_tensors, optimizer_to_tensors
 from blackbox_rs.fitting.config import StrategyConfig
+from blackbox_rs.fitting.context import module_device
 from blackbox_rs.fitting.selection import ScoreRound
 from blackbox_rs.fitting.strategies.base import Strategy, register_strategy
 from blackbox_rs.surrogates import predict_logits
@@ -133,9 +138,20 @@ class SurrogateStrategy(Strategy):
         super().__init__(ctx)
         info = ctx.engine.info
         self.surrogate = build_surrogate(ctx.config.surrogate, info.input_shape, info.num_classes)
+        self._surrogate_home = module_device(self.surrogate)  # a surrogate of yours goes back there
+        try:
+            self.surrogate.to(ctx.device)
+        except Exception as exc:  # torch raises many unrelated types for a failed move
+            raise InvalidParameterError(f"cannot move the surrogate to the fit device {str(ctx.device)!r}: "
+                                        f"{type(exc).__name__}: {exc}") from None
         self.s_opt = torch.optim.Adam(self.surrogate.parameters(), lr=ctx.config.surrogate_lr)
-        self.buf_x = torch.empty((0, *info.input_shape))
-        self.buf_y = torch.empty(0, dtype=torch.int64)
+        self.buf_x = torch.empty((0, *info.input_shape), device=ctx.device)
+        self.buf_y = torch.empty(0, dtype=torch.int64, device=ctx.device)
+
+    def release(self) -> None:
+        """Move the surrogate back to the device it was built or given on."""
+        if module_device(self.surrogate) != self._surrogate_home:
+            self.surrogate.to(self._surrogate_home)
 
     def check(self) -> None:
         ctx = self.ctx
@@ -202,8 +218,7 @@ class SurrogateStrategy(Strategy):
         ctx, cfg = self.ctx, self.ctx.config
         j = k - self.pretrain_steps
         if j == 0 and len(self.buf_y) == 0:
-            labels = ctx.ensure_clean_labels()
-            self._add(ctx.data.x[ctx.subset], labels[ctx.subset])
+            self._add(ctx.data.x[ctx.subset], ctx.targets(ctx.subset))  # the clean labels, on the fit device
         if j % cfg.redistill_every == 0:
             self._distill_round(k, cfg.distill_queries)
         for p in self.surrogate.parameters():
@@ -228,4 +243,4 @@ class SurrogateStrategy(Strategy):
         super().load_state(tensors, meta)
         self.surrogate.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("sur.")})
         optimizer_from_tensors(self.s_opt, "sopt", tensors, meta["sopt"])
-        self.buf_x, self.buf_y = tensors["buf_x"], tensors["buf_y"]
+        self.buf_x, self.buf_y = tensors["buf_x"].to(self.ctx.device), tensors["buf_y"].to(self.ctx.device)

@@ -11,6 +11,12 @@
    as one query: ``2 * q * zo_batch * noise_draws`` images per step. Momentum SGD (Nesterov), fp32.
 4. Scoring rounds (see :class:`Strategy`) decide which state is kept, the MSE-pretrained one included.
 
+Device: the module (its LoRA form included) runs on the fit device (:attr:`FitContext.device`); the
+estimator does not: the flat parameter vector, the random directions, the perturbations, the
+momentum and the update are float32 CPU tensors (:mod:`blackbox_rs.fitting.zo`), copied into the
+module's parameters for each evaluation. Its arithmetic is therefore the same on every device; the
+perturbed outputs are computed on the device and sent to the black box as CPU tensors.
+
 A module with more than ``zo_max_parameters`` trainable parameters in the tuned parametrisation
 (e.g. a ``unet``, which has no LoRA form) is refused before any query: random-direction estimates
 in tens of thousands of dimensions are noise at any affordable query count.
@@ -113,7 +119,7 @@ class ZerothOrderStrategy(Strategy):
             from blackbox_rs.modules.lora_denoiser import LoRADnCNN
 
             # the MSE phase's best state (DnCNN keys) is dropped by the first scoring round (Strategy.score)
-            ctx.module = LoRADnCNN.from_denoiser(ctx.module, rank=ctx.config.zo_rank)
+            ctx.module = LoRADnCNN.from_denoiser(ctx.module, rank=ctx.config.zo_rank).to(ctx.device)
             self.opt = torch.optim.Adam(ctx.module.trainable_parameters(), lr=ctx.config.lr)
 
     def main_step(self, k: int) -> dict[str, float]:
@@ -123,7 +129,7 @@ class ZerothOrderStrategy(Strategy):
         idx = ctx.batch_indices(k, cfg.zo_batch, labelled_only=True)
         clean = repeat_draws(ctx.data.x[idx], cfg.noise_draws)
         noisy = ctx.noisy(clean, k)
-        target = repeat_draws(ctx.targets(idx), cfg.noise_draws)
+        target = repeat_draws(ctx.targets(idx), cfg.noise_draws).cpu()  # compared with the answers, on the CPU
         use_scores = ctx.engine.info.returns_scores and cfg.zo_loss != "labels"
 
         def batched_loss(thetas: torch.Tensor) -> torch.Tensor:
@@ -134,7 +140,7 @@ class ZerothOrderStrategy(Strategy):
                     module.set_flat_parameters(theta)
                     outs.append(module(noisy).clamp(0.0, 1.0))
             module.set_flat_parameters(saved)
-            pred = ctx.engine.query(torch.cat(outs), tally=ctx.tally)
+            pred = ctx.engine.query(torch.cat(outs).cpu(), tally=ctx.tally)
             m = noisy.shape[0]
             tgt = target.repeat(len(thetas))
             if use_scores and pred.scores is not None:
@@ -144,7 +150,7 @@ class ZerothOrderStrategy(Strategy):
                 per = (pred.labels != tgt).to(torch.float64)
             return per.view(len(thetas), m).mean(1).to(torch.float64)
 
-        theta = module.flat_parameters()
+        theta = module.flat_parameters().cpu()  # the estimator's arithmetic: fp32 on the CPU
         est = rge_gradient(batched_loss, theta, q=cfg.zo_directions, mu=cfg.zo_mu, distribution="gaussian",
                            generator=ctx.generator(k, "zo-directions"), batched=True)
         module.set_flat_parameters(self.zo.step(theta, est.grad))
