@@ -7,8 +7,9 @@ accelerator) a request whose payload the certification core generated is keyed i
 payload's *generating identity* (:func:`origin_key`: input content hash, noise mode and device type,
 seed, noise key, stream, sigma, sample range, transform digest, clipping): the payload is a pure
 function of those, and hashing hundreds of KB per sample on the host would cost more than the model
-on a GPU. An input module without an identity never gets origin keys (nothing would tell two apart). Values are JSON (labels and optional scores); float scores survive the JSON round
-trip bit for bit. The granularity is the request: a rerun with the same arguments sends the same
+on a GPU. An input module without an identity never gets origin keys (nothing would tell two apart). Values are JSON: labels as a list, scores as base64 of their little-endian float32 bytes
+(bit for bit, and fast for 1,000-class batches; rows that earlier releases wrote as JSON float lists
+are still read). The granularity is the request: a rerun with the same arguments sends the same
 requests and hits; changing the batch size misses.
 
 A few metadata values bound to the cache live beside the answers (:meth:`QueryCache.get_meta` /

@@ -403,3 +403,30 @@ def test_connectors_without_versions_and_engines_without_cache_are_unaffected(tm
     model = VersionedModel("v1")
     QueryEngine(model).query(torch.rand(2, *SHAPE))  # no cache: nothing stored, nothing pinned
     assert model._expected is None
+
+
+# ---- cache values: scores as base64 float32 bytes (bit-exact, fast), earlier JSON lists still read ----
+def test_cached_scores_round_trip_bit_exactly_and_old_rows_still_read(tmp_path):
+    from blackbox_rs.cache import QueryCache
+    from blackbox_rs.connectors.base import ConnectorInfo
+    from blackbox_rs.engine import _decode, _encode
+    from blackbox_rs.errors import CacheError
+
+    m, k = 40, 7
+    scores = torch.softmax(torch.randn(m, k, generator=torch.Generator().manual_seed(0)) * 5, dim=1)
+    pred = Prediction(labels=scores.argmax(1), scores=scores)
+    info = ConnectorInfo(input_shape=(1, 2, 2), class_names=tuple("abcdefg"), returns_scores=True, fingerprint="f")
+    cache = QueryCache(tmp_path / "c")
+    value = _encode(pred)
+    assert isinstance(value["scores_f32"], str) and "scores" not in value  # packed, not a float list
+    cache.set("new", value)
+    back = _decode(cache.get("new"), m, info)
+    assert torch.equal(back.scores, scores) and torch.equal(back.labels, pred.labels)
+    cache.set("old", {"labels": pred.labels.tolist(), "scores": scores.double().tolist()})  # earlier releases
+    assert torch.equal(_decode(cache.get("old"), m, info).scores, scores)
+    label_only = _encode(Prediction(labels=pred.labels, scores=None))
+    assert label_only["scores"] is None
+    for bad in ({**value, "scores_f32": "not base64!"}, {**value, "scores_f32": value["scores_f32"][:-8]},
+                {**value, "scores_f32": 3}):
+        with pytest.raises(CacheError, match="malformed cache entry"):
+            _decode(bad, m, info)

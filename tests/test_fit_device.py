@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers.devices import cuda_only
 from safetensors.torch import load_file
 
 from blackbox_rs.connectors import ModuleConnector
@@ -16,7 +17,7 @@ from blackbox_rs.fitting.config import FitConfig
 from blackbox_rs.smoother import BlackBoxSmoother
 from blackbox_rs.surrogates import SmallCNN
 
-CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+CUDA = cuda_only  # marked cuda (benchmarks/device_check.sh runs -m cuda), skipped without a device
 SHAPE = (1, 8, 8)
 MODULE = {"name": "dncnn", "depth": 3, "width": 8}
 PROMPT = {"name": "prompt_full"}

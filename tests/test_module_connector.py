@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers.devices import cuda_only
 from torch import nn
 
 from blackbox_rs.connectors import ModuleConnector, TorchScriptConnector
@@ -25,7 +26,7 @@ from blackbox_rs.errors import ConnectorError, InvalidParameterError
 
 SHAPE = (3, 4, 4)
 K = 5
-CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+CUDA = cuda_only  # marked cuda (benchmarks/device_check.sh runs -m cuda), skipped without a device
 
 
 class Net(nn.Module):

@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 import torch
+from helpers.devices import cuda_only
 from torch import nn
 from torch.export import Dim
 
@@ -26,7 +27,7 @@ from blackbox_rs.errors import InvalidParameterError
 
 SHAPE = (3, 8, 8)
 K = 5
-CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+CUDA = cuda_only  # marked cuda (benchmarks/device_check.sh runs -m cuda), skipped without a device
 
 
 class CNN(nn.Module):
