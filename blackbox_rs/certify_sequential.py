@@ -41,9 +41,11 @@ from blackbox_rs.core import (
     Transform,
     check_budget_limit,
     noise_device,
+    noise_mode,
     positive_int,
     prepare,
     record_binding,
+    run_transform,
     sample_counts,
 )
 from blackbox_rs.dataset import (
@@ -144,12 +146,12 @@ def certify_radius(
             source = lambda s, m: noise.noisy(u, s, m)  # noqa: E731 - exact lattice points
         return sample_counts(engine, xt, sigma=sigma, num=num, seed=seed, key=key, stream=stream,
                              batch_size=bs, transform=transform, tally=tally, start=start, noisy_batch=source,
-                             noise_mode=noise_identity(True, "cpu") if source is not None else None)
+                             _origin_mode=noise_identity(True, "cpu") if source is not None else None)
 
-    clean_in = xt.unsqueeze(0)
+    clean_in = xt.unsqueeze(0).to(noise_device(engine))  # where the noisy batches run, the module too
     if transform is not None:
         with torch.no_grad():
-            clean_in = transform(clean_in)
+            clean_in = run_transform(transform, clean_in)
     clean = int(engine.query(clean_in.detach().clamp(0.0, 1.0), tally=tally).labels[0])
     sel = counts(SELECTION_STREAM, 0, n0)
     best = sel.max()
@@ -263,7 +265,7 @@ def certify_radius_dataset(
               "fingerprint": engine.info.fingerprint, "lattice": bool(lattice), "growth": float(growth),
               "target_share": float(target_share), "futility": futility,
               "transform": transform_identity(transform),
-              "noise": noise_identity(bool(lattice), "cpu" if lattice else noise_device(engine).type),
+              "noise": noise_mode(engine, bool(lattice)),
               "other_index": engine.info.other_index,
               "method": "sequential_certify"}
     settings = {"radii": [float(r) for r in radii], "sigma": sigma, "alpha": alpha, "n0": n0, "max_queries": cap,

@@ -28,6 +28,7 @@ with ``output`` refuse to resume from a journal written for anything else.
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable
 from typing import Any
@@ -46,14 +47,17 @@ from blackbox_rs.errors import (
     InvalidParameterError,
     UncertifiableError,
 )
-from blackbox_rs.noise import NoiseStream, input_key
+from blackbox_rs.noise import NoiseStream, device_tag, input_key
 
 __all__ = [
     "Transform",
     "certify",
     "check_budget_limit",
     "check_certifiable",
+    "exact_identity",
     "noise_device",
+    "noise_mode",
+    "run_transform",
     "positive_int",
     "predict",
     "prepare",
@@ -113,20 +117,54 @@ def noise_device(engine: QueryEngine) -> torch.device:
     return torch.device("cpu")
 
 
+def noise_mode(engine: QueryEngine, lattice: bool = False) -> str:
+    """The noise identity of a run on ``engine``: mode and the device tag of its generator
+    (:func:`blackbox_rs.noise.device_tag`; exact lattice noise is always drawn on the CPU)."""
+    return noise_identity(lattice, "cpu" if lattice else device_tag(noise_device(engine)))
+
+
+def run_transform(transform: Transform, batch: torch.Tensor) -> torch.Tensor:
+    """``transform(batch)`` where the transform can run it: a fitted module's transform (it has
+    ``on``) where the batch is; a plain ``nn.Module`` on its own device; any other callable on the CPU
+    (what it was always given). The result stays where the transform put it (the connector moves it)."""
+    target = getattr(transform, "fn", transform)  # an identified() wrapper
+    if callable(getattr(target, "on", None)):
+        return transform(batch)
+    if isinstance(target, torch.nn.Module):
+        t = next(itertools.chain(target.parameters(), target.buffers()), None)
+        dev = batch.device if t is None else t.device
+    else:
+        dev = torch.device("cpu")
+    return transform(batch if batch.device == dev else batch.to(dev))
+
+
+def exact_identity(transform: Transform | None) -> bool:
+    """Whether ``transform``'s identity determines its function exactly, so answers may be cached
+    under it: the bare model, a fitted module (an :class:`~blackbox_rs.modules.base.InputModule` digest
+    of config and every tensor, unless the module says otherwise, e.g. a ``frozen`` denoiser around
+    an in-memory ``nn.Module``), or a callable that declares an ``identity`` string. Not: a plain
+    ``nn.Module``'s best-effort digest (settings it cannot read, globals), or a callable without one."""
+    if transform is None:
+        return True
+    ident = transform_identity(transform)
+    if ident.startswith(("unidentified:", "nn:")):
+        return False
+    return bool(getattr(getattr(transform, "fn", transform), "exact_identity", True))
+
+
 def payload_origin(engine: QueryEngine, x: torch.Tensor, *, noise: str, sigma: float, seed: int, key: str,
                    stream: str, transform: Transform | None) -> str | None:
     """The generating identity of the payloads :func:`sample_counts` sends for one input and stream
     (cached by it, not by payload bytes, when the engine :attr:`~QueryEngine.caches_by_origin`): the
-    input's content hash, noise mode and device type, seed, noise key, stream, sigma, transform
-    identity and the clip to [0, 1]. ``None`` (key by payload) when the engine does not cache by
-    origin or the transform has no identity (nothing would tell two such transforms apart)."""
-    if not engine.caches_by_origin:
+    input's content hash, noise mode and device tag, seed, noise key, stream, sigma, transform identity,
+    the clip to [0, 1] and the torch version (kernels that draw noise or run the module may change
+    with it); :func:`sample_counts` adds each batch's sample range (a module's output may differ in
+    the last bits with the batch it ran in). ``None`` (key by payload) when the engine does not cache
+    by origin or the transform's identity is not exact (:func:`exact_identity`)."""
+    if not engine.caches_by_origin or not exact_identity(transform):
         return None
-    ident = transform_identity(transform)
-    if ident.startswith("unidentified:"):
-        return None
-    return (f"v1|{noise}|input={input_key(x)}|seed={int(seed)}|key={key}|stream={stream}|sigma={float(sigma)!r}"
-            f"|transform={ident}|clip=0,1")
+    return (f"v1|torch={torch.__version__}|{noise}|input={input_key(x)}|seed={int(seed)}|key={key}|stream={stream}"
+            f"|sigma={float(sigma)!r}|transform={transform_identity(transform)}|clip=0,1")
 
 
 def sample_counts(
@@ -143,14 +181,16 @@ def sample_counts(
     tally: Tally | None = None,
     start: int = 0,
     noisy_batch: Callable[[int, int], torch.Tensor] | None = None,
-    noise_mode: str | None = None,
+    _origin_mode: str | None = None,
 ) -> np.ndarray:
     """Per-class counts of ``f(clip(T(x + delta_i)))`` for noise samples ``start .. start+num-1``.
 
     The default source is Gaussian ``x + NoiseStream(...)`` drawn on :func:`noise_device`.
     ``noisy_batch(start, count)`` replaces it (e.g. exact lattice noise); it must be counter-based
-    too, and ``noise_mode`` must then name it (e.g. ``"lattice-v1:cpu"``) for its requests to be
-    cached by origin. Memory is one batch; counting uses ``torch.bincount`` (no per-sample Python loop).
+    too. Its requests are keyed by payload bytes; ``_origin_mode`` is for the SDK's own sources only
+    (the exact lattice source passes ``"lattice-v1:cpu"``): it must be a complete identity of the
+    source, or the cache would serve wrong answers. Memory is one batch; counting uses
+    ``torch.bincount`` (no per-sample Python loop).
     """
     info = engine.info
     k = info.num_classes
@@ -158,23 +198,26 @@ def sample_counts(
         dev = noise_device(engine)
         noise = NoiseStream(seed=seed, key=key, stream=stream, shape=info.input_shape, sigma=sigma, device=dev)
         x_dev = x.to(dev)
-        noise_mode = noise_identity(False, dev.type)
+        _origin_mode = noise_identity(False, noise.device_tag)
 
         def noisy_batch(s: int, m: int) -> torch.Tensor:
             return noise.samples(s, m).add_(x_dev)
 
-    origin = None if noise_mode is None else payload_origin(
-        engine, x, noise=noise_mode, sigma=sigma, seed=seed, key=key, stream=stream, transform=transform)
+    origin = None if _origin_mode is None else payload_origin(
+        engine, x, noise=_origin_mode, sigma=sigma, seed=seed, key=key, stream=stream, transform=transform)
     counts = torch.zeros(k, dtype=torch.int64)
     done = 0
     while done < num:
         m = min(batch_size, num - done)
         batch = noisy_batch(start + done, m)
+        where = origin
         if transform is not None:
             with torch.no_grad():
-                batch = transform(batch)
+                batch = run_transform(transform, batch)
+            if where is not None:
+                where = f"{where}|tbatch={start + done}+{m}"
         batch = batch.clamp_(0.0, 1.0) if not batch.requires_grad else batch.detach().clamp(0.0, 1.0)
-        pred = engine.query(batch, tally=tally, origin=None if origin is None else (origin, start + done))
+        pred = engine.query(batch, tally=tally, origin=None if where is None else (where, start + done))
         counts += torch.bincount(pred.labels, minlength=k)
         done += m
     return counts.numpy()
@@ -282,7 +325,7 @@ def record_binding(engine: QueryEngine, transform: Transform | None, *, label: i
     """The binding fields every record carries (see :mod:`blackbox_rs.binding`)."""
     return {
         "transform": transform_identity(transform),
-        "noise": noise_identity(lattice, "cpu" if lattice else noise_device(engine).type),
+        "noise": noise_mode(engine, lattice),
         "other_index": engine.info.other_index,
         "reference": reference if reference is not None else ("labels" if label is not None else None),
     }

@@ -36,7 +36,7 @@ import torch
 from pydantic import BaseModel
 
 from blackbox_rs import defaults, stats
-from blackbox_rs.binding import identified, noise_identity, transform_identity
+from blackbox_rs.binding import identified, transform_identity
 from blackbox_rs.certificate import Certificate, with_names
 from blackbox_rs.connectors.base import Connector
 from blackbox_rs.core import (
@@ -44,7 +44,7 @@ from blackbox_rs.core import (
     certify,
     check_budget_limit,
     check_certifiable,
-    noise_device,
+    noise_mode,
     positive_int,
     resolve_seed,
     validate_input,
@@ -358,7 +358,7 @@ def certify_dataset(
     transform = identified(transform, require=output is not None)  # hashed once, not per input
     params = {"n0": n0, "n": n, "alpha": alpha, "sigma": sigma, "fingerprint": engine.info.fingerprint,
               "transform": transform_identity(transform),
-              "noise": noise_identity(False, noise_device(engine).type), "other_index": engine.info.other_index,
+              "noise": noise_mode(engine), "other_index": engine.info.other_index,
               "method": "cohen_certify"}
     settings = {"sigma": sigma, "n0": n0, "n": n, "alpha": alpha, "batch_size": batch_size}
     make_one = cohen_maker(engine, transform, **settings)

@@ -13,7 +13,8 @@ Noise is float32 and drawn on the device the model runs on (``device=``; default
 per-sample host tensor crosses the bus when the model is on an accelerator. CPU and CUDA generators
 give different values for the same seed, so the device *type* is part of the noise identity
 (:func:`blackbox_rs.binding.noise_identity`): it is recorded in every certificate and journal, a
-resume on another device type is refused, and cache keys differ. On one device type the values are
+resume on another device type (or, for CUDA, another GPU model: :func:`device_tag`) is refused, and
+cache keys differ. On one device type the values are
 still a pure function of ``(seed, key, stream, i, shape)``: the same for any batch size or resume
 point. CPU noise is bit-identical to earlier releases (same generator, same chunk seeds).
 """
@@ -28,10 +29,24 @@ import torch
 
 from blackbox_rs.errors import InvalidParameterError
 
-__all__ = ["NoiseStream", "chunk_size_for", "input_key"]
+__all__ = ["NoiseStream", "chunk_size_for", "device_tag", "input_key"]
 
 _CHUNK_ELEMENTS = 1 << 20  # ~4 MiB of float32 per chunk
 _MAX_CHUNK = 256
+
+
+def device_tag(device: str | torch.device | None) -> str:
+    """What of a device determines the noise its generator draws: ``"cpu"``; for CUDA the device type
+    with its multiprocessor count and threads per multiprocessor (``"cuda.sm132x2048"``), because
+    CUDA's random kernels cap their grid by those and the element-to-random-number mapping of a large
+    chunk follows the grid (two GPU models, or MIG slices, can draw different values for one seed);
+    other device types by their type."""
+    dev = torch.device("cpu" if device is None else device)
+    if dev.type != "cuda":
+        return dev.type
+    props = torch.cuda.get_device_properties(dev)
+    threads = getattr(props, "max_threads_per_multi_processor", None) or props.name
+    return f"cuda.sm{props.multi_processor_count}x{threads}"
 
 
 def chunk_size_for(shape: Sequence[int]) -> int:
@@ -54,8 +69,8 @@ def input_key(x: torch.Tensor) -> str:
     return h.hexdigest()[:32]
 
 
-def _chunk_seed(seed: int, key: str, stream: str, chunk: int, device_type: str = "cpu") -> int:
-    where = "" if device_type == "cpu" else f"|{device_type}"  # CPU: the seeds of every earlier release
+def _chunk_seed(seed: int, key: str, stream: str, chunk: int, device_tag: str = "cpu") -> int:
+    where = "" if device_tag == "cpu" else f"|{device_tag}"  # CPU: the seeds of every earlier release
     msg = f"blackbox-rs/noise/v1|{int(seed)}|{key}|{stream}|{int(chunk)}{where}".encode()
     return int.from_bytes(hashlib.blake2b(msg, digest_size=8).digest(), "little") & ((1 << 63) - 1)
 
@@ -93,6 +108,7 @@ class NoiseStream:
         try:
             self.device = torch.device("cpu" if device is None else device)
             self._gen = torch.Generator(device=self.device)
+            self.device_tag = device_tag(self.device)
         except (RuntimeError, TypeError, ValueError) as exc:
             raise InvalidParameterError(f"cannot draw noise on device {device!r}: {exc}") from None
 
@@ -101,7 +117,7 @@ class NoiseStream:
 
         ``normal_`` on a contiguous tensor is exactly what ``torch.randn`` does, so drawing in place
         gives the same values as drawing into a fresh tensor, without allocating or copying one."""
-        self._gen.manual_seed(_chunk_seed(self.seed, self.key, self.stream, c, self.device.type))
+        self._gen.manual_seed(_chunk_seed(self.seed, self.key, self.stream, c, self.device_tag))
         dest.normal_(0.0, 1.0, generator=self._gen)
 
     def _chunk(self, c: int) -> torch.Tensor:

@@ -16,6 +16,7 @@ import copy
 import itertools
 import json
 import os
+import threading
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -349,29 +350,71 @@ class BlackBoxSmoother:
 class _ModuleTransform:
     """A fitted module as the certification transform: ``no_grad`` forward plus an ``identity``.
 
+    ``identity`` is the module's digest *now*: it is recomputed whenever a state tensor of the module
+    changed since it was last computed (an in-place update, a ``load_state_dict``, a reassigned
+    ``.data``: each moves a tensor's version counter or storage), so a transform kept across a fit
+    never names, or gets cached answers for, the module as it was.
+
     The module runs where the batch is: a batch on another device than the module (noise drawn on the
     model's accelerator) goes through a copy of the module on that device, made once per device and
-    module state (``copies``, the smoother's) and never moving the user's module."""
+    module state (``copies``, the smoother's: one per device, replaced when the module changes) and
+    never moving the user's module. A module that cannot be copied (one holding an ONNX Runtime
+    session) runs on its own device instead, the batch moved there and back."""
 
     def __init__(self, module: InputModule, copies: dict[str, tuple[str, InputModule]] | None = None) -> None:
         self.module = module
-        self.identity = module.digest()
         self._copies = {} if copies is None else copies
+        self._lock = threading.Lock()
+        self._seen: list[tuple[str, int, int]] = []
+        self._identity = ""
+        self._refresh()
+
+    def _state(self) -> list[tuple[str, int, int]]:
+        return [(name, t._version, t.data_ptr())
+                for name, t in itertools.chain(self.module.named_parameters(), self.module.named_buffers())]
+
+    def _refresh(self) -> str:
+        state = self._state()
+        if state != self._seen or not self._identity:
+            self._identity, self._seen = self.module.digest(), state
+        return self._identity
+
+    @property
+    def identity(self) -> str:
+        """The module's digest as it is now (see the class docstring)."""
+        with self._lock:
+            return self._refresh()
+
+    @property
+    def exact_identity(self) -> bool:
+        """Whether the digest determines the module's function (see :func:`blackbox_rs.core.exact_identity`)."""
+        return bool(getattr(self.module, "exact_identity", True))
 
     def __call__(self, batch: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
-            return self.on(batch.device)(batch)
+            module = self.on(batch.device)
+            if module is None:  # cannot be copied: run it where it is
+                here = next(itertools.chain(self.module.parameters(), self.module.buffers()))
+                return self.module(batch.to(here.device)).to(batch.device)
+            return module(batch)
 
-    def on(self, device: torch.device) -> InputModule:
-        """The module on ``device`` (itself when it is there or holds no tensors)."""
+    def on(self, device: torch.device) -> InputModule | None:
+        """The module on ``device`` (itself when it is there or holds no tensors; ``None`` when it
+        must be copied there and cannot be)."""
         here = next(itertools.chain(self.module.parameters(), self.module.buffers()), None)
         if here is None or here.device == device:
             return self.module
-        hit = self._copies.get(str(device))
-        if hit is None or hit[0] != self.identity:
-            hit = (self.identity, copy.deepcopy(self.module).to(device).eval())
-            self._copies[str(device)] = hit
-        return hit[1]
+        ident = self.identity
+        with self._lock:
+            hit = self._copies.get(str(device))
+            if hit is None or hit[0] != ident:
+                self._copies.pop(str(device), None)  # the superseded copy goes now, not at the next call
+                try:
+                    hit = (ident, copy.deepcopy(self.module).to(device).eval())
+                except (TypeError, RuntimeError, NotImplementedError):  # an ONNX session, a foreign handle
+                    return None
+                self._copies[str(device)] = hit
+            return hit[1]
 
 
 def _under(budget: QueryBudget, cap: QueryBudget | None) -> QueryBudget:

@@ -111,7 +111,7 @@ def test_certificates_and_journals_record_the_noise_device_type(tmp_path: Path, 
     certify_dataset(conn, xs, [0, 1], sigma=0.5, n0=10, n=100, alpha=0.01, seed=0, output=out, progress=None)
     assert '"gaussian-v1:cpu"' in out.read_text()
     # the same journal resumed by a run whose noise would be drawn on CUDA: refused, nothing sent
-    monkeypatch.setattr(dataset_mod, "noise_device", lambda engine: torch.device("cuda", 0))
+    monkeypatch.setattr(dataset_mod, "noise_mode", lambda engine, lattice=False: "gaussian-v1:cuda.sm132x2048")
     engine = QueryEngine(conn)
     with pytest.raises(ResumeMismatchError, match="noise"):
         certify_dataset(engine, xs, [0, 1], sigma=0.5, n0=10, n=100, alpha=0.01, seed=0, output=out, progress=None)
@@ -212,3 +212,77 @@ class _nothing:
 
     def __exit__(self, *exc):
         return False
+
+
+# ---- review findings: what an origin key must never hide --------------------------------------
+def test_a_transform_kept_across_a_module_change_names_and_caches_the_module_as_it_is(tmp_path: Path):
+    engine = QueryEngine(_OriginModel(_net(), input_shape=SHAPE), cache=tmp_path / "c")
+    module = create_module({"name": "dncnn", "input_shape": SHAPE, "depth": 2, "width": 4})
+    sm = BlackBoxSmoother(engine, module=module, sigma=0.5)
+    t = sm.transform  # kept, as a user may
+    before = t.identity
+    first = _certify(engine, _x(), transform=t)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.mul_(-3.0)  # in place: a fit or a user edit
+    assert t.identity != before and t.identity == module.digest()
+    again = _certify(engine, _x(), transform=t)
+    assert again.transform == module.digest() and again.cache_hits == 0 and again.queries == first.queries
+    module.load_state_dict({k: v.clone() for k, v in module.state_dict().items()})  # same values: same digest
+    assert t.identity == module.digest()
+
+
+def test_plain_module_transforms_are_never_cached_by_their_best_effort_digest(tmp_path: Path):
+    import numpy as np
+
+    class Shift(nn.Module):  # a numpy scalar setting: the nn digest sees only its type
+        def __init__(self, by):
+            super().__init__()
+            self.by = np.float32(by)
+
+        def forward(self, b):
+            return b + float(self.by)
+
+    lo, hi = Shift(0.0), Shift(0.6)
+    from blackbox_rs.binding import transform_identity
+    from blackbox_rs.core import exact_identity
+
+    assert transform_identity(lo) == transform_identity(hi) and not exact_identity(lo)
+    engine = QueryEngine(_OriginModel(_net(), input_shape=SHAPE), cache=tmp_path / "c")
+    a = _certify(engine, _x(), transform=lo)
+    b = _certify(engine, _x(), transform=hi)
+    assert a.cache_hits == 0 and b.cache_hits == 0  # payload keys: different payloads, no cross hits
+    assert _certify(engine, _x(), transform=hi).cache_hits == 216  # and still cached, by payload
+
+
+def test_a_modules_batch_is_part_of_the_origin(tmp_path: Path):
+    # a module's output can differ in the last bits with the batch it ran in: another batch_size misses
+    engine = QueryEngine(_OriginModel(_net(), input_shape=SHAPE, max_batch=1), cache=tmp_path / "c")
+    module = create_module({"name": "dncnn", "input_shape": SHAPE, "depth": 2, "width": 4})
+    sm = BlackBoxSmoother(engine, module=module, sigma=0.5)
+    kw = {"n0": 8, "n": 100, "alpha": 0.01, "seed": 1}
+    assert sm.certify(_x(), batch_size=1, **kw).cache_hits == 0
+    assert sm.certify(_x(), batch_size=16, **kw).cache_hits == 0
+    assert sm.certify(_x(), batch_size=16, **kw).cache_hits == 108
+    bare = BlackBoxSmoother(engine, module=None, sigma=0.5)  # no module: elementwise, any batch size hits
+    bare.certify(_x(), batch_size=1, **kw)
+    assert bare.certify(_x(), batch_size=16, **kw).cache_hits == 108
+
+
+def test_a_module_that_cannot_be_copied_runs_where_it_is():
+    import threading
+
+    from blackbox_rs.smoother import _ModuleTransform
+
+    module = create_module({"name": "dncnn", "input_shape": SHAPE, "depth": 2, "width": 4})
+    t = _ModuleTransform(module)
+    meta = torch.device("meta")  # stands in for an accelerator
+    copy_ = t.on(meta)
+    assert copy_ is not module and next(copy_.parameters()).device == meta
+    assert next(module.parameters()).device.type == "cpu" and t.on(meta) is copy_  # made once
+    module._session = threading.Lock()  # like an ONNX Runtime session: cannot be deep-copied
+    with torch.no_grad():
+        next(module.parameters()).add_(1.0)  # a new state: the old copy is dropped, a new one cannot be made
+    assert t.on(meta) is None and str(meta) not in t._copies
+    assert t.on(torch.device("cpu")) is module
+    assert torch.equal(t(_x().unsqueeze(0)), module(_x().unsqueeze(0)))

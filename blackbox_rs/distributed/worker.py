@@ -71,6 +71,13 @@ class CertifyWorker:
             raise ConfigError(f"worker {worker}: its transform is {transform_identity(transform)!r}, the driver "
                               f"certifies with {params['transform']!r}: pass module_dir= (the smoother saved with "
                               f"BlackBoxSmoother.save) that holds the driver's module, or none for no module")
+        from blackbox_rs.core import noise_mode
+
+        noise = noise_mode(self.engine, bool(params.get("lattice", False)))
+        if "noise" in params and noise != params["noise"]:
+            raise ConfigError(f"worker {worker}: its noise would be {noise!r}, the driver's journal is bound to "
+                              f"{params['noise']!r} (noise is drawn on the model's device, and device types or GPU "
+                              "models draw different values): run the driver's connector on the workers' device")
         makers = {"cohen_certify": cohen_maker, "sequential_certify": sequential_maker}
         self.one = makers[job["method"]](self.engine, transform, **job["settings"])(int(job["seed"]))
 

@@ -103,6 +103,11 @@ class DenoiserAdapter(InputModule):
         h = torch.cat([d, x], dim=1) if self.config.use_input else d
         return d + self.net(h)
 
+    @property
+    def exact_identity(self) -> bool:  # type: ignore[override]
+        """As exact as the frozen denoiser's identity (its digest is part of this one)."""
+        return bool(getattr(self.denoiser, "exact_identity", True))
+
     @torch.no_grad()
     def digest(self) -> str:
         """``"module:denoiser_adapter:sha256:<hex>"`` over the adapter settings, the frozen denoiser's

@@ -283,6 +283,11 @@ class InputModule(nn.Module):
             offset += k
 
     # ------------------------------------------------------------------ identity
+    #: whether :meth:`digest` determines the module's function exactly (config + every tensor); a module
+    #: wrapping something the digest cannot fully read (an in-memory ``nn.Module``) says False, and its
+    #: certification answers are then cached by payload bytes, never by the digest
+    exact_identity: bool = True
+
     @torch.no_grad()
     def digest(self) -> str:
         """Identity of exactly this module: ``"module:<name>:sha256:<hex>"`` over its config (canonical

@@ -246,6 +246,11 @@ class FrozenDenoiser(InputModule):
         return out.to(device=x.device, dtype=x.dtype)
 
     # ------------------------------------------------------------------ identity
+    @property
+    def exact_identity(self) -> bool:  # type: ignore[override]
+        """A file's digest determines the denoiser; an in-memory module's best-effort state digest does not."""
+        return self._format != "module"
+
     def identity_config(self) -> dict[str, Any]:
         """The config as identity: everything but ``path`` (a location; the content is ``file_digest``)."""
         data = self.config.model_dump(mode="json")
