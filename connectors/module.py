@@ -363,8 +363,8 @@ class ModuleConnector(TorchModelConnector):
             Batches are moved there; labels and scores come back on the CPU.
         label_only: hide scores (simulates a label-only API; strategies that need scores refuse it).
         max_batch: most images per forward pass, or ``"auto"``: on CUDA the batch that fits in 70% of
-            the free device memory (measured on two probe forwards), elsewhere 256; the chosen value
-            is ``info.max_batch``.
+            the free device memory (measured on two probe forwards), elsewhere 256; not given
+            (``None``): ``"auto"`` on CUDA, 256 elsewhere. The chosen value is ``info.max_batch``.
         identity: names any non-tensor state the model's answers depend on (see the module
             docstring); it becomes part of the fingerprint, so it must never hold a secret.
         cost_per_query: price of one image query, for the budget.
@@ -400,7 +400,7 @@ class ModuleConnector(TorchModelConnector):
         num_classes: int | None = None,
         device: str | torch.device = "cpu",
         label_only: bool = False,
-        max_batch: int | str = DEFAULT_MAX_BATCH,
+        max_batch: int | str | None = None,
         identity: str | None = None,
         cost_per_query: float = 0.0,
         precision: str = "fp32",
@@ -415,7 +415,7 @@ class ModuleConnector(TorchModelConnector):
         if len(shape) != 3:
             raise InvalidParameterError(f"input_shape must be (C, H, W), got {tuple(input_shape)}")
         self.device = resolve_device(device)
-        max_batch = check_max_batch(max_batch)
+        max_batch = check_max_batch(max_batch, self.device)
         speed_settings(precision, channels_last, compile, self.device)  # refuse a bad knob before any change
         self._name = f"module {type(model).__qualname__}"
         self.label_only = bool(label_only)

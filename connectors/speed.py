@@ -20,7 +20,7 @@
   recompile) of an ``nn.Module`` or a ``.pt2`` program's module; a TorchScript archive is refused
   (torch.compile does not take ScriptModules). Same fingerprint, same last-bits caveat (fused
   kernels round differently). The compilation happens on the construction probe.
-* ``max_batch="auto"``: on CUDA, the batch size that fits in 70% of the free device memory, from the
+* ``max_batch="auto"`` (also what ``max_batch`` not given means on CUDA): on CUDA, the batch size that fits in 70% of the free device memory, from the
   peak memory of two probe forwards (:func:`cuda_auto_max_batch`, arithmetic in
   :func:`auto_max_batch`); elsewhere the default, 256. Measured on the query path (no autograd):
   gradient pass-through fitting keeps activations and needs more, so give it an explicit
@@ -121,8 +121,11 @@ def compiled(model: torch.nn.Module) -> Callable[..., Any]:
     return torch.compile(model, dynamic=True, backend=_COMPILE_BACKEND)
 
 
-def check_max_batch(max_batch: object) -> int | str:
-    """``max_batch`` as a positive int or ``"auto"``; anything else is :class:`InvalidParameterError`."""
+def check_max_batch(max_batch: object, device: torch.device | None = None) -> int | str:
+    """``max_batch`` as a positive int or ``"auto"``; ``None`` (not given) is ``"auto"`` on CUDA and
+    :data:`DEFAULT_MAX_BATCH` elsewhere; anything else is :class:`InvalidParameterError`."""
+    if max_batch is None:
+        return AUTO if device is not None and device.type == "cuda" else DEFAULT_MAX_BATCH
     if isinstance(max_batch, str):
         if max_batch != AUTO:
             raise InvalidParameterError(f"max_batch={max_batch!r} must be a positive integer or 'auto'")

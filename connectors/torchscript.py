@@ -45,7 +45,7 @@ from blackbox_rs.errors import ConnectorError, InvalidParameterError
 
 from ._pt2 import file_sha256, inspect_exported_program, load_exported_program
 from .module import _TS_INTERPRETER, TorchModelConnector, _complaint, resolve_device  # noqa: F401 - re-exported
-from .speed import DEFAULT_MAX_BATCH, check_max_batch, speed_settings
+from .speed import check_max_batch, speed_settings
 
 __all__ = ["TorchScriptConnector", "file_sha256", "inspect_exported_program", "load_exported_program"]
 
@@ -68,8 +68,8 @@ class TorchScriptConnector(TorchModelConnector):
             equal that width.
         label_only: hide scores (simulates a label-only API; strategies that need scores refuse it).
         max_batch: most images per forward pass, or ``"auto"``: on CUDA the batch that fits in 70% of
-            the free device memory (measured on two probe forwards), elsewhere 256; the chosen value
-            is ``info.max_batch``.
+            the free device memory (measured on two probe forwards), elsewhere 256; not given
+            (``None``): ``"auto"`` on CUDA, 256 elsewhere. The chosen value is ``info.max_batch``.
         threads: torch intra-op threads for inference (``None`` leaves torch's setting alone).
         device: where the model runs (``"cpu"``, ``"cuda"``, ``"cuda:1"``, a :class:`torch.device`):
             a TorchScript archive is loaded with ``map_location=device``, an exported program's module
@@ -115,7 +115,7 @@ class TorchScriptConnector(TorchModelConnector):
         class_names: Sequence[str] | None = None,
         num_classes: int | None = None,
         label_only: bool = False,
-        max_batch: int | str = DEFAULT_MAX_BATCH,
+        max_batch: int | str | None = None,
         cost_per_query: float = 0.0,
         threads: int | None = None,
         device: str | torch.device = "cpu",
@@ -132,7 +132,7 @@ class TorchScriptConnector(TorchModelConnector):
         if threads is not None:
             torch.set_num_threads(int(threads))
         self.device = resolve_device(device)
-        max_batch = check_max_batch(max_batch)
+        max_batch = check_max_batch(max_batch, self.device)
         speed_settings(precision, channels_last, compile, self.device)  # a bad knob is refused before the load
         if compile is True and self.path.suffix.lower() not in _EXPORT_SUFFIXES:
             raise InvalidParameterError(

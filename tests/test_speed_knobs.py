@@ -338,3 +338,13 @@ def test_settings_and_repr_show_the_knobs() -> None:
                   conn.info.fingerprint):
         assert shown in text
     assert ModuleConnector(_cnn(), input_shape=SHAPE).settings["precision"] == "fp32"
+
+
+def test_max_batch_not_given_is_auto_on_cuda_and_the_default_elsewhere() -> None:
+    from blackbox_rs.connectors.speed import AUTO, DEFAULT_MAX_BATCH, check_max_batch
+
+    assert check_max_batch(None, torch.device("cuda", 0)) == AUTO
+    assert check_max_batch(None, torch.device("cpu")) == DEFAULT_MAX_BATCH == check_max_batch(None)
+    assert check_max_batch(7, torch.device("cuda", 0)) == 7  # given: kept
+    net = nn.Sequential(nn.Flatten(), nn.Linear(12, 3))
+    assert ModuleConnector(net, input_shape=(3, 2, 2)).info.max_batch == DEFAULT_MAX_BATCH
