@@ -233,3 +233,14 @@ def test_adapter_is_fitted_by_an_existing_strategy(tmp_path: Path) -> None:
     sm.fit(torch.rand(16, *SHAPE), strategy="denoise", pretrain_steps=3, steps=0, batch_size=4,
            clean_queries=16, score_images=4, score_draws=2, progress=None)
     assert not torch.equal(sm.module.flat_parameters(), before)
+
+
+def test_a_nested_denoiser_without_input_shape_takes_the_adapters(tmp_path: Path) -> None:
+    # what BlackBoxSmoother(module={"name": "denoiser_adapter", "denoiser": {...}}) sends: the model's
+    # input_shape on the outer config only
+    path = _script(tmp_path / "blur.pt")
+    ad = create_module("denoiser_adapter", input_shape=SHAPE, denoiser={"name": "frozen", "path": str(path)}, width=4)
+    assert tuple(ad.denoiser.config.input_shape) == SHAPE and ad.config == _adapter(path).config
+    assert _adapter(path).exact_identity is True  # a file's digest is exact
+    den = FrozenDenoiser.from_module(Blur(), input_shape=SHAPE)
+    assert den.exact_identity is False and DenoiserAdapter.from_denoiser(den, width=4).exact_identity is False

@@ -58,6 +58,15 @@ class DenoiserAdapterConfig(ModuleConfig):
             raise ValueError(f"kernel_size must be odd (same padding), got {v}")
         return v
 
+    @model_validator(mode="before")
+    @classmethod
+    def _inherit_shape(cls, data: Any) -> Any:
+        """A nested denoiser config without ``input_shape`` takes the adapter's (one shape for both)."""
+        if isinstance(data, dict) and isinstance(data.get("denoiser"), dict) and "input_shape" in data \
+                and "input_shape" not in data["denoiser"]:
+            data = {**data, "denoiser": {**data["denoiser"], "input_shape": data["input_shape"]}}
+        return data
+
     @model_validator(mode="after")
     def _same_shape(self) -> DenoiserAdapterConfig:
         if tuple(self.denoiser.input_shape) != tuple(self.input_shape):
