@@ -13,12 +13,16 @@ opaque clean SmallCNN as ``fit_fashion_mnist.py`` (label-only, through the Query
                          queries, early stop on): does query-paid fitting add to the off-the-shelf denoiser?
 * ``ceiling``            the same CNN trained with Gaussian noise at that sigma (white-box retraining).
 
-Certified accuracy at r = 0 .. 1.0 with Cohen's CERTIFY (n0, n, alpha). Everything is seeded; the DDPM and
+Certified accuracy at r = 0 .. 1.0 with Cohen's CERTIFY (n0, n, alpha). Cost: every noise sample goes
+through the DDPM's UNet (1.06M parameters at the default channels), so the diffusion rows cost n0 + n UNet
+forwards per image; on 2 CPU cores that is hours per sigma at 200 images and n = 1,000 (a GPU is the
+intended place: ``--device cuda``). Everything is seeded; the DDPM and
 the U-Nets are cached under ``--cache-dir`` (default ``~/.cache/blackbox-rs/bench``) keyed by their settings.
 
     sudo apt-get install dataset-fashion-mnist; pip install -e '.[diffusion]'
     python benchmarks/diffusion_fashion_mnist.py [--images 200] [--n 1000] [--sigmas 0.25 0.5 1.0]
         [--ddpm-steps 6000] [--unet-steps 3000] [--methods none unet diffusion diffusion_adapter ceiling]
+    # on a GPU: --device cuda (the noise, the denoisers and the black box run there)
     # smoke run: --images 4 --n 100 --n0 10 --ddpm-steps 20 --unet-steps 10 --adapter-budget 2000 --fit-images 2000
 """
 
@@ -75,6 +79,8 @@ def ddpm_dir(args: argparse.Namespace, xtr: torch.Tensor, cache: Path) -> tuple[
                        down_block_types=("DownBlock2D",) * len(ch), up_block_types=("UpBlock2D",) * len(ch),
                        norm_num_groups=8)
     sched = DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear", prediction_type="epsilon")
+    dev = torch.device(args.device)
+    unet.to(dev)
     opt = torch.optim.AdamW(unet.parameters(), lr=args.ddpm_lr)
     lr_at = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=args.ddpm_steps)
     g = torch.Generator().manual_seed(0)
@@ -87,6 +93,7 @@ def ddpm_dir(args: argparse.Namespace, xtr: torch.Tensor, cache: Path) -> tuple[
         t = torch.randint(0, 1000, (args.ddpm_batch,), generator=g)
         eps = torch.randn(x0.shape, generator=g)
         a = abar[t].view(-1, 1, 1, 1)
+        x0, eps, a, t = x0.to(dev), eps.to(dev), a.to(dev), t.to(dev)  # drawn on the CPU: the same on every device
         loss = torch.nn.functional.mse_loss(unet(a.sqrt() * x0 + (1 - a).sqrt() * eps, t).sample, eps)
         opt.zero_grad()
         loss.backward()
@@ -96,7 +103,7 @@ def ddpm_dir(args: argparse.Namespace, xtr: torch.Tensor, cache: Path) -> tuple[
         if (step + 1) % max(1, args.ddpm_steps // 10) == 0:
             _log(f"DDPM step {step + 1}/{args.ddpm_steps}: loss {sum(losses[-100:]) / len(losses[-100:]):.4f} "
                  f"({time.perf_counter() - t0:.0f} s)")
-    unet.eval()
+    unet.eval().to("cpu")
     unet.save_pretrained(out / "unet", safe_serialization=True)
     sched.save_pretrained(out / "scheduler")
     info = {"settings": settings, "parameters": sum(p.numel() for p in unet.parameters()),
@@ -153,6 +160,7 @@ def main() -> None:
     ap.add_argument("--adapter-steps", type=int, default=1000)
     ap.add_argument("--batch-size", type=int, default=500, help="certification batch")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--device", default="cpu", help="where the black box, the DDPM's training and every denoiser run")
     ap.add_argument("--cache-dir", default=None)
     ap.add_argument("--out", default=None, help="also write the JSON here")
     args = ap.parse_args()
@@ -165,7 +173,7 @@ def main() -> None:
     xtr, ytr = load_fashion_mnist("train", limit=args.fit_images)
     xte, yte = load_fashion_mnist("test", limit=args.images)
     black_box = TorchScriptConnector(paths["clean"], input_shape=SHAPE, num_classes=10, label_only=True,
-                                     max_batch=args.batch_size)
+                                     max_batch=args.batch_size, device=args.device)
     ddpm, ddpm_info = ddpm_dir(args, xtr, cache) if {"diffusion", "diffusion_adapter"} & set(args.methods) else (None, {})
     results: dict[str, dict] = {}
     fits: dict[str, dict] = {}
@@ -179,7 +187,7 @@ def main() -> None:
                 if f"gauss_{sigma}" not in paths:
                     continue
                 white = TorchScriptConnector(paths[f"gauss_{sigma}"], input_shape=SHAPE, num_classes=10,
-                                             label_only=True, max_batch=args.batch_size)
+                                             label_only=True, max_batch=args.batch_size, device=args.device)
                 sm = BlackBoxSmoother(white, module=None, sigma=sigma)
             elif method == "unet":
                 sm, fits[f"unet@{sigma}"] = unet_smoother(engine, sigma, args, xtr, ytr, cache)
