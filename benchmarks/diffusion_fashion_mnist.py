@@ -39,6 +39,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from _bench_common import RADII, add_certify_args, certify_run, emit, for_sigma, print_table  # noqa: E402
 from _fmnist_models import default_cache_dir, get_models  # noqa: E402
 
 from blackbox_rs import QueryEngine  # noqa: E402
@@ -47,7 +48,6 @@ from blackbox_rs.connectors import TorchScriptConnector  # noqa: E402
 from blackbox_rs.fitting.config import FitConfig  # noqa: E402
 from blackbox_rs.smoother import BlackBoxSmoother  # noqa: E402
 
-RADII = [0.0, 0.25, 0.5, 0.75, 1.0]
 SHAPE = (1, 28, 28)
 METHODS = ["none", "unet", "diffusion", "diffusion_adapter", "ceiling"]
 UNET = {"name": "unet", "widths": [16, 32, 32]}
@@ -132,22 +132,9 @@ def unet_smoother(engine: QueryEngine, sigma: float, args: argparse.Namespace, x
     return sm, info
 
 
-def certify_run(sm: BlackBoxSmoother, x: torch.Tensor, y: torch.Tensor, sigma: float,
-                args: argparse.Namespace) -> dict:
-    t = time.perf_counter()
-    res = sm.certify_dataset(x, y.tolist(), n0=args.n0, n=args.n, alpha=args.alpha, sigma=sigma, seed=0,
-                             batch_size=args.batch_size, radii=RADII, progress=None)
-    return {"certified_accuracy": res.certified_accuracy, "certify_queries": res.queries,
-            "certify_seconds": round(time.perf_counter() - t, 1)}
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--images", type=int, default=200)
-    ap.add_argument("--n0", type=int, default=100)
-    ap.add_argument("--n", type=int, default=1_000)
-    ap.add_argument("--alpha", type=float, default=0.001)
-    ap.add_argument("--sigmas", type=float, nargs="+", default=[0.25, 0.5, 1.0])
+    add_certify_args(ap, images=200, n=1_000, sigmas=[0.25, 0.5, 1.0])
     ap.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
     ap.add_argument("--fit-images", type=int, default=60_000)
     ap.add_argument("--ddpm-steps", type=int, default=6000)
@@ -214,18 +201,8 @@ def main() -> None:
     out = {"benchmark": "diffusion_fashion_mnist", "images": len(xte), "n0": args.n0, "n": args.n,
            "alpha": args.alpha, "radii": RADII, "settings": vars(args), "ddpm": ddpm_info, "results": results,
            "fits": fits, "total_seconds": round(time.perf_counter() - t_all, 1)}
-    text = json.dumps(out, indent=1)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text)
-    print("\n| sigma | method | " + " | ".join(f"r={r:g}" for r in RADII) + " | fit queries |", file=sys.stderr)
-    print("|---|---|" + "---|" * (len(RADII) + 1), file=sys.stderr)
-    for sigma, row in results.items():
-        for method, r in row.items():
-            acc = r["certified_accuracy"]
-            fq = fits.get(f"{method}@{sigma}", {}).get("fit_queries", 0)
-            print(f"| {sigma} | {method} | " + " | ".join(f"{acc[f'{x:g}']:.3f}" for x in RADII) + f" | {fq} |",
-                  file=sys.stderr)
+    emit(out, args.out)
+    print_table(results, {"fit queries": lambda m, sg: for_sigma(fits, m, sg).get("fit_queries", 0)})
 
 
 if __name__ == "__main__":

@@ -37,6 +37,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from _bench_common import RADII, add_certify_args, certify_run, emit, for_sigma, print_table  # noqa: E402
 from _fmnist_models import get_models  # noqa: E402
 
 from blackbox_rs import QueryEngine  # noqa: E402
@@ -45,7 +46,6 @@ from blackbox_rs.connectors import TorchScriptConnector  # noqa: E402
 from blackbox_rs.fitting.config import FitConfig  # noqa: E402
 from blackbox_rs.smoother import BlackBoxSmoother  # noqa: E402
 
-RADII = [0.0, 0.25, 0.5, 0.75, 1.0]
 SHAPE = (1, 28, 28)
 
 
@@ -68,23 +68,10 @@ def fit_config(args: argparse.Namespace, strategy: str) -> FitConfig:
     raise ValueError(strategy)
 
 
-def certify_run(smoother: BlackBoxSmoother, x: torch.Tensor, y: torch.Tensor, sigma: float,
-                args: argparse.Namespace) -> dict[str, object]:
-    t = time.perf_counter()
-    res = smoother.certify_dataset(x, y.tolist(), n0=args.n0, n=args.n, alpha=args.alpha, sigma=sigma,
-                                   seed=0, batch_size=args.batch_size, radii=RADII)
-    return {"certified_accuracy": res.certified_accuracy, "certify_queries": res.queries,
-            "certify_seconds": round(time.perf_counter() - t, 1)}
-
-
 def parser() -> argparse.ArgumentParser:
     """The command line; its defaults are the benchmark's fitting settings (also used by fit_proxy)."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--images", type=int, default=500)
-    ap.add_argument("--n0", type=int, default=100)
-    ap.add_argument("--n", type=int, default=10_000)
-    ap.add_argument("--alpha", type=float, default=0.001)
-    ap.add_argument("--sigmas", type=float, nargs="+", default=[0.25, 0.5])
+    add_certify_args(ap, images=500, n=10_000, sigmas=[0.25, 0.5])
     ap.add_argument("--methods", nargs="+",
                     default=["none", "denoise", "surrogate", "zeroth_order", "multi_sigma", "ceiling"])
     ap.add_argument("--fit-budget", type=int, default=100_000)
@@ -174,18 +161,8 @@ def main() -> None:
            "radii": RADII, "fit_budget": args.fit_budget, "module": module_spec, "zo_module": zo_spec, "results": results, "fits": fits,
            "base_models": {k: {kk: vv for kk, vv in v.items() if kk != "path"} for k, v in models["models"].items()},
            "total_seconds": round(time.perf_counter() - t_all, 1)}
-    text = json.dumps(out, indent=1)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text)
-    print("\n| sigma | method | " + " | ".join(f"r={r:g}" for r in RADII) + " | fit queries |", file=sys.stderr)
-    print("|---|---|" + "---|" * (len(RADII) + 1), file=sys.stderr)
-    for sigma, row in results.items():
-        for method, r in row.items():
-            acc = r["certified_accuracy"]
-            fq = next((f["fit_queries"] for k, f in fits.items() if k.startswith(method) and sigma in k.split("@")[1].split(",")), 0)
-            print(f"| {sigma} | {method} | " + " | ".join(f"{acc[f'{x:g}']:.3f}" for x in RADII) + f" | {fq} |",
-                  file=sys.stderr)
+    emit(out, args.out)
+    print_table(results, {"fit queries": lambda m, sg: for_sigma(fits, m, sg).get("fit_queries", 0)})
 
 
 if __name__ == "__main__":

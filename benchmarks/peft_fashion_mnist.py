@@ -38,13 +38,16 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from blackbox_rs._demo.datasets import load_fashion_mnist
-from blackbox_rs.connectors.module import ModuleConnector
-from blackbox_rs.fitting.config import FitConfig
-from blackbox_rs.robust import robustify
-from blackbox_rs.smoother import BlackBoxSmoother
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-RADII = [0.0, 0.25, 0.5, 0.75, 1.0]
+from _bench_common import RADII, add_certify_args, emit, for_sigma, print_table  # noqa: E402
+
+from blackbox_rs._demo.datasets import load_fashion_mnist  # noqa: E402
+from blackbox_rs.connectors.module import ModuleConnector  # noqa: E402
+from blackbox_rs.fitting.config import FitConfig  # noqa: E402
+from blackbox_rs.robust import robustify  # noqa: E402
+from blackbox_rs.smoother import BlackBoxSmoother  # noqa: E402
+
 SHAPE = (1, 28, 28)
 ROWS = ["a_base", "b_full", "c_lora", "d_adapter", "e_prompt", "f_lora_mix", "g_unet"]
 DEFAULT_ROWS = ["a_base", "b_full", "c_lora", "e_prompt", "f_lora_mix", "g_unet"]
@@ -104,11 +107,7 @@ def unet_row(base: nn.Module, xtr: torch.Tensor, ytr: torch.Tensor, xte: torch.T
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--images", type=int, default=200)
-    ap.add_argument("--n0", type=int, default=100)
-    ap.add_argument("--n", type=int, default=1_000)
-    ap.add_argument("--alpha", type=float, default=0.001)
-    ap.add_argument("--sigmas", type=float, nargs="+", default=[0.25, 0.5, 1.0])
+    add_certify_args(ap, images=200, n=1_000, sigmas=[0.25, 0.5, 1.0])
     ap.add_argument("--rows", nargs="+", default=DEFAULT_ROWS, choices=ROWS)
     ap.add_argument("--fit-images", type=int, default=60_000)
     ap.add_argument("--base-steps", type=int, default=3000)
@@ -179,19 +178,9 @@ def main() -> None:
     out = {"benchmark": "peft_fashion_mnist", "images": len(xte), "n0": args.n0, "n": args.n, "alpha": args.alpha,
            "radii": RADII, "base_clean_accuracy": clean_acc, "settings": vars(args), "results": results,
            "trained": trained, "total_seconds": round(time.perf_counter() - t_all, 1)}
-    text = json.dumps(out, indent=1)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text)
-    print("\n| sigma | row | " + " | ".join(f"r={r:g}" for r in RADII) + " | trainable | train s |", file=sys.stderr)
-    print("|---|---|" + "---|" * (len(RADII) + 2), file=sys.stderr)
-    for sigma, row in results.items():
-        for name, r in row.items():
-            acc = r["certified_accuracy"]
-            info = next((v for k, v in trained.items() if k.split("@")[0] == name
-                         and sigma in k.split("@")[1].split(",")), {})
-            print(f"| {sigma} | {name} | " + " | ".join(f"{acc[f'{x:g}']:.3f}" for x in RADII)
-                  + f" | {info.get('trainable', '-')} | {info.get('train_seconds', '-')} |", file=sys.stderr)
+    emit(out, args.out)
+    print_table(results, {"trainable": lambda m, sg: for_sigma(trained, m, sg).get("trainable", "-"),
+                          "train s": lambda m, sg: for_sigma(trained, m, sg).get("train_seconds", "-")}, label="row")
 
 
 if __name__ == "__main__":
