@@ -1,10 +1,13 @@
 """ConnectorSpec: a connector as a registry name plus settings, safe to ship to another process.
 
 Guarantee: a spec never holds a secret. Settings whose key looks like a credential (``token``,
-``secret``, ``password``, ``api_key``, ``credential``, ``auth`` ... anywhere in the key, nested
-tables included) are refused with :class:`ConfigError`, except the *names* of environment variables
-(keys ending in ``_env``) and ``api_key_header``; values must be plain JSON (no objects that could
-carry a credential). The worker calls :func:`blackbox_rs.connectors.registry.build_connector`, which
+``secret``, ``password``, ``api_key``, ``credential``, ``auth`` ... as a word of the key in any
+spelling: ``client_secret``, ``clientSecret``, ``X-Api-Key``, ``accessToken``; or a header name that
+carries one, ``Ocp-Apim-Subscription-Key``), nested tables included, are refused with
+:class:`ConfigError`, except the *names* of environment variables (keys ending in ``_env``) and
+``api_key_header``; so are URL values with credentials in them (``user:pass@host``, a ``?key=`` /
+``?token=`` / ``?sig=`` query parameter) and any value holding a registered secret; values must be
+plain JSON (no objects that could carry a credential). The worker calls :func:`blackbox_rs.connectors.registry.build_connector`, which
 reads the credential from *its own* environment, so the secret never enters task arguments, Ray's
 object store, logs or the journal.
 """
@@ -14,25 +17,56 @@ from __future__ import annotations
 import json
 import re
 from typing import Any
+from urllib.parse import parse_qsl, urlsplit
 
 from pydantic import BaseModel, ConfigDict
 
 from blackbox_rs.errors import ConfigError
+from blackbox_rs.redact import SENSITIVE_HEADERS, SENSITIVE_QUERY_KEYS, redact
 
 __all__ = ["ConnectorSpec"]
 
 _WORDS = {"token", "secret", "password", "passwd", "credential", "credentials", "auth", "authorization",
           "apikey", "bearer", "cookie"}
-_PAIRS = re.compile(r"(api_key|private_key|access_key|secret_key|session_token)", re.IGNORECASE)
+_PAIRS = {("api", "key"), ("private", "key"), ("access", "key"), ("secret", "key"), ("session", "token"),
+          ("client", "secret"), ("access", "token"), ("refresh", "token"), ("subscription", "key"),
+          ("account", "key"), ("sas", "token")}
 _ALLOWED = {"api_key_header"}
+_WORD_RE = re.compile(r"[A-Z]+(?![a-z])|[A-Z]?[a-z]+|[0-9]+")
+
+
+def _words(key: str) -> list[str]:
+    """The words of a key in any spelling: ``client_secret``, ``clientSecret``, ``X-Api-Key``, ``APIKey``."""
+    return [w.lower() for w in _WORD_RE.findall(key)]
 
 
 def _secretish(key: str) -> bool:
-    """True for a key that names a credential (``token``, ``api_key``, ``client_secret``), not for
-    ``max_tokens`` or the name of an environment variable (``bearer_token_env``)."""
+    """True for a key that names a credential (``token``, ``api_key``, ``client_secret``, ``apiKey``,
+    ``X-Api-Key``), not for ``max_tokens`` or the name of an environment variable (``bearer_token_env``)."""
     if key.endswith("_env") or key in _ALLOWED:
         return False
-    return bool(_WORDS & set(key.lower().replace("-", "_").split("_")) or _PAIRS.search(key))
+    words = _words(key)
+    return (bool(_WORDS & set(words)) or any(pair in _PAIRS for pair in zip(words, words[1:], strict=False))
+            or key.lower() in SENSITIVE_HEADERS)
+
+
+def _url_secret(value: str) -> str | None:
+    """Why a string value carries a credential (userinfo or a secret query parameter in a URL, or a
+    registered secret), or None."""
+    if redact(value) != value:
+        return "holds a registered secret"
+    if "://" not in value:
+        return None
+    try:
+        parts = urlsplit(value)
+    except ValueError:
+        return None
+    if "@" in parts.netloc:
+        return "is a URL with credentials in it (user:password@host)"
+    for k, _ in parse_qsl(parts.query, keep_blank_values=True):
+        if k.lower() in SENSITIVE_QUERY_KEYS or _secretish(k):
+            return f"is a URL with a credential in its query ({k}=...)"
+    return None
 
 
 def _check(settings: Any, where: str) -> None:
@@ -50,6 +84,13 @@ def _check(settings: Any, where: str) -> None:
     elif isinstance(settings, list):
         for v in settings:
             _check(v, where)
+    elif isinstance(settings, str):
+        why = _url_secret(settings)
+        if why is not None:
+            raise ConfigError(
+                f"connector setting {where.rstrip('.') or 'value'} {why}: a ConnectorSpec is shipped to workers, so "
+                f"give credentials by environment variable name (bearer_token_env, api_key_env) instead"
+            )
 
 
 class ConnectorSpec(BaseModel):
