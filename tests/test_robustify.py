@@ -260,3 +260,12 @@ def test_robustified_cnn_certifies_through_module_connector() -> None:
     certs = [sm.certify(x[i], n0=16, n=64, alpha=0.01, seed=0) for i in range(2)]
     assert all(c.radius >= 0 for c in certs)
     assert [c.prediction for c in certs] == [int(y[0]), int(y[1])]
+
+
+def test_an_explicit_none_setting_is_applied_not_ignored() -> None:
+    from blackbox_rs.robust.config import RobustifyConfig, make_config
+
+    cfg = RobustifyConfig(target_modules=("fc",), sigma_weights=(2.0,), head="fc")
+    back = make_config(cfg, target_modules=None, sigma_weights=None, head=None)
+    assert back.target_modules is None and back.sigma_weights is None and back.head is None
+    assert make_config(cfg).target_modules == ("fc",)  # nothing given: the config's values stay

@@ -112,7 +112,8 @@ class RobustifyConfig(BaseModel):
 
 def make_config(config: RobustifyConfig | Mapping[str, Any] | None = None, **overrides: Any) -> RobustifyConfig:
     """``config`` (an object, a mapping or ``None`` for the defaults) with ``overrides`` applied and
-    validated. Raises :class:`ConfigError` naming each bad field and why."""
+    validated; an override of ``None`` sets the field to ``None`` (e.g. ``target_modules=None``: back to
+    auto-detection), it is not ignored. Raises :class:`ConfigError` naming each bad field and why."""
     base: dict[str, Any] = {}
     if isinstance(config, RobustifyConfig):
         base = config.model_dump()
@@ -120,7 +121,7 @@ def make_config(config: RobustifyConfig | Mapping[str, Any] | None = None, **ove
         base = dict(config)
     elif config is not None:
         raise ConfigError(f"config must be a RobustifyConfig or a mapping, got {type(config).__name__}")
-    base.update({k: v for k, v in overrides.items() if v is not None})
+    base.update(overrides)
     try:
         return RobustifyConfig(**base)
     except ValidationError as exc:

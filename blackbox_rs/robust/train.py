@@ -166,8 +166,10 @@ def robustify(
     )
 
     t0 = time.perf_counter()
-    cfg = make_config(config, method=method, sigmas=tuple(float(s) for s in sigmas) if sigmas is not None else None,
-                      **settings)
+    given = {"method": method} if method is not None else {}  # None: not given, the config's value
+    if sigmas is not None:
+        given["sigmas"] = tuple(float(s) for s in sigmas)
+    cfg = make_config(config, **given, **settings)
     dev = resolve_device(device)
     x, y = _check_data(data)
     if not isinstance(model, nn.Module):
