@@ -201,7 +201,7 @@ class VendorConnector(HTTPConnector):
         self._version = VersionPin()
         self.transport = HTTPTransport(base_url, auth=auth, transport=settings, sleep=sleep, classify=self._classify)
         enc = self.encoding.value + (f"{self.jpeg_quality}" if self.encoding is ImageEncoding.JPEG else "")
-        # a Host header routes to another model behind one address; other headers never change answers
+        # a Host header (or another routing header) may route to another model behind one address
         host = settings.host
         self._info = ConnectorInfo(
             input_shape=shape,  # type: ignore[arg-type]
@@ -210,7 +210,8 @@ class VendorConnector(HTTPConnector):
             max_batch=batch,
             max_concurrency=self.transport.max_in_flight,
             cost_per_query=float(cost_per_query),
-            fingerprint=endpoint_fingerprint(spec.name, self.transport.base_url, **identity, host=host, enc=enc,
+            fingerprint=endpoint_fingerprint(spec.name, self.transport.base_url, **identity, host=host,
+                                             headers=settings.routing_headers, enc=enc,
                                              min_side=spec.min_side, labels=self.label_map.fingerprint,
                                              depth=self.label_depth),
             other_index=self.label_map.other_index,

@@ -161,6 +161,7 @@ class KServeV2Connector(HTTPConnector):
                 raise ModelNotReadyError(f"model {model_name!r} at {self.transport.base_url} is not ready")
             meta = dict(metadata) if metadata is not None else self._fetch_metadata()
             self.metadata: dict[str, Any] = meta
+            self._routing_headers = settings.routing_headers  # may route to another model: fingerprinted
             self._configure(meta, input_shape, class_names, num_classes, label_map, input_name,
                             output_name, output, max_batch, cost_per_query, settings.host)
         except BaseException:
@@ -314,6 +315,7 @@ class KServeV2Connector(HTTPConnector):
             model=self.model_name,
             version=seen_version or "unpinned",
             host=host,
+            headers=getattr(self, "_routing_headers", None),
             input=self.input_name,
             output=self.output_name,
             encoding=f"{enc}-{self.layout}",

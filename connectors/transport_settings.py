@@ -17,8 +17,11 @@ Guarantees:
 * **One way to say it.** The old flat keywords (``timeout_s=5`` on a connector) are refused by
   :func:`refuse_flat_transport_keywords` with a :class:`~blackbox_rs.errors.ConfigError` naming the
   keyword and the replacement (``transport=TransportSettings(timeout_s=5)``).
-* **Answer-neutral.** None of these settings enters a connector's fingerprint, except the ``Host``
-  header, which routes to another model behind one address.
+* **Answer-neutral, except routing headers.** None of these settings enters a connector's fingerprint
+  except the headers, which can route to another model behind one address: ``Host``, and any other
+  header (``azureml-model-deployment``, ``X-Amzn-SageMaker-Target-Model``, a Seldon or Istio routing
+  header ...) but the known-neutral ones (``User-Agent``, ``Accept*``, ``Connection``, cache headers,
+  and tracing headers: a name with ``trace``, ``request-id``, ``correlation`` or ``span`` in it).
 
 Unset values (``None``, ``rate_limit="default"``) take the connector's declared default
 (:meth:`TransportSettings.with_defaults`), then the transport's own (4 in flight, no rate limit,
@@ -61,6 +64,17 @@ def is_credential_header(name: str) -> bool:
     """True if a header called ``name`` looks like it carries a credential."""
     low = name.strip().lower()
     return low in SENSITIVE_HEADERS or any(m in low for m in _CREDENTIAL_MARKERS)
+
+
+_NEUTRAL_HEADERS = frozenset({"user-agent", "accept", "accept-encoding", "accept-language", "accept-charset",
+                              "connection", "keep-alive", "cache-control", "pragma", "expect",
+                              "x-goog-user-project"})  # Google: the billing/quota project, not a model
+
+
+def _neutral_header(name: str) -> bool:
+    """A header that never selects a model: content negotiation, connection handling, caching, tracing."""
+    n = name.lower()
+    return n in _NEUTRAL_HEADERS or any(w in n for w in ("trace", "request-id", "correlation", "span"))
 
 
 class TransportSettings(BaseModel):
@@ -192,6 +206,14 @@ class TransportSettings(BaseModel):
     def host(self) -> str | None:
         """The ``Host`` header, if any (it routes to a model, so connectors fingerprint it)."""
         return next((v for k, v in self.headers.items() if k.lower() == "host"), None)
+
+    @property
+    def routing_headers(self) -> str | None:
+        """Every header but ``Host`` and the known-neutral ones (see the module docstring), as
+        ``name=value`` pairs (names lower-cased, sorted, ``;``-joined) for the fingerprint: such a
+        header may route to another model. ``None`` when there is none (fingerprints stay as before)."""
+        pairs = sorted((k.lower(), v) for k, v in self.headers.items() if k.lower() != "host" and not _neutral_header(k))
+        return ";".join(f"{k}={v}" for k, v in pairs) or None
 
     def __repr_args__(self) -> Any:
         for name, value in super().__repr_args__():

@@ -57,6 +57,7 @@ HTTP_NEUTRAL: list[dict[str, Any]] = [
     {"sleep": lambda s: None},
     {"transport": TransportSettings(verify=False)},
     {"transport": TransportSettings(headers={"X-Trace": "abc"})},
+    {"transport": TransportSettings(headers={"User-Agent": "me/1", "X-Request-Id": "7", "traceparent": "00-ab"})},
 ]
 #: answer-changing settings of every hosted-vendor connector
 VENDOR_CHANGES: list[dict[str, Any]] = [
@@ -66,6 +67,7 @@ VENDOR_CHANGES: list[dict[str, Any]] = [
     {"jpeg_quality": 75},
     {"label_depth": 2},
     {"transport": TransportSettings(headers={"Host": "other-model.example.com"})},
+    {"transport": TransportSettings(headers={"azureml-model-deployment": "green"})},  # header routing
 ]
 VENDOR_NEUTRAL: list[dict[str, Any]] = [
     *HTTP_NEUTRAL,
@@ -159,7 +161,9 @@ def _cases(tmp_path: Path) -> dict[str, Case]:
              {"class_names": None, "label_map": LM_SYN}, {"encoding": "jpeg"},
              {"encoding": "jpeg", "jpeg_quality": 80}, {"bytes_content_type": None}, {"label_depth": None},
              {"model_name": "clf2"}, {"model_version": "4"}, {"base_url": OTHER_URL}, {"identity": "clf-file-abc"},
-             {"transport": TransportSettings(headers={"Host": "clf.ns.example.com"})}, {"output_name": "label_top1", "output": "label"},
+             {"transport": TransportSettings(headers={"Host": "clf.ns.example.com"})},
+             {"transport": TransportSettings(headers={"X-Amzn-SageMaker-Target-Model": "m2.tar.gz"})},
+             {"output_name": "label_top1", "output": "label"},
              {"input_name": "image_b64"}, {"metadata": {**KSERVE_META, "versions": ["2"]}}],
             [*HTTP_NEUTRAL, {"max_batch": 4}, {"cost_per_query": 1.0}, {"auth": Auth.bearer("OTHER_TOKEN")},
              {"jpeg_quality": 50}],  # png: the JPEG quality is never used
