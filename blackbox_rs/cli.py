@@ -289,7 +289,8 @@ def fit(
         fc = _fit_config(cfg)
         if cfg.data.fit is None:
             raise ConfigError("[data] fit = <path> is required to fit")
-        from blackbox_rs.fitting.strategies import estimate_fit_queries, expected_fit_queries
+        from blackbox_rs.fitting.pilot import plan_pilot
+        from blackbox_rs.fitting.strategies import estimate_fit_queries, expected_fit_queries, get_strategy
 
         conn = _connector(cfg)
         info = conn.info
@@ -298,7 +299,9 @@ def fit(
         exp = expected_fit_queries(fc, len(x), cfg.fit.budget)
         cost = est * info.cost_per_query
         if dry_run:  # nothing is created: no output folder, no cache, no ledger
-            early = f"; {exp:,} if no scoring round shows a gain (early stop)" if exp < est else ""
+            plan = plan_pilot(get_strategy(fc.strategy), fc, len(x), cfg.fit.budget)
+            how = f"its pilot's {plan.config.patience} scoring rounds show no gain" if plan else "no scoring round shows a gain"
+            early = f"; {exp:,} if {how} (early stop)" if exp < est else ""
             speed = "" if est == 0 else _measured_speed(
                 conn, getattr(fc, "batch_size", None), est, what="so the model's answers to those queries take about {t}")
             typer.echo(f"dry run: fit '{fc.strategy}' on {len(x)} images would spend at most {est:,} queries "
@@ -311,7 +314,9 @@ def fit(
                               checkpoint_dir=cfg.run.out_dir / "fit_checkpoint",
                               progress=lambda k, t, info: bar("fit", k, t, info))
         path = smoother.save(cfg.run.out_dir / "smoother")
-        saved = (f"; {report.queries_saved:,} queries not spent (no scoring round showed a gain)"
+        why = ("its pilot's scoring rounds showed no gain" if report.pilot is not None and not report.pilot.gained
+               else "no scoring round showed a gain")
+        saved = (f"; {report.queries_saved:,} queries not spent ({why})"
                  if report.stopped == "no_gain" and report.queries_saved else "")
         typer.echo(f"fit {report.stopped}: {report.steps_done}/{report.steps_total} steps, {report.queries:,} queries "
                    f"({report.cache_hits:,} cache hits), {report.trainable_parameters:,} trainable parameters{saved}")

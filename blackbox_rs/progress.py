@@ -109,6 +109,8 @@ class ProgressBar:
         parts = [f"{stage:<24} [{'#' * filled}{'-' * (self.width - filled)}] {done}/{total}", eta_text]
         if self._resumed:
             parts.append(f"resumed {self._resumed}")
+        if info.get("pilot"):  # a fit's pilot (blackbox_rs.fitting.pilot): its steps, not the full fit's
+            parts.append("pilot")
         if info.get("samples") is not None and elapsed > 0:
             parts.append(f"{format_rate(int(info['samples']) / elapsed)} samples/s")
         if "queries" in info:

@@ -196,6 +196,8 @@ class BlackBoxSmoother:
         if progress == "auto":
             progress = _auto_bar("fit", engine, budget)
         ctx = FitContext(engine, self.module, data, self.sigmas, cfg, progress)  # type: ignore[arg-type]
+        if budget is not None and cls.needs_queries:  # the fit budget's cap sizes the fit's pilot
+            ctx.budget_cap = budget.max_queries if isinstance(budget, QueryBudget) else int(budget)
         try:
             report = run_fit(ctx, cfg.strategy, checkpoint_dir=checkpoint_dir)
         finally:

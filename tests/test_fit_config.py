@@ -60,6 +60,7 @@ def test_defaults_are_those_of_the_former_flat_config():
               "checkpoint_every": 50, "clean_queries": 10_000, "score_images": 256, "score_draws": 8,
               "score_every": 150,
               "patience": 2, "gain_alpha": 0.1,  # added by issue #23: query-paid fits stop when rounds show no gain
+              "pilot": 0.1,  # added by issue #23: a pilot spends at most a tenth of the cap to learn whether steps help
               "device": None}  # added by issue #19: where the module, surrogate and training batches live
     own = {"surrogate": {"surrogate": "small_cnn", "distill_queries": 10_000, "redistill_every": 150,
                          "surrogate_epochs": 2.0, "surrogate_lr": 2e-3, "surrogate_buffer": 60_000},

@@ -60,8 +60,10 @@ class StrategyConfig(BaseModel):
     state whose worst sigma gained most over the pretrained module). After ``patience`` rounds in a
     row whose gain over the best round so far is not significant (a one-sided paired test at level
     ``gain_alpha``), the fit stops early: ``FitReport.stopped == "no_gain"``, the best state is kept
-    and ``FitReport.queries_saved`` says what the cap left unspent (``patience=0``: never). A strategy
-    that never queries (``denoise``) ignores the query-paid settings.
+    and ``FitReport.queries_saved`` says what the cap left unspent (``patience=0``: never). Before the
+    full fit a *pilot* at a smaller scale spends at most ``pilot`` of the cap to learn whether the steps
+    help at all (:mod:`blackbox_rs.fitting.pilot`). A strategy that never queries (``denoise``) ignores
+    the query-paid settings.
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -105,6 +107,13 @@ class StrategyConfig(BaseModel):
         default=0.1, gt=0, le=0.5,
         description="level of the one-sided paired test (per-image scores, same images and noise) that a "
         "round gained over the best so far; with several sigmas every sigma must gain",
+    )
+    pilot: float = Field(
+        default=0.1, ge=0, le=0.5,
+        description="share of the fit's query cap a pilot may spend first: the same strategy at a smaller "
+        "scale for `patience` scoring rounds; no significant gain: the fit stops there (stopped='no_gain'), "
+        "else the full fit runs as without a pilot, reusing the pilot's clean labels "
+        "(blackbox_rs.fitting.pilot); 0: no pilot",
     )
     # where the fit runs (resolved once by the FitContext: blackbox_rs.fitting.context.fit_device)
     device: str | None = Field(

@@ -32,6 +32,7 @@ from blackbox_rs.engine import QueryEngine, Tally
 from blackbox_rs.errors import InvalidParameterError
 from blackbox_rs.fitting.config import StrategyConfig
 from blackbox_rs.fitting.data import FitData
+from blackbox_rs.fitting.pilot import PilotReport
 from blackbox_rs.modules.base import InputModule
 
 __all__ = ["FitContext", "FitReport", "ProgressFn", "fit_device", "module_device"]
@@ -61,6 +62,10 @@ class FitReport(BaseModel):
     best_step: int | None
     history: list[dict[str, float]] = Field(default_factory=list)
     resumed_from: int | None = None
+    pilot: PilotReport | None = Field(
+        default=None,
+        description="the pilot that ran before the strategy's own steps (blackbox_rs.fitting.pilot); None: none ran",
+    )
     queries_saved: int | None = Field(
         default=None,
         description="for a fit that stopped for no gain: the strategy's query cap of the uninterrupted fit "
@@ -141,6 +146,10 @@ class FitContext:
         g = self.generator(-1, "subset")
         self.subset = torch.randperm(n, generator=g)[: max(1, min(n, config.clean_queries))]
         self.clean_labels: torch.Tensor | None = None
+        #: clean labels already paid for (a pilot's; -1 where unknown): never queried again
+        self.known_labels: torch.Tensor | None = None
+        #: the fit budget's cap (queries), which sizes the fit's pilot; None: no fit budget
+        self.budget_cap: int | None = None
         self.best_score: float | None = None
         self.best_step: int | None = None
         self.best_state: dict[str, torch.Tensor] | None = None
@@ -208,10 +217,15 @@ class FitContext:
         return self.engine.query(sent, tally=self.tally).labels.to(self.device)
 
     def ensure_clean_labels(self) -> torch.Tensor:
-        """Black-box labels of the clean images of the labelled subset (queried once, then cached)."""
+        """Black-box labels of the clean images of the labelled subset (queried once, then cached); the
+        ones in :attr:`known_labels` (a pilot's) are taken from there, not queried again."""
         if self.clean_labels is None:
             labels = torch.full((len(self.data),), -1, dtype=torch.int64)  # on the CPU (checkpointed as it is)
-            labels[self.subset] = self.query(self.data.x[self.subset]).cpu()
+            if self.known_labels is not None:
+                labels[self.subset] = self.known_labels.to("cpu", torch.int64)[self.subset]
+            todo = self.subset[labels[self.subset] < 0]
+            if len(todo):
+                labels[todo] = self.query(self.data.x[todo]).cpu()
             self.clean_labels = labels
         return self.clean_labels
 

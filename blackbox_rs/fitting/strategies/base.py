@@ -4,10 +4,12 @@ gain, resume)."""
 from __future__ import annotations
 
 import abc
+import copy
 import hashlib
 import json
 import math
 import os
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
@@ -25,6 +27,14 @@ from blackbox_rs.fitting.config import StrategyConfig, config_class_for
 from blackbox_rs.fitting.context import FitContext, FitReport
 from blackbox_rs.fitting.draws import repeat_draws
 from blackbox_rs.fitting.objectives import mse_loss
+from blackbox_rs.fitting.pilot import (
+    MIN_SCORE_IMAGES,
+    PilotPlan,
+    PilotReport,
+    pilot_plan_at,
+    plan_pilot,
+    scaled,
+)
 from blackbox_rs.fitting.selection import ScoreRound, gain_test, score_round, worst_gain
 from blackbox_rs.fitting.strategy_registry import STRATEGIES
 
@@ -58,18 +68,20 @@ def get_strategy(name: str) -> type[Strategy]:
 
 def estimate_fit_queries(config: Any, n_images: int, budget: int | None = None) -> int:
     """Upper bound on the queries of a fit of ``n_images`` images with ``config`` (a ``FitConfig``),
-    capped by ``budget``: what the CLI and recipe dry runs print (see :meth:`Strategy.estimate_queries`)."""
-    q = get_strategy(config.strategy).estimate_queries(config, n_images)
+    capped by ``budget``: what the CLI and recipe dry runs print (see :meth:`Strategy.estimate_queries`;
+    its pilot included)."""
+    q = get_strategy(config.strategy).estimate_queries(config, n_images, budget)
     return q if budget is None else min(q, int(budget))
 
 
 def expected_fit_queries(config: Any, n_images: int, budget: int | None = None) -> int:
     """The queries of a fit of ``n_images`` images with ``config`` (a ``FitConfig``) *when no scoring
-    round shows a gain*: the fit then stops at its earliest patience point (the pretrained module's
-    round, ``patience`` more rounds and the steps between them; see :meth:`Strategy.expected_queries`),
-    capped by ``budget``. Not a bound: a fit whose rounds gain spends more, up to
-    :func:`estimate_fit_queries` (the cap), which this never exceeds. Dry runs show both."""
-    q = get_strategy(config.strategy).expected_queries(config, n_images)
+    round shows a gain*: the fit's pilot (:mod:`blackbox_rs.fitting.pilot`), or without one its earliest
+    patience point (the pretrained module's round, ``patience`` more rounds and the steps between them;
+    see :meth:`Strategy.expected_queries`), capped by ``budget``. Not a bound: a fit whose rounds gain
+    spends more, up to :func:`estimate_fit_queries` (the cap), which this never exceeds. Dry runs show
+    both."""
+    q = get_strategy(config.strategy).expected_queries(config, n_images, budget)
     return q if budget is None else min(q, int(budget))
 
 
@@ -109,11 +121,11 @@ class Strategy(abc.ABC):
 
     # -- cost -------------------------------------------------------------------------------------
     @classmethod
-    def estimate_queries(cls, config: Any, n_images: int) -> int:
+    def base_queries(cls, config: Any, n_images: int) -> int:
         """Upper bound on the black-box images an uninterrupted fit of ``n_images`` images queries
-        (answers from the cache only lower it; retries that may be billed are charged on top by the
-        engine): the clean labels of the labelled subset, every scoring round (one before the
-        strategy's first step, one every ``score_every`` steps, one after the last) and
+        *without a pilot* (answers from the cache only lower it; retries that may be billed are charged
+        on top by the engine): the clean labels of the labelled subset, every scoring round (one
+        before the strategy's first step, one every ``score_every`` steps, one after the last) and
         :meth:`step_queries`. A strategy that never queries costs 0."""
         if not cls.needs_queries or config.steps == 0:
             return 0
@@ -123,20 +135,28 @@ class Strategy(abc.ABC):
         return subset + scoring + cls.step_queries(config)
 
     @classmethod
+    def estimate_queries(cls, config: Any, n_images: int, budget: int | None = None) -> int:
+        """Upper bound on the black-box images an uninterrupted fit queries: :meth:`base_queries` plus,
+        when the fit runs a pilot (:func:`~blackbox_rs.fitting.pilot.plan_pilot`; ``budget`` is the fit
+        budget it is sized by), the pilot's cap minus the clean labels the full fit reuses from it."""
+        base = cls.base_queries(config, n_images)
+        plan = plan_pilot(cls, config, n_images, budget)
+        return base if plan is None else base + plan.queries - plan.reused
+
+    @classmethod
     def step_queries(cls, config: Any) -> int:
         """Queries of the strategy's own steps (beyond clean labels and scoring rounds)."""
         return 0
 
     @classmethod
-    def expected_queries(cls, config: Any, n_images: int) -> int:
-        """The black-box images an uncached fit queries if it stops at its earliest patience point, i.e.
-        when no scoring round gains: clean labels, ``patience + 1`` scoring rounds (the pretrained
-        module's and ``patience`` more) and :meth:`step_queries` of the ``patience * score_every``
-        steps between them (``config.steps`` replaced by that number). It is :meth:`estimate_queries`
-        when the fit cannot stop early (``patience == 0``, or no round left to stop at:
-        ``patience * score_every >= steps``) and never more than it. The expected spend when the steps
-        do not help, not a bound: a fit whose rounds gain spends more."""
-        cap = cls.estimate_queries(config, n_images)
+    def base_expected_queries(cls, config: Any, n_images: int) -> int:
+        """The black-box images an uncached fit *without a pilot* queries if it stops at its earliest
+        patience point, i.e. when no scoring round gains: clean labels, ``patience + 1`` scoring rounds
+        (the pretrained module's and ``patience`` more) and :meth:`step_queries` of the
+        ``patience * score_every`` steps between them (``config.steps`` replaced by that number). It is
+        :meth:`base_queries` when the fit cannot stop early (``patience == 0``, or no round left to
+        stop at: ``patience * score_every >= steps``) and never more than it."""
+        cap = cls.base_queries(config, n_images)
         p = int(getattr(config, "patience", 0))
         done = p * config.score_every
         if cap == 0 or p == 0 or done >= config.steps:
@@ -144,6 +164,38 @@ class Strategy(abc.ABC):
         subset = max(1, min(int(n_images), config.clean_queries))
         scoring = (p + 1) * min(config.score_images, subset) * config.score_draws
         return min(cap, subset + scoring + cls.step_queries(config.model_copy(update={"steps": done})))
+
+    @classmethod
+    def expected_queries(cls, config: Any, n_images: int, budget: int | None = None) -> int:
+        """The black-box images an uncached fit queries when no scoring round gains: the cap of its pilot
+        (:func:`~blackbox_rs.fitting.pilot.plan_pilot`, sized with the fit ``budget``) when it runs one,
+        else :meth:`base_expected_queries`. The expected spend when the steps do not help, not a bound:
+        a fit whose rounds gain spends more, up to :meth:`estimate_queries`."""
+        plan = plan_pilot(cls, config, n_images, budget)
+        return cls.base_expected_queries(config, n_images) if plan is None else plan.queries
+
+    @classmethod
+    def pilot_settings(cls, config: Any, factor: float) -> dict[str, Any]:
+        """Hook: this strategy's own settings at pilot scale ``factor`` (0..1), e.g. a smaller
+        distillation round; the shared ones are scaled by :meth:`pilot_config`."""
+        return {}
+
+    @classmethod
+    def pilot_config(cls, config: Any, n_images: int, factor: float) -> Any:
+        """``config`` at pilot scale ``factor`` (see :mod:`blackbox_rs.fitting.pilot`): the scoring set
+        ``ceil(factor * score_images)`` images (at least ``MIN_SCORE_IMAGES``, at most the full set),
+        the clean labels ``ceil(factor * subset)`` (at least the scoring set), the strategy's own
+        settings by :meth:`pilot_settings`, ``patience * score_every`` steps (the pilot's rounds: the
+        pretrained module's and ``patience`` more) and no pilot of its own. Everything else (seed, sigma
+        mixture, learning rates, draws per image, patience, test level) is the fit's."""
+        subset = max(1, min(int(n_images), config.clean_queries))
+        score_images = scaled(min(config.score_images, subset), factor, MIN_SCORE_IMAGES)
+        clean = max(score_images, scaled(subset, factor, score_images))
+        update: dict[str, Any] = {"clean_queries": clean, "score_images": score_images, "pilot": 0.0}
+        update.update(cls.pilot_settings(config, factor))
+        every = int(update.get("score_every", config.score_every))
+        update["steps"] = min(config.steps, int(config.patience) * every)
+        return config.model_copy(update=update)
 
     # -- phases ----------------------------------------------------------------------------------
     @property
@@ -213,7 +265,7 @@ class Strategy(abc.ABC):
         """Per-sigma scores of the first scoring round of the strategy's steps (read back from the
         history, so a resumed fit compares against the same round)."""
         for h in self.ctx.history:
-            if int(h["step"]) == self.pretrain_steps and "robust_score" in h:
+            if int(h["step"]) == self.pretrain_steps and "robust_score" in h and "pilot" not in h:
                 return {float(key.split("@", 1)[1]): v for key, v in h.items() if key.startswith("robust_score@")}
         raise CacheError("the fit checkpoint has no scoring round of the pretrained module (written by an older "
                          "version?); use a new checkpoint_dir")
@@ -324,7 +376,8 @@ def _config_digest(ctx: FitContext, strategy: str) -> str:
 
 
 def _checkpoint(ctx: FitContext, strat: Strategy, directory: str | os.PathLike[str], step: int, digest: str,
-                finished: bool = False, *, stopped: str = "completed", spent: int = 0) -> None:
+                finished: bool = False, *, stopped: str = "completed", spent: int = 0,
+                pilot: dict[str, Any] | None = None) -> None:
     """Save the fit state after ``step`` steps; ``stopped`` and ``spent`` (the queries charged by all
     calls of this fit so far) let a rerun report a finished fit as it ended."""
     tensors, smeta = strat.state()
@@ -342,6 +395,8 @@ def _checkpoint(ctx: FitContext, strat: Strategy, directory: str | os.PathLike[s
             "best_step": ctx.best_step, "history": ctx.history, "module_name": ctx.module.name,
             "no_gain_rounds": ctx.no_gain_rounds, "scored_step": ctx.scored_step, "stopped": stopped,
             "queries_spent": spent, "device_type": ctx.device.type}
+    if pilot is not None:
+        meta["pilot"] = pilot
     save_checkpoint(directory, tensors, meta)
 
 
@@ -383,7 +438,8 @@ def _restore(ctx: FitContext, strat: Strategy, directory: str | os.PathLike[str]
     ctx.no_gain_rounds = int(meta.get("no_gain_rounds", 0))  # the patience counter: resume decides alike
     ctx.scored_step = None if meta.get("scored_step") is None else int(meta["scored_step"])
     strat.load_state(sub("s."), meta["strategy"])
-    ended = {"stopped": str(meta.get("stopped", "completed")), "spent": int(meta.get("queries_spent", 0))}
+    ended = {"stopped": str(meta.get("stopped", "completed")), "spent": int(meta.get("queries_spent", 0)),
+             "pilot": meta.get("pilot")}
     return int(meta["step"]), bool(meta.get("finished", False)), ended
 
 
@@ -396,7 +452,9 @@ def run_fit(ctx: FitContext, strategy: str, *, checkpoint_dir: str | os.PathLike
     the state (the patience counter included) is saved every ``checkpoint_every`` steps and at the
     end, on the CPU, and a rerun resumes from it onto the fit device: a fit that stopped for no gain
     stays stopped (its rerun spends nothing); one written on another device type is refused
-    (:class:`ResumeMismatchError`, see :func:`_restore`)."""
+    (:class:`ResumeMismatchError`, see :func:`_restore`). A fit whose config plans a pilot
+    (:func:`~blackbox_rs.fitting.pilot.plan_pilot`) runs it before the strategy's first step
+    (:func:`_run_pilot`; its checkpoints in ``checkpoint_dir/pilot``)."""
     cls = get_strategy(strategy)
     try:
         strat = cls(ctx)
@@ -408,28 +466,106 @@ def run_fit(ctx: FitContext, strategy: str, *, checkpoint_dir: str | os.PathLike
         ctx.release()
 
 
+class _PilotRun:
+    """A pilot that ran (:func:`_run_pilot`): its context (module, best state, history), its report, and
+    whether one of its rounds gained significantly (no budget stop and a patience counter below
+    ``patience`` after its ``patience`` rounds)."""
+
+    def __init__(self, ctx: FitContext, report: FitReport, queries: int, plan: PilotPlan) -> None:
+        self.ctx, self.report, self.plan = ctx, report, plan
+        cfg = plan.config
+        self.gained = report.stopped != "budget" and ctx.no_gain_rounds < int(cfg.patience)
+        self.summary = PilotReport(factor=plan.factor, cap=plan.queries, queries=queries, gained=self.gained,
+                                   stopped=report.stopped, steps=report.steps_done - cfg.pretrain_steps,
+                                   score_images=cfg.score_images, clean_queries=cfg.clean_queries)
+
+
+def _run_pilot(ctx: FitContext, strat: Strategy, cls: type[Strategy], strategy: str, plan: PilotPlan,
+               checkpoint_dir: str | os.PathLike[str] | None) -> _PilotRun:
+    """Run the pilot ``plan`` (see :mod:`blackbox_rs.fitting.pilot`) from the fit's state at the
+    strategy's first step: a copy of the module, a fresh strategy with the pilot's config that takes
+    over copies of ``strat``'s state (optimizer, surrogate, buffers), the same engine and tally.
+    Neither ``ctx`` nor ``strat`` is changed, so a full fit after a gaining pilot is the fit without
+    one; a module in the config (your surrogate) is copied too, so the pilot never trains it. With
+    ``checkpoint_dir`` the pilot checkpoints in its ``pilot`` subfolder and a rerun resumes it (a
+    finished pilot spends nothing again)."""
+    cfg = plan.config
+    modules = {k: copy.deepcopy(v) for k, v in cfg.__dict__.items() if isinstance(v, torch.nn.Module)}
+    if modules:
+        cfg = cfg.model_copy(update=modules)
+    main_progress = ctx.progress
+    progress = None if main_progress is None else (
+        lambda k, _total, info: main_progress(k, strat.total_steps, {**info, "pilot": 1.0}))
+    pctx = FitContext(ctx.engine, copy.deepcopy(ctx.module), ctx.data, ctx.sigmas, cfg, progress)
+    pctx.tally = ctx.tally
+    pctx.budget_cap = ctx.budget_cap
+    pstrat = cls(pctx)
+    before = ctx.tally.queries
+    try:
+        tensors, meta = strat.state()
+        pstrat.load_state({k: v.detach().clone() for k, v in tensors.items()}, copy.deepcopy(meta))
+        pdir = None if checkpoint_dir is None else Path(checkpoint_dir) / "pilot"
+        report = _drive(pctx, pstrat, cls, strategy, pdir, start_at=strat.pretrain_steps)
+    finally:
+        pstrat.release()
+    return _PilotRun(pctx, report, ctx.tally.queries - before, plan)
+
+
 def _drive(ctx: FitContext, strat: Strategy, cls: type[Strategy], strategy: str,
-           checkpoint_dir: str | os.PathLike[str] | None) -> FitReport:
-    """The driver loop of :func:`run_fit` (resume, steps, checkpoints, stop), on the fit device."""
+           checkpoint_dir: str | os.PathLike[str] | None, *, start_at: int = 0) -> FitReport:
+    """The driver loop of :func:`run_fit` (resume, pilot, steps, checkpoints, stop), on the fit device;
+    ``start_at``: the first step when there is no checkpoint to resume (a pilot starts at the
+    strategy's first step).
+
+    The pilot's outcome is recorded in the fit's checkpoints (``meta["pilot"]``: its scale and
+    ``None`` / ``"gain"`` / ``"no_gain"``), so a resumed fit neither re-plans nor re-runs it: after a
+    gain the full fit goes on; after no gain (or a budget stop inside the pilot) the fit's own
+    checkpoint stays at the strategy's first step with the pretrained module, and a rerun reads the
+    pilot back from its finished checkpoint (no query) or continues it (a raised budget)."""
     strat.check()
     digest = _config_digest(ctx, strategy)
     if checkpoint_dir is not None:
         start, finished, ended = _restore(ctx, strat, checkpoint_dir, digest)
     else:
-        start, finished, ended = 0, False, {"stopped": "completed", "spent": 0}
-    resumed = start if start > 0 else None
+        start, finished, ended = 0, False, {"stopped": "completed", "spent": 0, "pilot": None}
+    if start == 0 and not finished:
+        start = start_at
+    resumed = start if start > start_at else None
     total = strat.total_steps
+    n = len(ctx.data)
+    # the pilot: as the checkpoint recorded it, else planned now (only before the strategy's steps)
+    pilot: dict[str, Any] | None = ended.get("pilot")
+    plan = None
+    if pilot is not None:
+        plan = pilot_plan_at(cls, ctx.config, n, float(pilot["factor"]))
+    elif start <= strat.pretrain_steps and not finished:
+        plan = plan_pilot(cls, ctx.config, n, ctx.budget_cap)
+        pilot = None if plan is None else {"factor": plan.factor, "outcome": None}
+    run: _PilotRun | None = None
     stopped = "no_gain" if ended["stopped"] == "no_gain" else "completed"
+    reread = pilot is not None and pilot["outcome"] == "no_gain"  # a rerun of a fit the pilot ended
     k = start
     try:
-        if stopped != "no_gain":
+        if stopped != "no_gain" or reread:
             while k < total:
+                if plan is not None and pilot is not None and k == strat.pretrain_steps and pilot["outcome"] != "gain":
+                    run = _run_pilot(ctx, strat, cls, strategy, plan, checkpoint_dir)
+                    if run.gained:
+                        pilot["outcome"] = "gain"
+                        ctx.known_labels = run.ctx.clean_labels
+                    elif run.report.stopped == "budget":
+                        stopped = "budget"
+                        break
+                    else:
+                        pilot["outcome"] = "no_gain"
+                        raise _NoGain
                 info = strat.step(k)
                 k += 1
                 ctx.report(k, total, info)
                 if checkpoint_dir is not None and (k % ctx.config.checkpoint_every == 0):
-                    _checkpoint(ctx, strat, checkpoint_dir, k, digest, spent=ended["spent"] + ctx.tally.queries)
-            if not finished:
+                    _checkpoint(ctx, strat, checkpoint_dir, k, digest, spent=ended["spent"] + ctx.tally.queries,
+                                pilot=pilot)
+            if not finished and stopped != "budget":
                 strat.finish()
                 finished = True
     except BudgetExceeded:
@@ -439,15 +575,28 @@ def _drive(ctx: FitContext, strat: Strategy, cls: type[Strategy], strategy: str,
     finally:
         if checkpoint_dir is not None:
             _checkpoint(ctx, strat, checkpoint_dir, k, digest, finished, stopped=stopped,
-                        spent=ended["spent"] + ctx.tally.queries)
+                        spent=ended["spent"] + ctx.tally.queries, pilot=pilot)
+    steps_done = k
+    if run is not None:
+        # the pilot's entries (marked pilot=1) go where they happened: before the strategy's own rounds
+        tagged = [{**h, "pilot": 1.0} for h in run.ctx.history if int(h["step"]) >= strat.pretrain_steps]
+        own = [h for h in ctx.history if "pilot" not in h]
+        at = next((i for i, h in enumerate(own) if int(h["step"]) >= strat.pretrain_steps), len(own))
+        ctx.history = own[:at] + tagged + own[at:]
+        if not run.gained:  # the pilot ended the fit: its module in its best state is the fit's
+            p = run.ctx
+            ctx.module, ctx.best_state, ctx.best_score, ctx.best_step = p.module, p.best_state, p.best_score, p.best_step
+            steps_done = run.report.steps_done
     ctx.restore_best()
     ctx.module.eval()
     saved = None
     if stopped == "no_gain":
-        saved = max(0, cls.estimate_queries(ctx.config, len(ctx.data)) - ended["spent"] - ctx.tally.queries)
+        cap = cls.estimate_queries(ctx.config, n, ctx.budget_cap)
+        saved = max(0, cap - ended["spent"] - ctx.tally.queries)
     return FitReport(
-        strategy=strategy, sigmas=ctx.sigmas, steps_done=k, steps_total=total, stopped=stopped,  # type: ignore[arg-type]
+        strategy=strategy, sigmas=ctx.sigmas, steps_done=steps_done, steps_total=total, stopped=stopped,  # type: ignore[arg-type]
         queries=ctx.tally.queries, cache_hits=ctx.tally.cache_hits, cost=ctx.tally.cost,
         trainable_parameters=ctx.module.num_trainable(), best_score=ctx.best_score, best_step=ctx.best_step,
         history=ctx.history, resumed_from=resumed, queries_saved=saved,
+        pilot=None if run is None else run.summary,
     )

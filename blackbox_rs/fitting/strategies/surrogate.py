@@ -35,6 +35,7 @@ from blackbox_rs.errors import InvalidParameterError
 from blackbox_rs.fitting.checkpoint import optimizer_from_tensors, optimizer_to_tensors
 from blackbox_rs.fitting.config import StrategyConfig
 from blackbox_rs.fitting.context import module_device
+from blackbox_rs.fitting.pilot import scaled
 from blackbox_rs.fitting.selection import ScoreRound
 from blackbox_rs.fitting.strategies.base import Strategy, register_strategy
 from blackbox_rs.surrogates import predict_logits
@@ -133,6 +134,11 @@ class SurrogateStrategy(Strategy):
     def step_queries(cls, config: Any) -> int:
         """``distill_queries`` per distillation round, one every ``redistill_every`` steps."""
         return math.ceil(config.steps / config.redistill_every) * config.distill_queries
+
+    @classmethod
+    def pilot_settings(cls, config: Any, factor: float) -> dict[str, Any]:
+        """Distillation rounds of ``ceil(factor * distill_queries)`` labels (at least 128) in a pilot."""
+        return {"distill_queries": scaled(config.distill_queries, factor, 128)}
 
     def __init__(self, ctx: Any) -> None:
         super().__init__(ctx)

@@ -1,0 +1,233 @@
+"""The pilot of a query-paid fit (issue #23): a tenth of the cap to learn whether the steps help.
+
+Before the strategy's first step a pilot (the same strategy at a smaller scale, from the same
+pretrained module) runs ``patience`` scoring rounds; no significant gain ends the fit having spent at
+most ``pilot`` of its cap, a gain lets the full fit run exactly as it would without a pilot (reusing
+the pilot's clean labels). Toy problems, tiny modules, fixed seeds, CPU only.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from blackbox_rs import BlackBoxSmoother, FitConfig, QueryEngine
+from blackbox_rs.connectors import CallableConnector
+from blackbox_rs.fitting.pilot import MIN_SCORE_IMAGES, plan_pilot
+from blackbox_rs.fitting.strategies import estimate_fit_queries, expected_fit_queries, get_strategy
+from blackbox_rs.modules.lora_denoiser import LoRADnCNN
+
+SHAPE = (1, 6, 6)
+N = 512
+# a fit big enough that its early stop alone costs ~10k queries: the pilot is sized against it
+BIG = {"pretrain_steps": 20, "steps": 400, "score_every": 10, "batch_size": 8, "clean_queries": N,
+       "score_images": 256, "score_draws": 8, "distill_queries": 2000, "redistill_every": 10,
+       "surrogate_epochs": 0.5}
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+
+
+def brightness(b: torch.Tensor) -> torch.Tensor:
+    """Sees only mean brightness > 0.5, which the MSE denoiser keeps: no step can help."""
+    m = b.flatten(1).mean(1)
+    return torch.stack([0.5 - m, m - 0.5], 1)
+
+
+def center_pixel(b: torch.Tensor) -> torch.Tensor:
+    """Sees one pixel: averaging the (constant) image first makes it far more stable; steps learn that."""
+    v = b[:, 0, 3, 3]
+    return torch.stack([0.5 - v, v - 0.5], 1)
+
+
+def images(levels: tuple[float, float] = (0.25, 0.75)) -> torch.Tensor:
+    g = torch.Generator().manual_seed(1)
+    c = torch.tensor(levels).repeat(N // 2)
+    return (c.view(-1, 1, 1, 1) + 0.05 * torch.rand(N, *SHAPE, generator=g)).clamp(0, 1)
+
+
+def smoother(fn: Any, sigmas: list[float] | None = None) -> tuple[BlackBoxSmoother, QueryEngine]:
+    engine = QueryEngine(CallableConnector(fn, input_shape=SHAPE, num_classes=2, fingerprint=f"toy:{fn.__name__}"))
+    sm = BlackBoxSmoother(engine, module={"name": "dncnn", "depth": 2, "width": 8},
+                          **({"sigmas": sigmas} if sigmas else {"sigma": 0.25}))
+    return sm, engine
+
+
+def state(sm: BlackBoxSmoother) -> dict[str, torch.Tensor]:
+    assert sm.module is not None
+    return {k: v.clone() for k, v in sm.module.state_dict().items()}
+
+
+def own_rounds(report: Any) -> list[dict[str, float]]:
+    return [h for h in report.history if "robust_score" in h and "pilot" not in h]
+
+
+def pilot_rounds(report: Any) -> list[dict[str, float]]:
+    return [h for h in report.history if "robust_score" in h and "pilot" in h]
+
+
+# ------------------------------------------------------------------------------------- sizing
+@pytest.mark.parametrize("strategy", ["surrogate", "zeroth_order"])
+def test_a_pilot_costs_at_most_its_share_of_the_cap_and_half_the_early_stop(strategy: str) -> None:
+    cls = get_strategy(strategy)
+    for n in (64, 500, 2_000, 60_000):
+        for budget in (None, 20_000, 40_000, 1_000_000):
+            for share in (0.05, 0.1, 0.25):
+                cfg = FitConfig(strategy=strategy, pilot=share)
+                plan = plan_pilot(cls, cfg, n, budget)
+                stop_alone = cls.base_expected_queries(cfg, n)
+                if plan is None:
+                    continue
+                cap = min(cls.base_queries(cfg, n), budget or 10**12)
+                floor = cls.base_queries(cls.pilot_config(cfg, n, 0.0), n)
+                assert plan.queries <= max(share * cap, floor) and plan.queries <= 0.5 * stop_alone
+                assert plan.queries == cls.base_queries(plan.config, n)  # its cap, whatever it shows
+                pc = plan.config
+                assert pc.pilot == 0 and pc.steps == cfg.patience * pc.score_every < cfg.steps
+                assert MIN_SCORE_IMAGES <= pc.score_images <= pc.clean_queries <= min(n, cfg.clean_queries)
+                assert plan_pilot(cls, cfg, n, budget) == plan  # deterministic: a resume re-derives it
+                # the dry run's two numbers
+                assert expected_fit_queries(cfg, n, budget) == min(plan.queries, budget or plan.queries)
+                full = cls.base_queries(cfg, n)
+                assert estimate_fit_queries(cfg, n, budget) == min(full + plan.queries - plan.reused,
+                                                                   budget or 10**12)
+    if strategy == "surrogate":  # the default fit of 60,000 images: a tenth of its cap when no round gains
+        cfg = FitConfig(strategy="surrogate")
+        for budget in (None, 40_000):
+            assert expected_fit_queries(cfg, 60_000, budget) <= 0.1 * min(cls.base_queries(cfg, 60_000), budget or 10**9)
+
+
+def test_no_pilot_where_it_cannot_save_anything() -> None:
+    cls = get_strategy("surrogate")
+    assert plan_pilot(cls, FitConfig(pilot=0), 60_000) is None
+    assert plan_pilot(cls, FitConfig(patience=0), 60_000) is None
+    assert plan_pilot(cls, FitConfig(steps=300), 60_000) is None  # patience * score_every >= steps
+    assert plan_pilot(get_strategy("denoise"), FitConfig(strategy="denoise"), 60_000) is None
+    # a fit whose scoring set is already at the pilot's floor: the pilot would cost as much as the stop
+    toy = FitConfig(strategy="surrogate", steps=400, score_every=5, clean_queries=64, score_images=64,
+                    distill_queries=32, redistill_every=20)
+    assert plan_pilot(cls, toy, 64) is None
+    assert expected_fit_queries(toy, 64) == cls.base_expected_queries(toy, 64)
+
+
+# -------------------------------------------------------------------------------------- fits
+def test_a_fit_whose_steps_cannot_help_stops_after_its_pilot_for_a_tenth_of_its_cap() -> None:
+    sm, engine = smoother(brightness)
+    cfg = FitConfig(strategy="surrogate", **BIG)
+    cap = estimate_fit_queries(cfg, N)
+    plan = plan_pilot(get_strategy("surrogate"), cfg, N)
+    assert plan is not None
+    report = sm.fit(images(), config=cfg, progress=None)
+    assert report.stopped == "no_gain" and report.pilot is not None and not report.pilot.gained
+    assert report.queries == engine.stats.queries == plan.queries == expected_fit_queries(cfg, N)
+    assert report.queries <= 0.1 * cap
+    assert report.queries_saved == cap - report.queries
+    assert report.pilot.queries == report.queries and report.pilot.steps == plan.config.steps
+    rounds = pilot_rounds(report)
+    assert [h["step"] for h in rounds] == [20, 20 + 10, 20 + 20] and not own_rounds(report)
+    assert report.steps_done == 20 + plan.config.steps
+    assert report.best_step == max(rounds, key=lambda h: h["score"])["step"]
+    # without a pilot the same fit pays the early stop alone: at least twice as much, same decision
+    sm0, engine0 = smoother(brightness)
+    r0 = sm0.fit(images(), config=cfg.model_copy(update={"pilot": 0.0}), progress=None)
+    assert r0.stopped == "no_gain" and r0.pilot is None
+    assert r0.queries == get_strategy("surrogate").base_expected_queries(cfg, N) >= 2 * report.queries
+
+
+def test_a_fit_whose_steps_help_passes_its_pilot_and_is_the_fit_without_one() -> None:
+    sm, engine = smoother(center_pixel)
+    cfg = FitConfig(strategy="surrogate", **{**BIG, "steps": 60})
+    plan = plan_pilot(get_strategy("surrogate"), cfg, N)
+    assert plan is not None
+    report = sm.fit(images(), config=cfg, progress=None)
+    assert report.pilot is not None and report.pilot.gained
+    assert any(h["gain_p"] <= cfg.gain_alpha for h in pilot_rounds(report)[1:])
+    sm0, engine0 = smoother(center_pixel)
+    r0 = sm0.fit(images(), config=cfg.model_copy(update={"pilot": 0.0}), progress=None)
+    # the full fit is the fit without a pilot: same rounds, same kept state, bit for bit
+    assert own_rounds(report) == own_rounds(r0)
+    assert (report.stopped, report.steps_done, report.best_step) == (r0.stopped, r0.steps_done, r0.best_step)
+    a, b = state(sm), state(sm0)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # and it pays the pilot plus itself, minus the pilot's clean labels (never bought twice)
+    assert report.queries == engine.stats.queries == plan.queries + r0.queries - plan.reused
+    assert report.queries <= estimate_fit_queries(cfg, N)
+    assert own_rounds(report)[-1]["score"] > own_rounds(report)[0]["score"]
+
+
+def test_a_pilot_never_trains_your_surrogate() -> None:
+    from blackbox_rs.surrogates import SmallCNN
+
+    mine = SmallCNN(1, 2, (6, 6), width=4, hidden=8, seed=3)
+    before = {k: v.clone() for k, v in mine.state_dict().items()}
+    sm, _ = smoother(brightness)
+    report = sm.fit(images(), config=FitConfig(strategy="surrogate", **BIG), surrogate=mine, progress=None)
+    assert report.stopped == "no_gain" and report.pilot is not None
+    assert all(torch.equal(before[k], v) for k, v in mine.state_dict().items())
+
+
+def test_a_zeroth_order_pilot_hands_back_its_lora_module_and_stops() -> None:
+    sm, engine = smoother(brightness, sigmas=[0.25, 0.5])
+    cfg = FitConfig(strategy="zeroth_order", **{k: v for k, v in BIG.items() if k not in (
+        "distill_queries", "redistill_every", "surrogate_epochs")}, zo_batch=4, zo_directions=1)
+    plan = plan_pilot(get_strategy("zeroth_order"), cfg, N)
+    assert plan is not None and plan.config.score_every < cfg.score_every
+    report = sm.fit(images(), config=cfg, progress=None)
+    assert report.stopped == "no_gain" and report.pilot is not None and not report.pilot.gained
+    assert report.queries == plan.queries <= 0.1 * estimate_fit_queries(cfg, N)
+    assert isinstance(sm.module, LoRADnCNN)
+    assert all("robust_score@0.5" in h for h in pilot_rounds(report))
+
+
+# ------------------------------------------------------------------------------------- resume
+def test_a_rerun_of_a_fit_its_pilot_ended_spends_nothing(tmp_path: Path) -> None:
+    cfg = FitConfig(strategy="surrogate", **BIG)
+    sm, engine = smoother(brightness)
+    first = sm.fit(images(), config=cfg, checkpoint_dir=tmp_path, progress=None)
+    assert first.stopped == "no_gain" and (tmp_path / "pilot").is_dir()
+    sm2, engine2 = smoother(brightness)
+    again = sm2.fit(images(), config=cfg, checkpoint_dir=tmp_path, progress=None)
+    assert again.queries == engine2.stats.queries == 0
+    assert again.stopped == "no_gain" and again.best_step == first.best_step
+    assert again.pilot is not None and again.pilot.queries == 0
+    a, b = state(sm), state(sm2)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_pilot_interrupted_by_the_budget_resumes_to_the_uninterrupted_fit(tmp_path: Path) -> None:
+    """An engine budget (which does not size the pilot) stops the fit inside its pilot; the rerun with
+    a larger one continues that pilot to the uninterrupted fit's end, paying nothing twice."""
+    from blackbox_rs import QueryBudget
+
+    cfg = FitConfig(strategy="surrogate", **BIG)
+    plan = plan_pilot(get_strategy("surrogate"), cfg, N)
+    assert plan is not None
+    sm, _ = smoother(brightness)
+    whole = sm.fit(images(), config=cfg, progress=None)
+
+    def budgeted(limit: int) -> BlackBoxSmoother:
+        engine = QueryEngine(CallableConnector(brightness, input_shape=SHAPE, num_classes=2, fingerprint="toy:brightness"),
+                             budget=QueryBudget(max_queries=limit))
+        return BlackBoxSmoother(engine, module={"name": "dncnn", "depth": 2, "width": 8}, sigma=0.25)
+
+    cut = budgeted(plan.queries // 2)
+    interrupted = cut.fit(images(), config=cfg, checkpoint_dir=tmp_path, progress=None)
+    assert interrupted.stopped == "budget" and 0 < interrupted.queries <= plan.queries // 2
+    assert interrupted.pilot is not None and interrupted.pilot.stopped == "budget"
+    rest = budgeted(10**6)
+    done = rest.fit(images(), config=cfg, checkpoint_dir=tmp_path, progress=None)
+    assert done.stopped == "no_gain" and done.pilot is not None and not done.pilot.gained
+    assert interrupted.queries + done.queries == whole.queries
+    assert done.best_step == whole.best_step
+    a, b = state(sm), state(rest)
+    assert all(torch.equal(a[k], b[k]) for k in a)
