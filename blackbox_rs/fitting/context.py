@@ -150,6 +150,10 @@ class FitContext:
         self.known_labels: torch.Tensor | None = None
         #: the fit budget's cap (queries), which sizes the fit's pilot; None: no fit budget
         self.budget_cap: int | None = None
+        #: hold the scoring set out of every training draw (a pilot: its labelled pool is small, so
+        #: rounds scored on images the module trained on would see gains that are not there)
+        self.holdout = False
+        self._train_pool: torch.Tensor | None = None
         self.best_score: float | None = None
         self.best_step: int | None = None
         self.best_state: dict[str, torch.Tensor] | None = None
@@ -181,9 +185,30 @@ class FitContext:
         return torch.randn(shape, generator=g, device=self.device)
 
     def batch_indices(self, step: int, size: int, *, labelled_only: bool = False, salt: str = "batch") -> torch.Tensor:
-        pool = len(self.subset) if labelled_only else len(self.data)
-        idx = torch.randint(0, pool, (size,), generator=self.generator(step, salt))
-        return self.subset[idx] if labelled_only else idx
+        """``size`` dataset indices for draw ``(step, salt)``: from the whole fit set, or with
+        ``labelled_only`` from the labelled pool (:meth:`labelled_pool`)."""
+        if not labelled_only:
+            return torch.randint(0, len(self.data), (size,), generator=self.generator(step, salt))
+        pool = self.labelled_pool()
+        return pool[torch.randint(0, len(pool), (size,), generator=self.generator(step, salt))]
+
+    def scoring_indices(self) -> torch.Tensor:
+        """The fixed scoring set: ``score_images`` images of the labelled subset, the same every round
+        (drawn from the fit seed alone)."""
+        perm = self.subset[torch.randperm(len(self.subset), generator=self.generator(-1, "score-set"))]
+        return perm[: self.config.score_images]
+
+    def labelled_pool(self) -> torch.Tensor:
+        """The labelled images training draws come from: the labelled subset, less the scoring set when
+        :attr:`holdout` is set (unless that would leave nothing)."""
+        if not self.holdout:
+            return self.subset
+        if self._train_pool is None:
+            held = torch.zeros(len(self.data), dtype=torch.bool)
+            held[self.scoring_indices()] = True
+            rest = self.subset[~held[self.subset]]
+            self._train_pool = rest if len(rest) else self.subset
+        return self._train_pool
 
     def noisy(self, clean: torch.Tensor, step: int, salt: str = "noise") -> torch.Tensor:
         """``clean + sigma_i * z`` with sigma_i drawn from the mixture: one of ``sigmas`` or, with

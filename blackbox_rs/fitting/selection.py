@@ -155,9 +155,7 @@ def score_round(ctx: FitContext) -> ScoreRound:
     (never clean). Costs ``score_images * score_draws`` queries (fewer if the subset is smaller). The
     noise is drawn on the fit device (:meth:`FitContext.gaussian`; on the CPU exactly as always)."""
     cfg = ctx.config
-    g = ctx.generator(-1, "score-set")
-    perm = ctx.subset[torch.randperm(len(ctx.subset), generator=g)]
-    idx = perm[: cfg.score_images]
+    idx = ctx.scoring_indices()
     m, draws = len(idx), cfg.score_draws
     clean = repeat_draws(ctx.data.x[idx], draws)
     sig = repeat_draws(torch.tensor(ctx.sigmas, dtype=torch.float32)[torch.arange(m) % len(ctx.sigmas)], draws)

@@ -184,13 +184,14 @@ class Strategy(abc.ABC):
     def pilot_config(cls, config: Any, n_images: int, factor: float) -> Any:
         """``config`` at pilot scale ``factor`` (see :mod:`blackbox_rs.fitting.pilot`): the scoring set
         ``ceil(factor * score_images)`` images (at least ``MIN_SCORE_IMAGES``, at most the full set),
-        the clean labels ``ceil(factor * subset)`` (at least the scoring set), the strategy's own
+        the clean labels ``ceil(factor * subset)`` (at least twice the scoring set, which the pilot
+        holds out of its training draws, at most the subset), the strategy's own
         settings by :meth:`pilot_settings`, ``patience * score_every`` steps (the pilot's rounds: the
         pretrained module's and ``patience`` more) and no pilot of its own. Everything else (seed, sigma
         mixture, learning rates, draws per image, patience, test level) is the fit's."""
         subset = max(1, min(int(n_images), config.clean_queries))
         score_images = scaled(min(config.score_images, subset), factor, MIN_SCORE_IMAGES)
-        clean = max(score_images, scaled(subset, factor, score_images))
+        clean = scaled(subset, factor, 2 * score_images)  # the pilot holds its scoring set out of training
         update: dict[str, Any] = {"clean_queries": clean, "score_images": score_images, "pilot": 0.0}
         update.update(cls.pilot_settings(config, factor))
         every = int(update.get("score_every", config.score_every))
@@ -499,6 +500,7 @@ def _run_pilot(ctx: FitContext, strat: Strategy, cls: type[Strategy], strategy: 
     pctx = FitContext(ctx.engine, copy.deepcopy(ctx.module), ctx.data, ctx.sigmas, cfg, progress)
     pctx.tally = ctx.tally
     pctx.budget_cap = ctx.budget_cap
+    pctx.holdout = True  # its rounds score images it never trained on: a small pool would flatter them
     pstrat = cls(pctx)
     before = ctx.tally.queries
     try:

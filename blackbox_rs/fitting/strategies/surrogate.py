@@ -183,7 +183,8 @@ class SurrogateStrategy(Strategy):
 
     def on_scored(self, k: int, r: ScoreRound) -> dict[str, float]:
         fidelity = self._fidelity(r.outputs, r.labels)
-        self._add(r.outputs, r.labels)
+        if not self.ctx.holdout:  # a held-out scoring set stays out of the surrogate's training data too
+            self._add(r.outputs, r.labels)
         return {"surrogate_fidelity": fidelity}
 
     def _distill_round(self, k: int, size: int) -> None:
