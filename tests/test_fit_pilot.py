@@ -89,8 +89,7 @@ def test_a_pilot_costs_at_most_its_share_of_the_cap_and_half_the_early_stop(stra
                 if plan is None:
                     continue
                 cap = min(cls.base_queries(cfg, n), budget or 10**12)
-                floor = cls.base_queries(cls.pilot_config(cfg, n, 0.0), n)
-                assert plan.queries <= max(share * cap, floor) and plan.queries <= 0.5 * stop_alone
+                assert plan.queries <= share * cap and plan.queries <= 0.5 * stop_alone  # never over its share
                 assert plan.queries == cls.base_queries(plan.config, n)  # its cap, whatever it shows
                 pc = plan.config
                 assert pc.pilot == 0 and pc.steps == cfg.patience * pc.score_every < cfg.steps
@@ -118,6 +117,8 @@ def test_no_pilot_where_it_cannot_save_anything() -> None:
                     distill_queries=32, redistill_every=20)
     assert plan_pilot(cls, toy, 64) is None
     assert expected_fit_queries(toy, 64) == cls.base_expected_queries(toy, 64)
+    # a budget so small that even the smallest pilot is over its share: none (never more than its share)
+    assert plan_pilot(cls, FitConfig(), 60_000, budget=1_500) is None
 
 
 # -------------------------------------------------------------------------------------- fits
@@ -230,4 +231,139 @@ def test_a_pilot_interrupted_by_the_budget_resumes_to_the_uninterrupted_fit(tmp_
     assert interrupted.queries + done.queries == whole.queries
     assert done.best_step == whole.best_step
     a, b = state(sm), state(rest)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+# ------------------------------------------------------------- resume and identity (review findings)
+def budgeted(fn: Any, limit: int, sigmas: list[float] | None = None) -> BlackBoxSmoother:
+    from blackbox_rs import QueryBudget
+
+    engine = QueryEngine(CallableConnector(fn, input_shape=SHAPE, num_classes=2, fingerprint=f"toy:{fn.__name__}"),
+                         budget=QueryBudget(max_queries=limit))
+    return BlackBoxSmoother(engine, module={"name": "dncnn", "depth": 2, "width": 8},
+                            **({"sigmas": sigmas} if sigmas else {"sigma": 0.25}))
+
+
+def test_the_pilot_setting_is_not_part_of_a_checkpoints_identity_and_old_checkpoints_run_no_pilot(tmp_path: Path) -> None:
+    """A checkpoint written before pilots existed (no ``pilot`` in its meta, a digest without the
+    setting) resumes as it would have: no pilot is planned, nothing is paid twice."""
+    import json
+
+    cfg = FitConfig(strategy="surrogate", **BIG)
+    ref, _ = smoother(brightness)
+    r0 = ref.fit(images(), config=cfg.model_copy(update={"pilot": 0.0}), progress=None)  # the fit without pilots
+    cut = budgeted(brightness, 3_000)
+    first = cut.fit(images(), config=cfg.model_copy(update={"pilot": 0.0}), checkpoint_dir=tmp_path, progress=None)
+    assert first.stopped == "budget"
+    meta_path = tmp_path / "fit_state.json"
+    meta = json.loads(meta_path.read_text())
+    assert "pilot" in meta and meta["pilot"] is None
+    del meta["pilot"]  # as the code before pilots wrote it
+    meta_path.write_text(json.dumps(meta))
+    rest = budgeted(brightness, 10**6)
+    done = rest.fit(images(), config=cfg, checkpoint_dir=tmp_path, progress=None)  # pilot=0.1 (default) now
+    assert done.pilot is None and not pilot_rounds(done)
+    assert first.queries + done.queries == r0.queries and done.stopped == r0.stopped == "no_gain"
+    a, b = state(ref), state(rest)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_zeroth_order_fit_its_pilot_ended_reruns_from_its_checkpoint(tmp_path: Path) -> None:
+    cfg = FitConfig(strategy="zeroth_order", **{k: v for k, v in BIG.items() if k not in (
+        "distill_queries", "redistill_every", "surrogate_epochs")}, zo_batch=4, zo_directions=1)
+    sm, _ = smoother(brightness)
+    first = sm.fit(images(), config=cfg, checkpoint_dir=tmp_path, progress=None)
+    assert first.stopped == "no_gain" and first.pilot is not None and isinstance(sm.module, LoRADnCNN)
+    again_sm, engine = smoother(brightness)
+    again = again_sm.fit(images(), config=cfg, checkpoint_dir=tmp_path, progress=None)
+    assert again.queries == engine.stats.queries == 0 and again.stopped == "no_gain"
+    assert again.best_step == first.best_step and isinstance(again_sm.module, LoRADnCNN)
+    a, b = state(sm), state(again_sm)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _force_gain(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every pilot's verdict is 'gain' (the toy pilots here find none by themselves)."""
+    from blackbox_rs.fitting.strategies import base
+
+    init = base._PilotRun.__init__
+
+    def forced(self: Any, *args: Any, **kw: Any) -> None:
+        init(self, *args, **kw)
+        self.gained = True
+        self.summary = self.summary.model_copy(update={"gained": True})
+
+    monkeypatch.setattr(base._PilotRun, "__init__", forced)
+
+
+def test_a_zeroth_order_full_fit_after_a_gaining_pilot_is_the_fit_without_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The LoRA form draws its initialisation from the global random state: the pilot runs on a fork
+    of it, so the full fit's LoRA is the one a fit without a pilot builds."""
+    _force_gain(monkeypatch)
+    cfg = FitConfig(strategy="zeroth_order", **{k: v for k, v in BIG.items() if k not in (
+        "distill_queries", "redistill_every", "surrogate_epochs")}, zo_batch=4, zo_directions=1)
+    assert plan_pilot(get_strategy("zeroth_order"), cfg, N) is not None
+    torch.manual_seed(5)
+    sm, _ = smoother(center_pixel)
+    report = sm.fit(images(), config=cfg, progress=None)
+    torch.manual_seed(5)
+    sm0, _ = smoother(center_pixel)
+    r0 = sm0.fit(images(), config=cfg.model_copy(update={"pilot": 0.0}), progress=None)
+    assert report.pilot is not None and report.pilot.gained
+    assert own_rounds(report) == own_rounds(r0)
+    a, b = state(sm), state(sm0)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_labels_a_gaining_pilot_paid_for_survive_an_interruption(tmp_path: Path) -> None:
+    """Stopped right after a gaining pilot (before the full fit's own clean labels), the rerun takes the
+    pilot's labels from the checkpoint: the two calls pay what the uninterrupted fit pays; the resumed
+    report still says what the pilot did."""
+    cfg = FitConfig(strategy="surrogate", **{**BIG, "steps": 60})
+    plan = plan_pilot(get_strategy("surrogate"), cfg, N)
+    assert plan is not None
+    whole_sm, _ = smoother(center_pixel)
+    whole = whole_sm.fit(images(), config=cfg, progress=None)
+    assert whole.pilot is not None and whole.pilot.gained
+    cut = budgeted(center_pixel, plan.queries + 100)
+    first = cut.fit(images(), config=cfg, checkpoint_dir=tmp_path, progress=None)
+    assert first.stopped == "budget" and first.pilot is not None and first.pilot.gained
+    rest = budgeted(center_pixel, 10**6)
+    done = rest.fit(images(), config=cfg, checkpoint_dir=tmp_path, progress=None)
+    assert first.queries + done.queries == whole.queries
+    assert done.pilot is not None and done.pilot.gained and done.pilot.queries == 0
+    assert pilot_rounds(done) == pilot_rounds(whole) and own_rounds(done) == own_rounds(whole)
+    a, b = state(whole_sm), state(rest)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_rerun_with_another_budget_continues_the_recorded_pilot(tmp_path: Path) -> None:
+    """The pilot's scale is on disk before it spends anything: a fit interrupted inside its pilot and
+    rerun with another fit budget continues the same pilot (never re-plans it)."""
+    cfg = FitConfig(strategy="surrogate", **BIG)
+    cap = estimate_fit_queries(cfg, N)
+    plan = plan_pilot(get_strategy("surrogate"), cfg, N, cap)
+    other = plan_pilot(get_strategy("surrogate"), cfg, N, cap // 4)
+    assert plan is not None and other is not None and other.factor != plan.factor
+    cut = budgeted(brightness, plan.queries // 2)
+    first = cut.fit(images(), config=cfg, checkpoint_dir=tmp_path, progress=None, budget=cap)
+    assert first.stopped == "budget"
+    rest = budgeted(brightness, 10**6)
+    done = rest.fit(images(), config=cfg, checkpoint_dir=tmp_path, progress=None, budget=cap // 4)
+    assert done.stopped == "no_gain" and done.pilot is not None and done.pilot.factor == plan.factor
+    assert first.queries + done.queries == plan.queries
+
+
+def test_a_rerun_with_pilot_zero_runs_the_full_fit_its_pilot_stopped(tmp_path: Path) -> None:
+    cfg = FitConfig(strategy="surrogate", **{**BIG, "steps": 60})
+    sm, _ = smoother(brightness)
+    first = sm.fit(images(), config=cfg, checkpoint_dir=tmp_path, progress=None)
+    assert first.stopped == "no_gain" and first.pilot is not None and not first.pilot.gained
+    full_sm, engine = smoother(brightness)
+    full = full_sm.fit(images(), config=cfg.model_copy(update={"pilot": 0.0}), checkpoint_dir=tmp_path, progress=None)
+    ref_sm, _ = smoother(brightness)
+    ref = ref_sm.fit(images(), config=cfg.model_copy(update={"pilot": 0.0}), progress=None)
+    assert own_rounds(full) == own_rounds(ref) and full.stopped == ref.stopped
+    assert full.queries == ref.queries - first.pilot.clean_queries  # the pilot's labels are not bought again
+    a, b = state(full_sm), state(ref_sm)
     assert all(torch.equal(a[k], b[k]) for k in a)

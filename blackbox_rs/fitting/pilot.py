@@ -33,7 +33,8 @@ noise looks like a gain lets the full fit run (about ``2 * gain_alpha`` of the t
 ``pilot=0`` turns it off. No pilot runs where it would not save much: when the fit cannot stop early
 anyway (``patience=0``, or ``patience * score_every >= steps``), or when the smallest pilot would cost
 more than half of what the early stop alone spends (small fits whose scoring set is already at the
-pilot's floor of :data:`MIN_SCORE_IMAGES` images).
+pilot's floor of :data:`MIN_SCORE_IMAGES` images), or when even the smallest pilot would cost more than
+its share of the cap (a small budget).
 """
 
 from __future__ import annotations
@@ -93,9 +94,9 @@ def plan_pilot(cls: Any, config: StrategyConfig, n_images: int, budget: int | No
     """The pilot a fit of ``n_images`` images with ``config`` runs, or ``None`` when it runs none (see the
     module docstring): the largest scale whose cap is at most ``config.pilot`` times the fit's cap
     (``min(base_queries, budget)``) and at most half of what the early stop alone would spend
-    (``base_expected_queries``); the smallest pilot (every floor) when that is over the share but
-    within the half; none when even the smallest pilot costs more than the half. Deterministic in its
-    arguments (a resumed fit re-derives the same pilot from the scale its checkpoint recorded)."""
+    (``base_expected_queries``); none when even the smallest pilot (every floor) costs more than that.
+    So a pilot never spends more than its share of the cap. Deterministic in its arguments (a resumed
+    fit re-derives the same pilot from the scale its checkpoint recorded)."""
     share = float(getattr(config, "pilot", 0.0))
     patience = int(getattr(config, "patience", 0))
     if share <= 0 or patience <= 0 or not cls.needs_queries or config.steps == 0:
@@ -109,9 +110,8 @@ def plan_pilot(cls: Any, config: StrategyConfig, n_images: int, budget: int | No
     stop_alone = int(cls.base_expected_queries(config, n_images))
     limit = 0.5 * stop_alone  # a pilot costs at most half of what the early stop alone would spend
     target = min(share * cap, limit)
-    lo = pilot_plan_at(cls, config, n_images, 0.0)
-    if lo.queries > target:  # the smallest pilot is over its share: still worth it below the limit
-        return lo if lo.queries <= limit else None
+    if pilot_plan_at(cls, config, n_images, 0.0).queries > target:  # even the smallest pilot is over its share
+        return None
     if pilot_plan_at(cls, config, n_images, 1.0).queries <= target:
         return pilot_plan_at(cls, config, n_images, 1.0)
     a, b = 0.0, 1.0

@@ -361,7 +361,8 @@ def _config_digest(ctx: FitContext, strategy: str) -> str:
     comes from that device's generator; a CPU fit's digest is the one it had before fits had a device,
     so older CPU checkpoints still resume). The ``device`` setting itself is not bound: ``None`` and
     ``'cpu'`` on a CPU connector, or ``'cuda'`` and ``'cuda:0'``, are the same fit."""
-    cfg = ctx.config.model_dump(mode="json", exclude={"checkpoint_every", "steps", "device"})  # a module surrogate: its digest
+    # pilot: its scale and outcome are in the checkpoint itself (a resumed fit never re-plans it)
+    cfg = ctx.config.model_dump(mode="json", exclude={"checkpoint_every", "steps", "device", "pilot"})  # a module surrogate: its digest
     bound: dict[str, Any] = {"cfg": cfg, "strategy": strategy, "sigmas": ctx.sigmas,
                              "fingerprint": ctx.engine.info.fingerprint, "n": len(ctx.data),
                              "module": ctx.module.config.model_dump(mode="json")}
@@ -392,12 +393,13 @@ def _checkpoint(ctx: FitContext, strat: Strategy, directory: str | os.PathLike[s
         tensors["gain_reference"] = ctx.gain_reference
     if ctx.clean_labels is not None:
         tensors["clean_labels"] = ctx.clean_labels
+    if ctx.known_labels is not None:
+        tensors["known_labels"] = ctx.known_labels
     meta = {"step": step, "finished": finished, "digest": digest, "strategy": smeta, "best_score": ctx.best_score,
             "best_step": ctx.best_step, "history": ctx.history, "module_name": ctx.module.name,
             "no_gain_rounds": ctx.no_gain_rounds, "scored_step": ctx.scored_step, "stopped": stopped,
             "queries_spent": spent, "device_type": ctx.device.type}
-    if pilot is not None:
-        meta["pilot"] = pilot
+    meta["pilot"] = pilot  # None: this fit runs no pilot (a checkpoint without the key predates pilots)
     save_checkpoint(directory, tensors, meta)
 
 
@@ -411,7 +413,7 @@ def _restore(ctx: FitContext, strat: Strategy, directory: str | os.PathLike[str]
     that device type's generator, so continuing here would not be the fit it describes."""
     found = load_checkpoint(directory)
     if found is None:
-        return 0, False, {"stopped": "completed", "spent": 0}
+        return 0, False, {"stopped": "completed", "spent": 0, "pilot": None, "restored": False}
     tensors, meta = found
     saved_type, now_type = str(meta.get("device_type", "cpu")), ctx.device.type
     if saved_type != now_type:
@@ -425,8 +427,9 @@ def _restore(ctx: FitContext, strat: Strategy, directory: str | os.PathLike[str]
             f"the fit checkpoint in {directory} was written with other settings (config, data, sigmas, "
             "module or model); use another checkpoint_dir or the original settings"
         )
-    strat.prepare_for_step(int(meta["step"]))
     sub = lambda p: {k[len(p):]: v for k, v in tensors.items() if k.startswith(p)}  # noqa: E731
+    if set(sub("m.")) != set(ctx.module.state_dict()):  # saved after the strategy changed the module's form
+        strat.prepare_for_step(int(meta["step"]))
     ctx.module.load_state_dict(sub("m."))  # CPU tensors copied into the module where it is (the fit device)
     best = sub("b.")
     ctx.best_state = best or None
@@ -434,13 +437,15 @@ def _restore(ctx: FitContext, strat: Strategy, directory: str | os.PathLike[str]
     ctx.history = list(meta["history"])
     if "clean_labels" in tensors:
         ctx.clean_labels = tensors["clean_labels"]
+    if "known_labels" in tensors:  # a pilot's clean labels: never bought again
+        ctx.known_labels = tensors["known_labels"]
     ctx.best_per_image = tensors.get("best_per_image")
     ctx.gain_reference = tensors.get("gain_reference")
     ctx.no_gain_rounds = int(meta.get("no_gain_rounds", 0))  # the patience counter: resume decides alike
     ctx.scored_step = None if meta.get("scored_step") is None else int(meta["scored_step"])
     strat.load_state(sub("s."), meta["strategy"])
     ended = {"stopped": str(meta.get("stopped", "completed")), "spent": int(meta.get("queries_spent", 0)),
-             "pilot": meta.get("pilot")}
+             "pilot": meta.get("pilot"), "restored": True}
     return int(meta["step"]), bool(meta.get("finished", False)), ended
 
 
@@ -485,11 +490,12 @@ def _run_pilot(ctx: FitContext, strat: Strategy, cls: type[Strategy], strategy: 
                checkpoint_dir: str | os.PathLike[str] | None) -> _PilotRun:
     """Run the pilot ``plan`` (see :mod:`blackbox_rs.fitting.pilot`) from the fit's state at the
     strategy's first step: a copy of the module, a fresh strategy with the pilot's config that takes
-    over copies of ``strat``'s state (optimizer, surrogate, buffers), the same engine and tally.
-    Neither ``ctx`` nor ``strat`` is changed, so a full fit after a gaining pilot is the fit without
-    one; a module in the config (your surrogate) is copied too, so the pilot never trains it. With
-    ``checkpoint_dir`` the pilot checkpoints in its ``pilot`` subfolder and a rerun resumes it (a
-    finished pilot spends nothing again)."""
+    over copies of ``strat``'s state (optimizer, surrogate, buffers), the same engine and tally, its
+    scoring set held out of its training draws. Neither ``ctx`` nor ``strat`` nor the global random
+    state (forked for the pilot: a module's own initialisation may draw from it) is changed, so a full
+    fit after a gaining pilot is the fit without one; a module in the config (your surrogate) is
+    copied too, so the pilot never trains it. With ``checkpoint_dir`` the pilot checkpoints in its
+    ``pilot`` subfolder and a rerun resumes it (a finished pilot spends nothing again)."""
     cfg = plan.config
     modules = {k: copy.deepcopy(v) for k, v in cfg.__dict__.items() if isinstance(v, torch.nn.Module)}
     if modules:
@@ -497,20 +503,35 @@ def _run_pilot(ctx: FitContext, strat: Strategy, cls: type[Strategy], strategy: 
     main_progress = ctx.progress
     progress = None if main_progress is None else (
         lambda k, _total, info: main_progress(k, strat.total_steps, {**info, "pilot": 1.0}))
-    pctx = FitContext(ctx.engine, copy.deepcopy(ctx.module), ctx.data, ctx.sigmas, cfg, progress)
-    pctx.tally = ctx.tally
-    pctx.budget_cap = ctx.budget_cap
-    pctx.holdout = True  # its rounds score images it never trained on: a small pool would flatter them
-    pstrat = cls(pctx)
-    before = ctx.tally.queries
-    try:
-        tensors, meta = strat.state()
-        pstrat.load_state({k: v.detach().clone() for k, v in tensors.items()}, copy.deepcopy(meta))
-        pdir = None if checkpoint_dir is None else Path(checkpoint_dir) / "pilot"
-        report = _drive(pctx, pstrat, cls, strategy, pdir, start_at=strat.pretrain_steps)
-    finally:
-        pstrat.release()
+    cuda = [ctx.device.index if ctx.device.index is not None else torch.cuda.current_device()] \
+        if ctx.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda):
+        pctx = FitContext(ctx.engine, copy.deepcopy(ctx.module), ctx.data, ctx.sigmas, cfg, progress)
+        pctx.tally = ctx.tally
+        pctx.budget_cap = ctx.budget_cap
+        pctx.holdout = True  # its rounds score images it never trained on: a small pool would flatter them
+        pstrat = cls(pctx)
+        before = ctx.tally.queries
+        try:
+            tensors, meta = strat.state()
+            pstrat.load_state({k: v.detach().clone() for k, v in tensors.items()}, copy.deepcopy(meta))
+            pdir = None if checkpoint_dir is None else Path(checkpoint_dir) / "pilot"
+            report = _drive(pctx, pstrat, cls, strategy, pdir, start_at=strat.pretrain_steps)
+        finally:
+            pstrat.release()
     return _PilotRun(pctx, report, ctx.tally.queries - before, plan)
+
+
+def _adopt(ctx: FitContext, pilot_ctx: FitContext) -> None:
+    """Make the pilot's module (in its best state) the fit's, in the module object the fit was given
+    when its form is the same (a strategy that changes the form, zeroth order's LoRA, hands back the
+    pilot's module as a full fit hands back its own)."""
+    p = pilot_ctx.module
+    if type(p) is type(ctx.module) and set(p.state_dict()) == set(ctx.module.state_dict()):
+        ctx.module.load_state_dict(p.state_dict())
+    else:
+        ctx.module = p
+    ctx.best_state, ctx.best_score, ctx.best_step = pilot_ctx.best_state, pilot_ctx.best_score, pilot_ctx.best_step
 
 
 def _drive(ctx: FitContext, strat: Strategy, cls: type[Strategy], strategy: str,
@@ -519,42 +540,55 @@ def _drive(ctx: FitContext, strat: Strategy, cls: type[Strategy], strategy: str,
     ``start_at``: the first step when there is no checkpoint to resume (a pilot starts at the
     strategy's first step).
 
-    The pilot's outcome is recorded in the fit's checkpoints (``meta["pilot"]``: its scale and
-    ``None`` / ``"gain"`` / ``"no_gain"``), so a resumed fit neither re-plans nor re-runs it: after a
-    gain the full fit goes on; after no gain (or a budget stop inside the pilot) the fit's own
+    The pilot is planned once, by a fit that starts afresh, and its scale and outcome are recorded in
+    every checkpoint of the fit (``meta["pilot"]``; written before the pilot spends anything), so a
+    resumed fit never re-plans it: after a gain the full fit goes on (the pilot's clean labels are in
+    the checkpoint, never bought again); after no gain or a budget stop inside the pilot the fit's own
     checkpoint stays at the strategy's first step with the pretrained module, and a rerun reads the
-    pilot back from its finished checkpoint (no query) or continues it (a raised budget)."""
+    pilot back from its finished checkpoint (no query) or continues it (a raised budget). A rerun with
+    ``pilot=0`` of a fit its pilot ended runs the full fit instead. A checkpoint written before pilots
+    existed resumes without one, as it would have."""
     strat.check()
     digest = _config_digest(ctx, strategy)
     if checkpoint_dir is not None:
         start, finished, ended = _restore(ctx, strat, checkpoint_dir, digest)
     else:
-        start, finished, ended = 0, False, {"stopped": "completed", "spent": 0, "pilot": None}
-    if start == 0 and not finished:
+        start, finished, ended = 0, False, {"stopped": "completed", "spent": 0, "pilot": None, "restored": False}
+    if not ended["restored"]:
         start = start_at
     resumed = start if start > start_at else None
     total = strat.total_steps
     n = len(ctx.data)
-    # the pilot: as the checkpoint recorded it, else planned now (only before the strategy's steps)
+    stopped = "no_gain" if ended["stopped"] == "no_gain" else "completed"
+    # the pilot: as the checkpoint recorded it, else planned now (a fresh fit)
     pilot: dict[str, Any] | None = ended.get("pilot")
     plan = None
     if pilot is not None:
         plan = pilot_plan_at(cls, ctx.config, n, float(pilot["factor"]))
-    elif start <= strat.pretrain_steps and not finished:
+    elif not ended["restored"]:
         plan = plan_pilot(cls, ctx.config, n, ctx.budget_cap)
         pilot = None if plan is None else {"factor": plan.factor, "outcome": None}
+    if pilot is not None and float(ctx.config.pilot) == 0 and pilot["outcome"] in (None, "no_gain"):
+        pilot["outcome"] = "skipped"  # pilot=0 on a rerun: the full fit, from the pretrained module
+        stopped, finished = "completed", False
+    pending = pilot is not None and pilot["outcome"] in (None, "no_gain")
     run: _PilotRun | None = None
-    stopped = "no_gain" if ended["stopped"] == "no_gain" else "completed"
-    reread = pilot is not None and pilot["outcome"] == "no_gain"  # a rerun of a fit the pilot ended
     k = start
     try:
-        if stopped != "no_gain" or reread:
+        if stopped != "no_gain" or pending:
             while k < total:
-                if plan is not None and pilot is not None and k == strat.pretrain_steps and pilot["outcome"] != "gain":
+                if pending and k == strat.pretrain_steps:
+                    assert plan is not None and pilot is not None
+                    if checkpoint_dir is not None:  # the plan is on disk before the pilot spends anything
+                        _checkpoint(ctx, strat, checkpoint_dir, k, digest, spent=ended["spent"] + ctx.tally.queries,
+                                    pilot=pilot)
                     run = _run_pilot(ctx, strat, cls, strategy, plan, checkpoint_dir)
+                    pending = False
+                    ctx.known_labels = run.ctx.clean_labels
+                    pilot["summary"] = run.summary.model_dump()
+                    pilot["history"] = [{**h, "pilot": 1.0} for h in run.ctx.history]
                     if run.gained:
                         pilot["outcome"] = "gain"
-                        ctx.known_labels = run.ctx.clean_labels
                     elif run.report.stopped == "budget":
                         stopped = "budget"
                         break
@@ -579,26 +613,29 @@ def _drive(ctx: FitContext, strat: Strategy, cls: type[Strategy], strategy: str,
             _checkpoint(ctx, strat, checkpoint_dir, k, digest, finished, stopped=stopped,
                         spent=ended["spent"] + ctx.tally.queries, pilot=pilot)
     steps_done = k
-    if run is not None:
+    history = list(ctx.history)
+    summary: PilotReport | None = None
+    if pilot is not None and pilot.get("summary") is not None:
+        summary = run.summary if run is not None else PilotReport(**{**pilot["summary"], "queries": 0})
         # the pilot's entries (marked pilot=1) go where they happened: before the strategy's own rounds
-        tagged = [{**h, "pilot": 1.0} for h in run.ctx.history if int(h["step"]) >= strat.pretrain_steps]
-        own = [h for h in ctx.history if "pilot" not in h]
-        at = next((i for i, h in enumerate(own) if int(h["step"]) >= strat.pretrain_steps), len(own))
-        ctx.history = own[:at] + tagged + own[at:]
-        if not run.gained:  # the pilot ended the fit: its module in its best state is the fit's
-            p = run.ctx
-            ctx.module, ctx.best_state, ctx.best_score, ctx.best_step = p.module, p.best_state, p.best_score, p.best_step
-            steps_done = run.report.steps_done
+        at = next((i for i, h in enumerate(history) if int(h["step"]) >= strat.pretrain_steps), len(history))
+        history[at:at] = [h for h in pilot.get("history", []) if int(h["step"]) >= strat.pretrain_steps]
+    if run is not None and not run.gained:  # the pilot ended the fit: its module in its best state is the fit's
+        _adopt(ctx, run.ctx)
+        steps_done = run.report.steps_done
     ctx.restore_best()
     ctx.module.eval()
     saved = None
     if stopped == "no_gain":
-        cap = cls.estimate_queries(ctx.config, n, ctx.budget_cap)
+        cap = cls.base_queries(ctx.config, n)
+        if plan is not None and pilot is not None and pilot["outcome"] != "skipped":
+            cap += plan.queries - plan.reused
+        if ctx.budget_cap is not None:
+            cap = min(cap, ctx.budget_cap)
         saved = max(0, cap - ended["spent"] - ctx.tally.queries)
     return FitReport(
         strategy=strategy, sigmas=ctx.sigmas, steps_done=steps_done, steps_total=total, stopped=stopped,  # type: ignore[arg-type]
         queries=ctx.tally.queries, cache_hits=ctx.tally.cache_hits, cost=ctx.tally.cost,
         trainable_parameters=ctx.module.num_trainable(), best_score=ctx.best_score, best_step=ctx.best_step,
-        history=ctx.history, resumed_from=resumed, queries_saved=saved,
-        pilot=None if run is None else run.summary,
+        history=history, resumed_from=resumed, queries_saved=saved, pilot=summary,
     )

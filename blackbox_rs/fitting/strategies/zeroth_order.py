@@ -86,9 +86,9 @@ class ZerothOrderStrategy(Strategy):
 
     @classmethod
     def pilot_settings(cls, config: Any, factor: float) -> dict[str, Any]:
-        """``ceil(factor * score_every)`` steps between a pilot's rounds (at least 5): its estimates
+        """``ceil(factor * score_every)`` steps between a pilot's rounds (at least 2): its estimates
         stay as accurate as the full fit's, it takes fewer of them."""
-        return {"score_every": scaled(config.score_every, factor, 5)}
+        return {"score_every": scaled(config.score_every, factor, 2)}
 
     def __init__(self, ctx: Any) -> None:
         super().__init__(ctx)
