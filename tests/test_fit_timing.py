@@ -131,6 +131,20 @@ def test_phases_follow_the_strategy() -> None:
     assert "surrogate steps: 20 x" in text and "excluded:" in text and "total:" in text
 
 
+def test_a_fit_that_runs_a_pilot_counts_its_steps() -> None:
+    from blackbox_rs.fitting.pilot import plan_pilot
+    from blackbox_rs.fitting.strategies import get_strategy
+
+    cfg = FitConfig(strategy="surrogate", steps=400, pretrain_steps=5, batch_size=4, score_every=10,
+                    distill_queries=2000, redistill_every=10)
+    plan = plan_pilot(get_strategy("surrogate"), cfg, 5000)
+    assert plan is not None
+    s = estimate_fit_time(_module(), cfg, SHAPE, K, probe_steps=1, n_images=5000)
+    assert s.phase("pilot steps").count == plan.config.steps == 20
+    assert s.phase("pilot steps").seconds_per_step == s.phase("surrogate steps").seconds_per_step
+    assert s.queries == estimate_fit_queries(cfg, 5000)  # the pilot's queries are in the total
+
+
 def test_zeroth_order_steps_evaluate_two_losses_per_direction() -> None:
     stand_in = Counting()
     cfg = FitConfig(strategy="zeroth_order", steps=20, pretrain_steps=0, zo_batch=3, zo_directions=2,

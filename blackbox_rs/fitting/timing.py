@@ -178,6 +178,7 @@ def estimate_fit_time(
     from blackbox_rs.fitting.config import FitConfig
     from blackbox_rs.fitting.context import FitContext, fit_device
     from blackbox_rs.fitting.data import FitData
+    from blackbox_rs.fitting.pilot import plan_pilot
     from blackbox_rs.fitting.strategies import estimate_fit_queries, get_strategy
 
     if not isinstance(module, InputModule):
@@ -243,6 +244,11 @@ def estimate_fit_time(
             q_main = int(cls.step_queries(cfg)) if strategy != "surrogate" else 0
             phases.append(PhaseTime(name=f"{strategy} steps", count=main_count, seconds_per_step=t,
                                     seconds=t * main_count, measured_steps=probe, queries=q_main))
+            plan = plan_pilot(cls, cfg, n_img)
+            if plan is not None:  # the pilot's own steps come first (their queries are in the total)
+                pc = int(plan.config.steps)
+                phases.append(PhaseTime(name="pilot steps", count=pc, seconds_per_step=t, seconds=t * pc,
+                                        measured_steps=probe, queries=0))
             if cls.needs_queries:
                 phases.extend(_periodic(ctx, strat, cfg, strategy, subset, steps, warm, probe))
     local = sum(p.seconds for p in phases)
