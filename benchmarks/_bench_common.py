@@ -23,6 +23,35 @@ def add_certify_args(ap: argparse.ArgumentParser, *, images: int, n: int, sigmas
     ap.add_argument("--sigmas", type=float, nargs="+", default=list(sigmas))
 
 
+def add_run_args(ap: argparse.ArgumentParser, *, device: bool = False) -> None:
+    """``--batch-size --threads [--device] --cache-dir --out``: how a Fashion-MNIST benchmark runs."""
+    ap.add_argument("--batch-size", type=int, default=500, help="certification batch")
+    ap.add_argument("--threads", type=int, default=2)
+    if device:
+        ap.add_argument("--device", default="cpu", help="where the black box, the DDPM's training and every denoiser run")
+    ap.add_argument("--cache-dir", default=None)
+    ap.add_argument("--out", default=None, help="also write the JSON here")
+
+
+def fmnist_setup(args: argparse.Namespace) -> tuple[Path, dict[str, Any], dict[str, Path], Any, Any, Any, Any]:
+    """Threads set, the cache folder made, the cached base models (built if missing) and the data:
+    ``(cache, manifest, paths by model name, x_train, y_train, x_test, y_test)`` (``--fit-images`` training
+    images, the first ``--images`` test images)."""
+    import torch
+    from _fmnist_models import default_cache_dir, get_models
+
+    from blackbox_rs._demo.datasets import load_fashion_mnist
+
+    torch.set_num_threads(args.threads)
+    cache = Path(args.cache_dir).expanduser() if args.cache_dir else default_cache_dir()
+    cache.mkdir(parents=True, exist_ok=True)
+    models = get_models(cache, threads=args.threads, log=lambda *a: None)
+    paths = {k: Path(v["path"]) for k, v in models["models"].items()}
+    xtr, ytr = load_fashion_mnist("train", limit=args.fit_images)
+    xte, yte = load_fashion_mnist("test", limit=args.images)
+    return cache, models, paths, xtr, ytr, xte, yte
+
+
 def certify_run(smoother: Any, x: Any, y: Any, sigma: float, args: argparse.Namespace) -> dict[str, Any]:
     """Cohen's CERTIFY on every input (seed 0), certified accuracy at :data:`RADII`, queries and time."""
     t = time.perf_counter()

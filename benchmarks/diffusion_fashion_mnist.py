@@ -39,11 +39,18 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _bench_common import RADII, add_certify_args, certify_run, emit, for_sigma, print_table  # noqa: E402
-from _fmnist_models import default_cache_dir, get_models  # noqa: E402
+from _bench_common import (  # noqa: E402
+    RADII,
+    add_certify_args,
+    add_run_args,
+    certify_run,
+    emit,
+    fmnist_setup,
+    for_sigma,
+    print_table,
+)
 
 from blackbox_rs import QueryEngine  # noqa: E402
-from blackbox_rs._demo.datasets import load_fashion_mnist  # noqa: E402
 from blackbox_rs.connectors import TorchScriptConnector  # noqa: E402
 from blackbox_rs.fitting.config import FitConfig  # noqa: E402
 from blackbox_rs.smoother import BlackBoxSmoother  # noqa: E402
@@ -145,20 +152,10 @@ def main() -> None:
     ap.add_argument("--adapter-strategy", default="surrogate", choices=["surrogate", "zeroth_order"])
     ap.add_argument("--adapter-budget", type=int, default=20_000)
     ap.add_argument("--adapter-steps", type=int, default=1000)
-    ap.add_argument("--batch-size", type=int, default=500, help="certification batch")
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--device", default="cpu", help="where the black box, the DDPM's training and every denoiser run")
-    ap.add_argument("--cache-dir", default=None)
-    ap.add_argument("--out", default=None, help="also write the JSON here")
+    add_run_args(ap, device=True)
     args = ap.parse_args()
-    torch.set_num_threads(args.threads)
     t_all = time.perf_counter()
-    cache = Path(args.cache_dir).expanduser() if args.cache_dir else default_cache_dir()
-    cache.mkdir(parents=True, exist_ok=True)
-    models = get_models(cache, threads=args.threads, log=lambda *a: None)
-    paths = {k: Path(v["path"]) for k, v in models["models"].items()}
-    xtr, ytr = load_fashion_mnist("train", limit=args.fit_images)
-    xte, yte = load_fashion_mnist("test", limit=args.images)
+    cache, models, paths, xtr, ytr, xte, yte = fmnist_setup(args)
     black_box = TorchScriptConnector(paths["clean"], input_shape=SHAPE, num_classes=10, label_only=True,
                                      max_batch=args.batch_size, device=args.device)
     ddpm, ddpm_info = ddpm_dir(args, xtr, cache) if {"diffusion", "diffusion_adapter"} & set(args.methods) else (None, {})

@@ -38,8 +38,16 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _bench_common import RADII, add_certify_args, certify_run, emit, for_sigma, print_table  # noqa: E402
-from _fmnist_models import default_cache_dir, get_models  # noqa: E402
+from _bench_common import (  # noqa: E402
+    RADII,
+    add_certify_args,
+    add_run_args,
+    certify_run,
+    emit,
+    fmnist_setup,
+    for_sigma,
+    print_table,
+)
 from diffusion_fashion_mnist import SHAPE, _tag, unet_smoother  # noqa: E402
 
 from blackbox_rs import QueryEngine  # noqa: E402
@@ -104,19 +112,10 @@ def main() -> None:
     ap.add_argument("--redistill-every", type=int, default=100, help="also the steps between scoring rounds")
     ap.add_argument("--score-images", type=int, default=256)
     ap.add_argument("--brittle-epochs", type=int, default=15)
-    ap.add_argument("--batch-size", type=int, default=500, help="certification batch")
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--cache-dir", default=None)
-    ap.add_argument("--out", default=None, help="also write the JSON here")
+    add_run_args(ap)
     args = ap.parse_args()
-    torch.set_num_threads(args.threads)
     t_all = time.perf_counter()
-    cache = Path(args.cache_dir).expanduser() if args.cache_dir else default_cache_dir()
-    cache.mkdir(parents=True, exist_ok=True)
-    models = get_models(cache, threads=args.threads, log=lambda *a: None)
-    paths = {k: Path(v["path"]) for k, v in models["models"].items()}
-    xtr, ytr = load_fashion_mnist("train", limit=args.fit_images)
-    xte, yte = load_fashion_mnist("test", limit=args.images)
+    cache, models, paths, xtr, ytr, xte, yte = fmnist_setup(args)
     boxes = {"clean": (paths["clean"], {"clean_accuracy": models["models"]["clean"]["clean_accuracy"]})}
     if "brittle" in args.classifiers:
         x_all, y_all = load_fashion_mnist("test")
