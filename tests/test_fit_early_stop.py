@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from helpers.toy_fit import brightness, center_pixel, one_thread
 from scipy.stats import ttest_rel
 
 from blackbox_rs import BlackBoxSmoother, FitConfig, QueryEngine
@@ -31,26 +32,7 @@ TOY = {"batch_size": 8, "clean_queries": N, "score_images": N, "score_draws": 8,
 
 @pytest.fixture(autouse=True)
 def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(n)
-
-
-def brightness(b: torch.Tensor) -> torch.Tensor:
-    """A black box that only sees a coarse feature (mean brightness > 0.5), which an MSE denoiser
-    already preserves: nothing a module learns can make its answers more stable."""
-    m = b.flatten(1).mean(1)
-    return torch.stack([0.5 - m, m - 0.5], 1)
-
-
-def center_pixel(b: torch.Tensor) -> torch.Tensor:
-    """A black box that looks at one pixel: averaging the (constant) image first makes its answers far
-    more stable under noise, which the steps learn and the identity module does not do."""
-    v = b[:, 0, 3, 3]
-    return torch.stack([0.5 - v, v - 0.5], 1)
+    yield from one_thread()
 
 
 def images(levels: tuple[float, float]) -> torch.Tensor:

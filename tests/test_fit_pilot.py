@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 import torch
+from helpers.toy_fit import brightness, center_pixel, one_thread
 
 from blackbox_rs import BlackBoxSmoother, FitConfig, QueryEngine
 from blackbox_rs.connectors import CallableConnector
@@ -30,24 +31,7 @@ BIG = {"pretrain_steps": 20, "steps": 400, "score_every": 10, "batch_size": 8, "
 
 @pytest.fixture(autouse=True)
 def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(n)
-
-
-def brightness(b: torch.Tensor) -> torch.Tensor:
-    """Sees only mean brightness > 0.5, which the MSE denoiser keeps: no step can help."""
-    m = b.flatten(1).mean(1)
-    return torch.stack([0.5 - m, m - 0.5], 1)
-
-
-def center_pixel(b: torch.Tensor) -> torch.Tensor:
-    """Sees one pixel: averaging the (constant) image first makes it far more stable; steps learn that."""
-    v = b[:, 0, 3, 3]
-    return torch.stack([0.5 - v, v - 0.5], 1)
+    yield from one_thread()
 
 
 def images(levels: tuple[float, float] = (0.25, 0.75)) -> torch.Tensor:
