@@ -208,3 +208,25 @@ def test_console_script_entry_point(tmp_path):
     r = subprocess.run([sys.executable, "-m", "blackbox_rs.cli", "certify", str(tmp_path / "none.toml")],
                        capture_output=True, text=True, env=env, timeout=120)
     assert r.returncode == 2 and r.stderr.startswith("error: ") and "Traceback" not in r.stderr
+
+
+def test_a_fit_dry_run_shows_the_cap_and_what_its_pilot_spends_when_nothing_helps(run_files, tmp_path):
+    """#23: the dry run prints both figures; the second is the pilot's cost (a tenth of the cap at most)."""
+    from blackbox_rs.fitting.config import FitConfig
+    from blackbox_rs.fitting.strategies import estimate_fit_queries, expected_fit_queries
+
+    d = run_files
+    fit = {"strategy": "surrogate", "pretrain_steps": 10, "steps": 400, "score_every": 10, "batch_size": 8,
+           "distill_queries": 2000, "redistill_every": 10}
+    text = (d / "run.toml").read_text().replace(
+        '[fit]\nstrategy = "denoise"\npretrain_steps = 20\nsteps = 0\n',
+        "[fit]\n" + "".join(f"{k} = {v!r}\n".replace("'", '"') for k, v in fit.items()))
+    assert 'strategy = "surrogate"' in text
+    (tmp_path / "run.toml").write_text(text)
+    r = runner.invoke(app, ["fit", str(tmp_path / "run.toml"), "--out-dir", str(tmp_path / "o"), "--dry-run"])
+    assert r.exit_code == 0, r.output
+    cfg = FitConfig(**fit)
+    cap, expected = estimate_fit_queries(cfg, 200), expected_fit_queries(cfg, 200)
+    assert expected <= 0.1 * cap
+    assert f"at most {cap:,} queries" in r.output
+    assert f"{expected:,} if its pilot's 2 scoring rounds show no gain (early stop)" in r.output
