@@ -351,3 +351,70 @@ def test_a_rerun_with_pilot_zero_runs_the_full_fit_its_pilot_stopped(tmp_path: P
     assert full.queries == ref.queries - first.pilot.clean_queries  # the pilot's labels are not bought again
     a, b = state(full_sm), state(ref_sm)
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_no_pilot_without_enough_labelled_images_to_hold_its_scoring_set_out() -> None:
+    cls = get_strategy("surrogate")
+    for n in (40, 64, 100):  # the pilot's training pool would be smaller than its scoring set
+        assert plan_pilot(cls, FitConfig(), n) is None
+    plan = plan_pilot(cls, FitConfig(), 2 * MIN_SCORE_IMAGES)
+    assert plan is not None and plan.config.clean_queries - plan.config.score_images >= plan.config.score_images
+
+
+def test_a_pilots_surrogate_never_sees_its_scoring_images() -> None:
+    from blackbox_rs.fitting.context import FitContext
+    from blackbox_rs.fitting.data import FitData
+    from blackbox_rs.fitting.strategies.surrogate import SurrogateStrategy
+
+    sm, engine = smoother(brightness)
+    cfg = FitConfig(strategy="surrogate", **{**BIG, "pretrain_steps": 0, "clean_queries": 200, "score_images": 64})
+    ctx = FitContext(engine, sm.module, FitData(x=images(), y=None), [0.25], cfg)
+    ctx.holdout = True
+    strat = SurrogateStrategy(ctx)
+    strat.main_step(0)  # the clean labels and the first distillation round go into the surrogate's buffer
+    held = ctx.scoring_indices()
+    pool = ctx.labelled_pool()
+    assert len(pool) == 200 - 64 and not set(pool.tolist()) & set(held.tolist())
+    scoring = images()[held].flatten(1)
+    buffered = strat.buf_x.flatten(1)
+    assert len(buffered) == len(pool) + cfg.distill_queries
+    assert not bool((torch.cdist(buffered[: len(pool)], scoring) == 0).any())  # no scoring image among them
+
+
+def test_a_crash_right_after_a_gaining_pilot_keeps_its_spend(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The gaining pilot's outcome and spend are on disk before the full fit's first step: a process
+    that dies there resumes with the pilot counted (queries_saved as if uninterrupted)."""
+    from blackbox_rs.fitting.strategies import base
+    from blackbox_rs.fitting.strategies.surrogate import SurrogateStrategy
+
+    _force_gain(monkeypatch)
+    cfg = FitConfig(strategy="surrogate", **BIG)
+    whole_sm, _ = smoother(brightness)
+    whole = whole_sm.fit(images(), config=cfg, progress=None)
+    assert whole.stopped == "no_gain" and whole.pilot is not None and whole.pilot.gained
+    gone = {"dead": False}
+    real_ckpt, real_step = base._checkpoint, SurrogateStrategy.step
+
+    def ckpt(ctx: Any, strat: Any, directory: Any, *a: Any, **kw: Any) -> None:
+        if gone["dead"] and Path(directory) == tmp_path:
+            return  # the process is gone: its last checkpoint is never written
+        real_ckpt(ctx, strat, directory, *a, **kw)
+
+    def step(self: Any, k: int) -> dict[str, float]:
+        if not self.ctx.holdout and k == self.pretrain_steps:  # the full fit's first step
+            gone["dead"] = True
+            raise RuntimeError("killed")
+        return real_step(self, k)
+
+    monkeypatch.setattr(base, "_checkpoint", ckpt)
+    monkeypatch.setattr(SurrogateStrategy, "step", step)
+    sm, _ = smoother(brightness)
+    with pytest.raises(RuntimeError, match="killed"):
+        sm.fit(images(), config=cfg, checkpoint_dir=tmp_path, progress=None)
+    monkeypatch.setattr(base, "_checkpoint", real_ckpt)
+    monkeypatch.setattr(SurrogateStrategy, "step", real_step)
+    rest, _ = smoother(brightness)
+    done = rest.fit(images(), config=cfg, checkpoint_dir=tmp_path, progress=None)
+    assert done.pilot is not None and done.pilot.gained and done.pilot.outcome == "gain"
+    assert done.queries == whole.queries - whole.pilot.queries  # only the full fit is paid again
+    assert done.queries_saved == whole.queries_saved

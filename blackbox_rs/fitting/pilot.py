@@ -33,8 +33,9 @@ noise looks like a gain lets the full fit run (about ``2 * gain_alpha`` of the t
 ``pilot=0`` turns it off. No pilot runs where it would not save much: when the fit cannot stop early
 anyway (``patience=0``, or ``patience * score_every >= steps``), or when the smallest pilot would cost
 more than half of what the early stop alone spends (small fits whose scoring set is already at the
-pilot's floor of :data:`MIN_SCORE_IMAGES` images), or when even the smallest pilot would cost more than
-its share of the cap (a small budget).
+pilot's floor of :data:`MIN_SCORE_IMAGES` images), when even the smallest pilot would cost more than
+its share of the cap (a small budget), or when the fit has too few labelled images for the pilot to
+hold a scoring set as large as its training pool out of training (fewer than ``2 * MIN_SCORE_IMAGES``).
 """
 
 from __future__ import annotations
@@ -76,6 +77,9 @@ class PilotReport(BaseModel):
     gained: bool = Field(description="whether one of its rounds gained significantly (then the full fit ran)")
     stopped: str = Field(description="how the pilot ended: completed (its rounds ran), no_gain, or budget")
     steps: int = Field(description="strategy steps the pilot took")
+    outcome: str = Field(default="", description="what the fit did with it: gain (the full fit ran), no_gain (the "
+                         "fit stopped there), budget (stopped inside it), skipped (a rerun with pilot=0 ran the full "
+                         "fit after it)")
     score_images: int = Field(description="images of the pilot's scoring set")
     clean_queries: int = Field(description="clean labels of the pilot (reused by the full fit)")
 
@@ -110,8 +114,11 @@ def plan_pilot(cls: Any, config: StrategyConfig, n_images: int, budget: int | No
     stop_alone = int(cls.base_expected_queries(config, n_images))
     limit = 0.5 * stop_alone  # a pilot costs at most half of what the early stop alone would spend
     target = min(share * cap, limit)
-    if pilot_plan_at(cls, config, n_images, 0.0).queries > target:  # even the smallest pilot is over its share
+    lo = pilot_plan_at(cls, config, n_images, 0.0)
+    if lo.queries > target:  # even the smallest pilot is over its share
         return None
+    if lo.config.clean_queries - lo.config.score_images < lo.config.score_images:
+        return None  # too few labelled images to hold its scoring set out of training: its rounds would flatter it
     if pilot_plan_at(cls, config, n_images, 1.0).queries <= target:
         return pilot_plan_at(cls, config, n_images, 1.0)
     a, b = 0.0, 1.0

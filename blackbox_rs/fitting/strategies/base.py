@@ -589,6 +589,9 @@ def _drive(ctx: FitContext, strat: Strategy, cls: type[Strategy], strategy: str,
                     pilot["history"] = [{**h, "pilot": 1.0} for h in run.ctx.history]
                     if run.gained:
                         pilot["outcome"] = "gain"
+                        if checkpoint_dir is not None:  # its outcome and spend on disk before the full fit's steps
+                            _checkpoint(ctx, strat, checkpoint_dir, k, digest,
+                                        spent=ended["spent"] + ctx.tally.queries, pilot=pilot)
                     elif run.report.stopped == "budget":
                         stopped = "budget"
                         break
@@ -617,6 +620,7 @@ def _drive(ctx: FitContext, strat: Strategy, cls: type[Strategy], strategy: str,
     summary: PilotReport | None = None
     if pilot is not None and pilot.get("summary") is not None:
         summary = run.summary if run is not None else PilotReport(**{**pilot["summary"], "queries": 0})
+        summary = summary.model_copy(update={"outcome": pilot["outcome"] or "budget"})
         # the pilot's entries (marked pilot=1) go where they happened: before the strategy's own rounds
         at = next((i for i, h in enumerate(history) if int(h["step"]) >= strat.pretrain_steps), len(history))
         history[at:at] = [h for h in pilot.get("history", []) if int(h["step"]) >= strat.pretrain_steps]
@@ -628,8 +632,8 @@ def _drive(ctx: FitContext, strat: Strategy, cls: type[Strategy], strategy: str,
     saved = None
     if stopped == "no_gain":
         cap = cls.base_queries(ctx.config, n)
-        if plan is not None and pilot is not None and pilot["outcome"] != "skipped":
-            cap += plan.queries - plan.reused
+        if plan is not None and pilot is not None and (pilot["outcome"] != "skipped" or pilot.get("summary")):
+            cap += plan.queries - plan.reused  # the pilot that ran (or was planned) is part of the fit's cap
         if ctx.budget_cap is not None:
             cap = min(cap, ctx.budget_cap)
         saved = max(0, cap - ended["spent"] - ctx.tally.queries)

@@ -225,7 +225,8 @@ class SurrogateStrategy(Strategy):
         ctx, cfg = self.ctx, self.ctx.config
         j = k - self.pretrain_steps
         if j == 0 and len(self.buf_y) == 0:
-            self._add(ctx.data.x[ctx.subset], ctx.targets(ctx.subset))  # the clean labels, on the fit device
+            pool = ctx.labelled_pool()  # the subset (a pilot: less its held-out scoring set)
+            self._add(ctx.data.x[pool], ctx.targets(pool))  # the clean labels, on the fit device
         if j % cfg.redistill_every == 0:
             self._distill_round(k, cfg.distill_queries)
         for p in self.surrogate.parameters():
