@@ -121,7 +121,11 @@ def test_a_fit_whose_steps_cannot_help_stops_after_its_pilot_for_a_tenth_of_its_
     rounds = pilot_rounds(report)
     assert [h["step"] for h in rounds] == [20, 20 + 10, 20 + 20] and not own_rounds(report)
     assert report.steps_done == 20 + plan.config.steps
-    assert report.best_step == max(rounds, key=lambda h: h["score"])["step"]
+    assert report.best_step == 20 and report.best_score == rounds[0]["score"]  # the pretrained module is kept
+    pre_sm, _ = smoother(brightness)  # the same pretraining, no strategy steps: bit for bit the kept module
+    pre_sm.fit(images(), config=cfg.model_copy(update={"steps": 0}), progress=None)
+    a, b = state(sm), state(pre_sm)
+    assert all(torch.equal(a[k], b[k]) for k in a)
     # without a pilot the same fit pays the early stop alone: at least twice as much, same decision
     sm0, engine0 = smoother(brightness)
     r0 = sm0.fit(images(), config=cfg.model_copy(update={"pilot": 0.0}), progress=None)
@@ -170,7 +174,7 @@ def test_a_zeroth_order_pilot_hands_back_its_lora_module_and_stops() -> None:
     report = sm.fit(images(), config=cfg, progress=None)
     assert report.stopped == "no_gain" and report.pilot is not None and not report.pilot.gained
     assert report.queries == plan.queries <= 0.1 * estimate_fit_queries(cfg, N)
-    assert isinstance(sm.module, LoRADnCNN)
+    assert not isinstance(sm.module, LoRADnCNN) and report.best_step == 20  # the pretrained DnCNN is kept
     assert all("robust_score@0.5" in h for h in pilot_rounds(report))
 
 
@@ -257,11 +261,11 @@ def test_a_zeroth_order_fit_its_pilot_ended_reruns_from_its_checkpoint(tmp_path:
         "distill_queries", "redistill_every", "surrogate_epochs")}, zo_batch=4, zo_directions=1)
     sm, _ = smoother(brightness)
     first = sm.fit(images(), config=cfg, checkpoint_dir=tmp_path, progress=None)
-    assert first.stopped == "no_gain" and first.pilot is not None and isinstance(sm.module, LoRADnCNN)
+    assert first.stopped == "no_gain" and first.pilot is not None and not isinstance(sm.module, LoRADnCNN)
     again_sm, engine = smoother(brightness)
     again = again_sm.fit(images(), config=cfg, checkpoint_dir=tmp_path, progress=None)
     assert again.queries == engine.stats.queries == 0 and again.stopped == "no_gain"
-    assert again.best_step == first.best_step and isinstance(again_sm.module, LoRADnCNN)
+    assert again.best_step == first.best_step and not isinstance(again_sm.module, LoRADnCNN)
     a, b = state(sm), state(again_sm)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
