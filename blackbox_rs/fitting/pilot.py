@@ -19,8 +19,9 @@ at most ``pilot`` (the setting, default 0.1) times the fit's cap (the full fit's
 fit budget if that is smaller).
 
 * No round of the pilot gains significantly (the same paired test and level as the early stop): the fit
-  stops there (``stopped="no_gain"``), keeps the pilot's best state (the pretrained module unless a
-  pilot state scored higher) and has spent at most that share of its cap.
+  stops there (``stopped="no_gain"``), keeps the pretrained module (a pilot state that merely scored
+  higher on the small scoring set is not evidence: the best of a few noisy rounds is biased upwards)
+  and has spent at most that share of its cap.
 * A round gains: the pilot's module is discarded and the full fit runs from the pretrained module
   exactly as it would have without a pilot (same draws, same rounds, its own early stop), reusing the
   pilot's clean labels (a prefix of its own labelled subset: never paid twice). The cap of the whole
