@@ -30,7 +30,9 @@ fit budget if that is smaller).
 
 The pilot is a cost rule, not a certificate: a pilot of a few thousand queries can miss a gain that a
 full fit would have found (a smaller surrogate training set, a smaller scoring set), and a pilot whose
-noise looks like a gain lets the full fit run (about ``2 * gain_alpha`` of the time with two rounds);
+noise looks like a gain lets the full fit run (with no true gain at most about ``patience * gain_alpha``
+of the time: each round's test has level ``gain_alpha``, ``tests/test_fit_early_stop.py``, and a union
+bound over the rounds);
 ``pilot=0`` turns it off. No pilot runs where it would not save much: when the fit cannot stop early
 anyway (``patience=0``, or ``patience * score_every >= steps``), or when the smallest pilot would cost
 more than half of what the early stop alone spends (small fits whose scoring set is already at the

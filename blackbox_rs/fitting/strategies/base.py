@@ -478,7 +478,7 @@ class _PilotRun:
     ``patience`` after its ``patience`` rounds)."""
 
     def __init__(self, ctx: FitContext, report: FitReport, queries: int, plan: PilotPlan) -> None:
-        self.ctx, self.report, self.plan = ctx, report, plan
+        self.ctx, self.report = ctx, report
         cfg = plan.config
         self.gained = report.stopped != "budget" and ctx.no_gain_rounds < int(cfg.patience)
         self.summary = PilotReport(factor=plan.factor, cap=plan.queries, queries=queries, gained=self.gained,
